@@ -1,0 +1,145 @@
+"""Decoding, checking and re-encoding of one input image (pure functions, no Beam).
+
+Content decides the format, never the file name: ILSVRC2012 holds CMYK JPEGs,
+a PNG and grayscale JPEGs under `.JPEG` names, and every one of them must
+become an RGB JPEG. Undecodable inputs raise `BadImage` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# Decompression bombs are rejected by PIL above this; ImageNet's largest images
+# are far below it, and a larger input is almost surely damaged or hostile.
+Image.MAX_IMAGE_PIXELS = 128 * 1024 * 1024
+
+
+class BadImage(ValueError):
+    """The input cannot be used as an image; str() is the reason."""
+
+
+@dataclasses.dataclass
+class Processed:
+    """The record image and the pixels the colour statistics need.
+
+    Attributes:
+      jpeg: RGB JPEG bytes to store.
+      height, width: Size of the stored image.
+      pixels: The stored image decoded, (height, width, 3) uint8.
+      square: The image at `image_size` x `image_size` (shorter side scaled,
+        central crop), for the mean image; the same array as `pixels` unless
+        the original size is kept.
+      source_format: What the content turned out to be (JPEG, PNG, ...).
+      source_mode: PIL mode of the input (RGB, CMYK, L, RGBA, ...).
+    """
+
+    jpeg: bytes
+    height: int
+    width: int
+    pixels: np.ndarray
+    square: np.ndarray
+    source_format: str
+    source_mode: str
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise BadImage("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised content)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"unreadable image header: {e}") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas become white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")  # CMYK (Adobe inversion handled by PIL), L, P, I;16, YCbCr...
+
+
+def _scale_and_crop(img: Image.Image, size: int) -> Image.Image:
+    """§2: rescale so the shorter side is `size`, then crop the central size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _encode(img: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def process_image(data: bytes, image_size: int = 256, resize: bool = True, quality: int = 90) -> Processed:
+    """Decodes and checks one input; returns the image to store.
+
+    Args:
+      data: Raw file bytes.
+      image_size: Side of the square the paper stores (256).
+      resize: If True, store the central `image_size` square of the image with
+        its shorter side scaled to `image_size`. If False, keep the original
+        bytes when the input already is a valid RGB JPEG (others are re-encoded
+        at their own size).
+      quality: JPEG quality of re-encoded images.
+
+    Returns:
+      A `Processed`.
+
+    Raises:
+      BadImage: the input is empty, not an image, truncated or corrupt.
+    """
+    img = _open(data)
+    fmt, mode = img.format or "unknown", img.mode
+    if resize and fmt == "JPEG" and mode in ("RGB", "L"):
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far larger
+        # than needed: several times faster, and the result is still resampled down.
+        w, h = img.size
+        scale = image_size / min(w, h)
+        img.draft(mode, (int(w * scale) + 1, int(h * scale) + 1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise BadImage(f"corrupt or truncated {fmt}: {e}") from None
+    rgb = _to_rgb(img)
+    if resize:
+        out = _scale_and_crop(rgb, image_size)
+        jpeg = _encode(out, quality)
+        pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        square = pixels
+    else:
+        if fmt == "JPEG" and mode == "RGB":
+            jpeg, pixels = data, np.asarray(rgb)
+        else:
+            jpeg = _encode(rgb, quality)
+            pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        square = np.asarray(_scale_and_crop(Image.fromarray(pixels), image_size))
+    return Processed(
+        jpeg=jpeg,
+        height=pixels.shape[0],
+        width=pixels.shape[1],
+        pixels=pixels,
+        square=square,
+        source_format=fmt,
+        source_mode=mode,
+    )

