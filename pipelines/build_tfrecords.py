@@ -10,10 +10,14 @@ Flags below are this pipeline's; every other argument goes to Beam's
 all cores are used (multi-processing).
 
 The flow (element types in comments in `BuildRecords`):
-  plan (driver: layout, classes, read units) -> read units (workers, streaming)
-  -> decode/check/re-encode -> shard by a seeded hash rank -> write shards
-  -> colour statistics (same pass) -> summary -> metadata.json (driver, last,
-  atomically, after checking read = written + rejected per split).
+  plan (driver: layout, classes, read units) -> list members (workers: names and
+  byte ranges) -> shard by a seeded hash rank -> per shard, read, decode, check,
+  re-encode and write (workers, streaming) + colour statistics of the same pixels
+  -> summary -> metadata.json (driver, last, atomically, after checking
+  read = written + rejected per split).
+
+Only names and byte ranges are shuffled, never pixels: memory stays flat as
+the dataset grows, on the local runner as on a cluster.
 """
 
 from __future__ import annotations
@@ -69,15 +73,6 @@ class BuildConfig:
     progress: bool = True  # Print worker progress to stderr (local runs).
 
 
-@dataclasses.dataclass(frozen=True)
-class RawImage:
-    split: str
-    name: str  # Locator relative to the ImageNet folder.
-    synset: str | None
-    data: bytes | None
-    error: str | None = None  # Set when the bytes could not be read at all.
-
-
 def sort_key(seed: int, split: str, synset: str | None, name: str) -> int:
     """A seeded 64-bit hash; its rank fixes a record's shard and position.
 
@@ -91,7 +86,7 @@ def sort_key(seed: int, split: str, synset: str | None, name: str) -> int:
 class _Progress:
     """Periodic 'N images, R/s' lines from one worker."""
 
-    def __init__(self, enabled: bool, every_s: float = 15.0):
+    def __init__(self, enabled: bool, every_s: float = 10.0):
         self.enabled, self.every_s = enabled, every_s
         self.count = self.rejected = 0
         self.start = self.last = time.monotonic()
@@ -111,77 +106,44 @@ class _Progress:
             )
 
 
-class ReadUnitFn(beam.DoFn):
-    """ReadUnit -> RawImage, streaming the unit's images."""
+REJECTED = "rejected"
+MOMENTS = "moments"
+
+
+def _rejection(split: str, name: str, reason: str):
+    return beam.pvalue.TaggedOutput(REJECTED, {"split": split, "file": name, "reason": reason})
+
+
+class ListUnitFn(beam.DoFn):
+    """ReadUnit -> (split, key, Member) for each labelled image; tagged 'rejected'.
+
+    Only names and byte ranges travel from here to the shard writers: image
+    bytes are read once, by the writer, so no runner ever has to shuffle or
+    hold the dataset's pixels.
+    """
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.known = frozenset(config.classes)
 
     def process(self, unit: imagenet_layout.ReadUnit):
         count = 0
         try:
-            for name, synset, data, error in imagenet_layout.iter_unit(unit):
+            for m in imagenet_layout.list_unit(unit):
                 count += 1
-                yield RawImage(unit.split, name, synset, data, error)
+                if m.synset is None:
+                    yield _rejection(
+                        unit.split, m.name,
+                        "no validation number in the file name (expected ILSVRC2012_val_NNNNNNNN.JPEG)",
+                    )
+                elif m.synset not in self.known:
+                    yield _rejection(unit.split, m.name, f"synset {m.synset} has no training images")
+                else:
+                    yield unit.split, sort_key(self.config.seed, unit.split, m.synset, m.name), m
         except imagenet_layout.UnitReadError as e:
             # What follows the damage cannot be listed; it is reported as one
             # rejected input so that read = written + rejected still holds.
-            yield RawImage(unit.split, unit.name, unit.synset, None, f"damaged after {count} images: {e}")
-
-
-class ProcessImageFn(beam.DoFn):
-    """RawImage -> (split, key, serialized Example); tagged 'rejected' and 'pixels'."""
-
-    REJECTED = "rejected"
-    PIXELS = "pixels"
-
-    def __init__(self, config: BuildConfig):
-        self.config = config
-        self.label_of = {s: i for i, s in enumerate(config.classes)}
-        self.written = Metrics.counter("build_tfrecords", "images_written")
-        self.rejected = Metrics.counter("build_tfrecords", "images_rejected")
-
-    def setup(self):
-        self.progress = _Progress(self.config.progress)
-
-    def _reject(self, item: RawImage, reason: str):
-        self.rejected.inc()
-        self.progress.tick(True)
-        return beam.pvalue.TaggedOutput(
-            self.REJECTED, {"split": item.split, "file": item.name, "reason": reason}
-        )
-
-    def process(self, item: RawImage):
-        c = self.config
-        if item.error is not None:
-            yield self._reject(item, item.error)
-            return
-        if item.synset is None:
-            yield self._reject(
-                item, "no validation number in the file name (expected ILSVRC2012_val_NNNNNNNN.JPEG)"
-            )
-            return
-        label = self.label_of.get(item.synset)
-        if label is None:
-            yield self._reject(item, f"synset {item.synset} has no training images")
-            return
-        try:
-            out = image_processing.process_image(item.data, c.image_size, c.resize, c.jpeg_quality)
-        except image_processing.BadImage as e:
-            yield self._reject(item, str(e))
-            return
-        example = records.make_example(
-            jpeg=out.jpeg,
-            height=out.height,
-            width=out.width,
-            label=label,
-            synset=item.synset,
-            text=c.names[label],
-            filename=os.path.basename(item.name),
-        )
-        self.written.inc()
-        self.progress.tick(False)
-        if item.split == "train":
-            square = None if out.square is out.pixels else out.square
-            yield beam.pvalue.TaggedOutput(self.PIXELS, (out.pixels, square))
-        yield item.split, sort_key(c.seed, item.split, item.synset, item.name), example
+            yield _rejection(unit.split, unit.name, f"damaged after {count} images: {e}")
 
 
 def _sorted_keys(split_keys):
@@ -194,41 +156,90 @@ def effective_num_shards(requested: int, num_records: int) -> int:
     return max(1, min(requested, num_records // MIN_RECORDS_PER_SHARD))
 
 
-def assign_shard(record, sorted_keys, num_shards):
-    """(split, key, example) -> ((split, shard, shards), (key, example)).
+def assign_shard(item, sorted_keys, num_shards):
+    """(split, key, member) -> ((split, shard, shards), (key, member)).
 
     Shards are contiguous ranges of the hash rank, so each holds floor or ceil of
     N/shards records (none empty) and a random mix of classes.
     """
-    split, key, example = record
+    split, key, member = item
     keys = sorted_keys[split]
     n = len(keys)
     shards = effective_num_shards(num_shards[split], n)
     rank = int(np.searchsorted(keys, np.uint64(key)))
-    return (split, rank * shards // n, shards), (key, example)
+    return (split, rank * shards // n, shards), (key, member)
 
 
 class WriteShardFn(beam.DoFn):
-    """((split, shard, shards), [(key, example)]) -> shard info dict."""
+    """((split, shard, shards), [(key, Member)]) -> shard info dict.
 
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
+    Reads, checks and re-encodes each image in key order and streams it into the
+    shard, so memory does not grow with the shard or the dataset. Also outputs,
+    tagged, the rejected images and one `Moments` of the shard's training
+    pixels (the colour statistics, in the same pass).
+    """
+
+    def __init__(self, config: BuildConfig, output_dir: str):
+        self.config, self.output_dir = config, output_dir
+        self.label_of = {s: i for i, s in enumerate(config.classes)}
+        self.written = Metrics.counter("build_tfrecords", "images_written")
+        self.rejected = Metrics.counter("build_tfrecords", "images_rejected")
+
+    def setup(self):
+        self.progress = _Progress(self.config.progress)
+        self.reader = imagenet_layout.MemberReader()
+
+    def teardown(self):
+        self.reader.close()
+
+    def _record(self, member):
+        """Serialized example and processed image of one member; raises on bad data."""
+        c = self.config
+        out = image_processing.process_image(self.reader.read(member), c.image_size, c.resize, c.jpeg_quality)
+        label = self.label_of[member.synset]
+        example = records.make_example(
+            jpeg=out.jpeg,
+            height=out.height,
+            width=out.width,
+            label=label,
+            synset=member.synset,
+            text=c.names[label],
+            filename=os.path.basename(member.name),
+        )
+        return example, out
 
     def process(self, element):
         import tensorflow as tf
 
         (split, shard, shards), items = element
-        items = sorted(items, key=lambda kv: kv[0])
         name = records.shard_name(split, shard, shards)
         final = os.path.join(self.output_dir, name)
+        moments = color_stats.Moments()
+        count = 0
         # Write then rename: a retried or killed worker never leaves half a shard
         # under the final name.
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         with tf.io.TFRecordWriter(tmp) as w:
-            for _, example in items:
+            for _, member in sorted(items, key=lambda kv: kv[0]):
+                try:
+                    example, out = self._record(member)
+                except (OSError, image_processing.BadImage) as e:
+                    self.rejected.inc()
+                    self.progress.tick(True)
+                    reason = str(e) if isinstance(e, image_processing.BadImage) else f"unreadable: {e}"
+                    yield _rejection(split, member.name, reason)
+                    continue
                 w.write(example)
+                count += 1
+                self.written.inc()
+                self.progress.tick(False)
+                if split == "train":
+                    moments.merge(color_stats.Moments.of_image(
+                        out.pixels, None if out.square is out.pixels else out.square))
         tf.io.gfile.rename(tmp, final, overwrite=True)
-        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": len(items)}
+        if moments.num_images:
+            yield beam.pvalue.TaggedOutput(MOMENTS, moments)
+        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count}
 
 
 def _make_summary(_, shards, rejected, read, stats, build_dir):
@@ -265,36 +276,42 @@ class BuildRecords(beam.PTransform):
 
     def expand(self, units):
         # units: PCollection[ReadUnit]
-        raw = (
+        listed = (
             units
-            # Spread units over workers before the heavy, fused read+decode stage.
+            # Spread units over workers: listing a class archive is a few KB of I/O.
             | "SpreadUnits" >> beam.Reshuffle()
-            | "ReadImages" >> beam.ParDo(ReadUnitFn())
-        )  # PCollection[RawImage]
-        processed = raw | "DecodeAndEncode" >> beam.ParDo(ProcessImageFn(self.config)).with_outputs(
-            ProcessImageFn.REJECTED, ProcessImageFn.PIXELS, main="records"
+            | "ListMembers" >> beam.ParDo(ListUnitFn(self.config)).with_outputs(REJECTED, main="items")
         )
-        recs = processed.records  # PCollection[(split, key, example bytes)]
+        items = listed.items  # PCollection[(split, key, Member)]: names and byte ranges only.
         sorted_keys = (
-            recs
+            items
             | "SplitKey" >> beam.Map(lambda r: (r[0], r[1]))
             | "GroupKeys" >> beam.GroupByKey()
             | "SortKeys" >> beam.Map(_sorted_keys)
         )  # PCollection[(split, np.ndarray[uint64])]
-        shards = (
-            recs
+        written = (
+            items
             | "AssignShard" >> beam.Map(
                 assign_shard,
                 sorted_keys=beam.pvalue.AsDict(sorted_keys),
                 num_shards=dict(self.config.num_shards),
-            )
+            )  # PCollection[((split, shard, shards), (key, Member))]
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir))
-        )  # PCollection[dict shard info]
+            | "WriteShards" >> beam.ParDo(WriteShardFn(self.config, self.output_dir)).with_outputs(
+                REJECTED, MOMENTS, main="shards"
+            )
+        )
+        shards = written.shards  # PCollection[dict]: one per shard written.
+        rejected = (listed.rejected, written.rejected) | "AllRejected" >> beam.Flatten()  # PCollection[dict]
         read = (
-            raw | "SplitOfRead" >> beam.Map(lambda r: r.split) | "CountRead" >> beam.combiners.Count.PerElement()
-        )  # PCollection[(split, count)]
-        stats = processed.pixels | "ColorStats" >> beam.CombineGlobally(color_stats.ColorStatsFn())
+            (
+                items | "SplitOfItem" >> beam.Map(lambda r: r[0]),
+                listed.rejected | "SplitOfListingReject" >> beam.Map(lambda r: r["split"]),
+            )
+            | "AllRead" >> beam.Flatten()
+            | "CountRead" >> beam.combiners.Count.PerElement()
+        )  # PCollection[(split, count)]: every image listed, labelled or not.
+        stats = written.moments | "ColorStats" >> beam.CombineGlobally(color_stats.ColorStatsFn())
         # PCollection[Moments] (one element)
         return (
             units.pipeline
@@ -302,7 +319,7 @@ class BuildRecords(beam.PTransform):
             | "Summarize" >> beam.Map(
                 _make_summary,
                 shards=beam.pvalue.AsList(shards),
-                rejected=beam.pvalue.AsList(processed.rejected),
+                rejected=beam.pvalue.AsList(rejected),
                 read=beam.pvalue.AsList(read),
                 stats=beam.pvalue.AsSingleton(stats),
                 build_dir=self.build_dir,

@@ -98,17 +98,13 @@ def summarize(m: Moments) -> tuple[dict, np.ndarray | None]:
 
 
 class ColorStatsFn(beam.CombineFn):
-    """Combines `(pixels, square)` uint8 image pairs into `Moments`.
-
-    `square` may be None when it is the same array as `pixels`.
-    """
+    """Merges `Moments` (of images, or of whole shards) into one `Moments`."""
 
     def create_accumulator(self) -> Moments:
         return Moments()
 
-    def add_input(self, acc: Moments, element) -> Moments:
-        pixels, square = element
-        return acc.merge(Moments.of_image(pixels, square))
+    def add_input(self, acc: Moments, element: Moments) -> Moments:
+        return acc.merge(element)
 
     def merge_accumulators(self, accumulators) -> Moments:
         out = Moments()

@@ -55,7 +55,7 @@ def _open(data: bytes) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (unrecognised content)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"unreadable image header: {e}") from None
+        raise BadImage(f"corrupt or truncated image header: {e}") from None
     return img
 
 

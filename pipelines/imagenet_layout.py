@@ -7,10 +7,11 @@ Two layouts are recognised per split, independently:
 * extracted folders: `train/<synset>/*.JPEG`, and `val/*.JPEG` (flat) or
   `val/<synset>/*.JPEG`.
 
-The driver lists only what is cheap to list (archive headers, folder names) and
-turns it into `ReadUnit`s; workers stream the images of each unit. Archives are
-never extracted: members are read through seeks and bounded streams, so a class
-archive is never held in memory whole and `gs://` paths work.
+The driver lists only what is cheap to list (the outer archives' headers,
+folder names) and turns it into `ReadUnit`s; workers list the members of each
+unit (headers and file names only) and later read each image by its byte range.
+Archives are never extracted and never held in memory whole; all I/O goes
+through TensorFlow's file systems, so `gs://` paths work.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ class LayoutError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One image to read: its name, its byte range (archives) and its synset."""
+    """Where one image's bytes are: a byte range of an archive, or a whole file."""
 
     name: str  # Locator relative to the ImageNet folder, used in reports.
     synset: str | None  # None when it cannot be known (reported as a rejection).
+    path: str = ""  # The archive, or the file itself.
     offset: int = 0  # Archives: start of the member's data in the archive.
-    size: int = 0
+    size: int = -1  # Archives: length of the data; -1 for a whole file.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,8 @@ class ReadUnit:
     """A piece of input one worker reads sequentially.
 
     kind is one of:
-      `class_tar`: a class archive inside the training archive, streamed from
-        `offset` for `size` bytes; all its images belong to `synset`.
+      `class_tar`: a class archive inside the training archive, the bytes
+        [offset, offset + size) of `path`; all its images belong to `synset`.
       `class_dir`: a folder of one class's images.
       `tar_members`: listed members of the archive `path`, each with its own
         synset and byte range.
@@ -240,6 +242,7 @@ def _split_from_class_dirs(split: str, path: str, rel: str) -> SplitSource:
 
 
 def _chunk(split: str, kind: str, path: str, name: str, members: list[Member]) -> list[ReadUnit]:
+    # Listed by the driver already; units only spread them over workers.
     return [
         ReadUnit(
             split=split,
@@ -299,7 +302,7 @@ def _label_flat_members(
 def _val_from_tar(path: str) -> tuple[list[Member], str]:
     archive = os.path.basename(path)
     members = [
-        Member(f"{archive}/{i.name}", None, i.offset_data, i.size)
+        Member(f"{archive}/{i.name}", None, path, i.offset_data, i.size)
         for i in _list_tar(path)
         if i.isfile()
     ]
@@ -352,7 +355,7 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
         if any(SYNSET_RE.match(d) for d in sub):
             splits["validation"] = _split_from_class_dirs("validation", vdir, VAL_DIR)
         elif vfiles:
-            flat = [Member(f"{VAL_DIR}/{f}", None) for f in vfiles]
+            flat = [Member(f"{VAL_DIR}/{f}", None, os.path.join(vdir, f)) for f in vfiles]
             description = f"extracted folder {VAL_DIR}/ ({len(flat)} images, flat)"
             val_kind, val_path, val_name = "files", imagenet_dir, VAL_DIR
         else:
@@ -396,25 +399,37 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
 
 
 # ---------------------------------------------------------------------------
-# Worker side: streaming the images of a unit.
+# Worker side: listing the members of a unit, reading one member.
 
 
 class _Window(io.RawIOBase):
-    """A read-only view of `size` bytes of a file from its current position."""
+    """A read-only, seekable view of bytes [start, start + size) of a file."""
 
-    def __init__(self, f, size: int):
-        self._f = f
-        self._left = size
+    def __init__(self, f, start: int, size: int):
+        self._f, self._start, self._size, self._pos = f, start, size, 0
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + pos))
+        return self._pos
+
     def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
+        left = self._size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        if n <= 0:
             return b""
-        n = self._left if n is None or n < 0 else min(n, self._left)
+        self._f.seek(self._start + self._pos)
         data = self._f.read(n)
-        self._left -= len(data)
+        self._pos += len(data)
         return data
 
     def readinto(self, b) -> int:
@@ -424,56 +439,38 @@ class _Window(io.RawIOBase):
 
 
 class UnitReadError(Exception):
-    """Part of a unit could not be read; the message says which and why."""
+    """Part of a unit could not be listed; the message says which and why."""
 
 
-def _read_file(path: str) -> tuple[bytes | None, str | None]:
-    try:
-        with _gfile().GFile(path, "rb") as f:
-            return f.read(), None
-    except Exception as e:  # OSError, tf.errors.OpError: one unreadable file.
-        return None, f"unreadable file: {e}"
+def list_unit(unit: ReadUnit) -> Iterator[Member]:
+    """Yields the members of a unit: names and byte ranges, not image bytes.
 
-
-def iter_unit(unit: ReadUnit) -> Iterator[tuple[str, str | None, bytes | None, str | None]]:
-    """Yields (name, synset, bytes, error) for every image of a unit, streaming.
-
-    `error` is None when the bytes were read; otherwise bytes is None and the
-    error says why that one file could not be read.
+    A class archive is listed by reading its 512-byte headers and seeking over
+    the data, so listing costs a few KB of I/O per class.
 
     Raises:
-      UnitReadError: when the unit's remaining images cannot be read (a damaged
-        archive, an unreadable folder); images yielded before stay valid.
+      UnitReadError: when the rest of the unit cannot be listed (a damaged
+        archive, an unreadable folder); members yielded before stay valid.
     """
     gfile = _gfile()
     try:
         if unit.kind == "class_tar":
             with gfile.GFile(unit.path, "rb") as f:
-                f.seek(unit.offset)
-                # Stream mode ('r|'): members are read in order, one at a time.
-                with tarfile.open(fileobj=_Window(f, unit.size), mode="r|") as tar:
+                window = _Window(f, unit.offset, unit.size)
+                with tarfile.open(fileobj=window, mode="r:") as tar:
                     for info in tar:
-                        if not info.isfile():
-                            continue
-                        data = tar.extractfile(info).read()
-                        yield f"{unit.name}/{info.name}", unit.synset, data, None
+                        if info.isfile():
+                            yield Member(
+                                f"{unit.name}/{info.name}", unit.synset, unit.path,
+                                unit.offset + info.offset_data, info.size,
+                            )
         elif unit.kind == "class_dir":
             for entry in sorted(gfile.listdir(unit.path)):
                 full = os.path.join(unit.path, entry)
-                if gfile.isdir(full):
-                    continue
-                yield (f"{unit.name}/{entry}", unit.synset, *_read_file(full))
-        elif unit.kind == "tar_members":
-            with gfile.GFile(unit.path, "rb") as f:
-                for m in unit.members:
-                    f.seek(m.offset)
-                    data = f.read(m.size)
-                    if len(data) != m.size:
-                        raise EOFError(f"archive ends inside {m.name}")
-                    yield m.name, m.synset, data, None
-        elif unit.kind == "files":
-            for m in unit.members:
-                yield (m.name, m.synset, *_read_file(os.path.join(unit.path, m.name)))
+                if not gfile.isdir(full):
+                    yield Member(f"{unit.name}/{entry}", unit.synset, full)
+        elif unit.kind in ("tar_members", "files"):
+            yield from unit.members
         else:
             raise ValueError(f"unknown unit kind {unit.kind!r}")
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -482,3 +479,41 @@ def iter_unit(unit: ReadUnit) -> Iterator[tuple[str, str | None, bytes | None, s
         if type(e).__module__.startswith("tensorflow"):
             raise UnitReadError(f"{unit.name}: {e}") from e
         raise
+
+
+class MemberReader:
+    """Reads members' bytes, keeping the last archive open between reads."""
+
+    def __init__(self):
+        self._path, self._file = None, None
+
+    def read(self, m: Member) -> bytes:
+        """Returns the member's bytes.
+
+        Raises:
+          OSError: the bytes cannot be read (missing file, archive cut short).
+        """
+        gfile = _gfile()
+        try:
+            if m.size < 0:
+                with gfile.GFile(m.path, "rb") as f:
+                    return f.read()
+            if self._path != m.path:
+                self.close()
+                self._file, self._path = gfile.GFile(m.path, "rb"), m.path
+            self._file.seek(m.offset)
+            data = self._file.read(m.size)
+        except OSError:
+            raise
+        except Exception as e:  # tf.errors.OpError from the file system.
+            if type(e).__module__.startswith("tensorflow"):
+                raise OSError(str(e).splitlines()[0]) from e
+            raise
+        if len(data) != m.size:
+            raise OSError(f"archive ends inside this member ({len(data)} of {m.size} bytes)")
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._path, self._file = None, None

