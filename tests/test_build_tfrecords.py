@@ -285,29 +285,20 @@ def test_class_archive_that_is_not_a_tar(tmp_path):
     _fails(tmp_path, "n01440764.tar is not a tar archive", "--imagenet_dir", str(tmp_path / "in"))
 
 
-def test_label_file_too_short(sample, tmp_path):
-    short = tmp_path / "labels.txt"
-    short.write_text("\n".join(open(sample["val_labels"]).read().split()[:20]) + "\n")
-    _fails(tmp_path, "has 20 lines but the validation set has file number 40",
-           "--imagenet_dir", sample["output_dir"], "--val_labels", str(short))
-
-
-def test_label_file_with_a_line_that_is_not_a_synset(sample, tmp_path):
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda lines: lines[:20], "has 20 lines but the validation set has file number 40"),
+        (lambda lines: lines[:4] + ["tench"] + lines[5:], r"labels.txt:5: 'tench' is not a WordNet synset id"),
+        (lambda lines: ["n99999999"] + lines[1:],
+         r"names 1 synsets that are neither training classes nor ILSVRC2012 classes.*n99999999"),
+    ],
+    ids=["too-short", "not-a-synset", "unknown-synset"],
+)
+def test_bad_label_file(sample, tmp_path, edit, match):
     bad = tmp_path / "labels.txt"
-    lines = open(sample["val_labels"]).read().split()
-    lines[4] = "tench"
-    bad.write_text("\n".join(lines) + "\n")
-    _fails(tmp_path, r"labels.txt:5: 'tench' is not a WordNet synset id",
-           "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
-
-
-def test_label_file_with_unknown_synsets(sample, tmp_path):
-    bad = tmp_path / "labels.txt"
-    lines = open(sample["val_labels"]).read().split()
-    lines[0] = "n99999999"
-    bad.write_text("\n".join(lines) + "\n")
-    _fails(tmp_path, r"names 1 synsets that are neither training classes nor ILSVRC2012 classes.*n99999999",
-           "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
+    bad.write_text("\n".join(edit(open(sample["val_labels"]).read().split())) + "\n")
+    _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
 
 
 def test_missing_label_file(sample, tmp_path):
