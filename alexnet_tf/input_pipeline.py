@@ -1,0 +1,266 @@
+"""The tf.data input stream: records -> augmented, mean-subtracted image batches.
+
+Pure TensorFlow; never imports the model. Training follows §4.1 of the paper:
+a random 227x227 patch of the stored 256x256 image (decoded with
+`decode_and_crop_jpeg`, so only the patch is decoded), a random horizontal
+reflection, PCA lighting noise, and subtraction of the training-set mean.
+Evaluation uses the central patch, or the paper's ten patches (four corners
+and centre, and their reflections) whose softmax outputs are averaged.
+
+All colour statistics come from `metadata.json` (see `tfrecords/README.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from alexnet_tf import records
+
+CROP = 227
+LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1).
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorStats:
+    """What preprocessing needs from metadata.json, as constants.
+
+    Attributes:
+      mean: (H, W, 3) mean image or (3,) mean RGB, in 0..255 pixel units.
+      eigenvalues: (3,) eigenvalues of the RGB covariance, 0..255 units (descending).
+      eigenvectors: (3, 3) matching eigenvectors as columns.
+      record_size: Side of the stored square images (256), or None if the
+        records keep their original sizes (`--noresize`).
+    """
+
+    mean: np.ndarray
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    record_size: int | None
+
+    @classmethod
+    def from_metadata(cls, data_dir: str, meta: dict, mean: str = "image") -> "ColorStats":
+        """Reads the statistics of a built dataset.
+
+        Args:
+          data_dir: The records folder.
+          meta: Its parsed metadata.json.
+          mean: "image" (the paper: the mean image, cropped where the patch is)
+            or "rgb" (one mean colour for every pixel).
+        """
+        stats = meta.get("color_stats") or {}
+        if "eigenvalues" not in stats:
+            raise records.MetadataError(
+                f"{records.metadata_path(data_dir)} has no training colour statistics "
+                "(was the training split built?)"
+            )
+        size = meta["image"]["size"] if meta["image"].get("resized") else None
+        if mean == "image":
+            if size is None:
+                raise ValueError("mean='image' needs records of one size; these were built with --noresize: "
+                                 "use mean='rgb'")
+            m = records.load_mean_image(data_dir, meta)
+        elif mean == "rgb":
+            m = np.asarray(stats["mean_rgb"], np.float32)
+        else:
+            raise ValueError(f"mean must be 'image' or 'rgb', got {mean!r}")
+        return cls(
+            mean=np.asarray(m, np.float32),
+            eigenvalues=np.asarray(stats["eigenvalues"], np.float32),
+            eigenvectors=np.asarray(stats["eigenvectors"], np.float32),
+            record_size=size,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing of one image (usable eagerly and inside Dataset.map).
+
+
+def _mean_patch(stats: ColorStats, top, left, crop: int):
+    if stats.mean.ndim == 1:
+        return tf.constant(stats.mean)
+    return tf.slice(tf.constant(stats.mean), tf.stack([top, left, 0]), [crop, crop, 3])
+
+
+def _standard_square(image_bytes, size: int):
+    """Decodes any record and returns its central size x size after scaling (uint8)."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, tf.maximum(new, size), method="bicubic", antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _record_shape(image_bytes, stats: ColorStats):
+    """(height, width) the patches are taken from: the record's, or 256x256 after scaling."""
+    if stats.record_size is None:
+        return tf.constant(256), tf.constant(256)
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    return shape[0], shape[1]
+
+
+def crop_patch(image_bytes, top, left, stats: ColorStats, crop: int = CROP):
+    """The crop x crop patch at (top, left), as float32 with the mean subtracted.
+
+    With square records of the stated size only the patch is decoded
+    (`decode_and_crop_jpeg`); other records are first brought to the paper's
+    central 256x256 (the slow path, for `--noresize` builds).
+    """
+    if stats.record_size is not None:
+        window = tf.stack([top, left, crop, crop])
+        patch = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    else:
+        square = _standard_square(image_bytes, 256)
+        patch = tf.slice(square, tf.stack([top, left, 0]), [crop, crop, 3])
+    patch = tf.cast(patch, tf.float32) - _mean_patch(stats, top, left, crop)
+    return tf.ensure_shape(patch, [crop, crop, 3])
+
+
+def lighting_shift(alpha, stats: ColorStats):
+    """§4.1 PCA lighting: [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T, in 0..255 pixel units.
+
+    The eigenvalues are those of pixels scaled to [0, 1] (as in the reference
+    implementations; in 0..255 units the formula would shift by hundreds of
+    levels), and the shift is scaled back to 0..255.
+    """
+    values = tf.constant(stats.eigenvalues) / (255.0 * 255.0)
+    return tf.linalg.matvec(tf.constant(stats.eigenvectors), alpha * values) * 255.0
+
+
+def train_params(seed, height, width, crop: int = CROP):
+    """The random choices for one training image, from a (2,) int seed.
+
+    Returns:
+      (top, left, flip, alpha): the patch position (uniform over every position
+      inside the image), whether to reflect it (probability 1/2), and the three
+      lighting coefficients alpha_i ~ N(0, 0.1).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    top = tf.random.stateless_uniform([], seeds[0], 0, height - crop + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[1], 0, width - crop + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
+    alpha = tf.random.stateless_normal([3], seeds[3], stddev=LIGHTING_STD)
+    return top, left, flip, alpha
+
+
+def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
+    """A random patch, a random reflection and lighting noise (§4.1).
+
+    Args:
+      image_bytes: A scalar string tensor (a record's `image/encoded`).
+      stats: Colour statistics of the training set.
+      crop: Patch side (227).
+      seed: Optional (2,) int tensor for stateless randomness (tests,
+        reproducible runs); None draws one from the global generator.
+
+    Returns:
+      (crop, crop, 3) float32, mean subtracted.
+    """
+    h, w = _record_shape(image_bytes, stats)
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+    top, left, flip, alpha = train_params(seed, h, w, crop)
+    patch = crop_patch(image_bytes, top, left, stats, crop) + lighting_shift(alpha, stats)
+    return tf.cond(flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
+
+
+def preprocess_for_eval(image_bytes, stats: ColorStats, crop: int = CROP):
+    """The central patch, mean subtracted: (crop, crop, 3) float32."""
+    h, w = _record_shape(image_bytes, stats)
+    return crop_patch(image_bytes, (h - crop) // 2, (w - crop) // 2, stats, crop)
+
+
+def ten_crops(image_bytes, stats: ColorStats, crop: int = CROP):
+    """§4.1 test-time patches: corners and centre, then their reflections: (10, crop, crop, 3)."""
+    h, w = _record_shape(image_bytes, stats)
+    positions = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
+    patches = tf.stack([crop_patch(image_bytes, t, l, stats, crop) for t, l in positions])
+    return tf.concat([patches, tf.reverse(patches, axis=[2])], axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Datasets.
+
+
+def _parse(serialized):
+    ex = records.parse_example(serialized)
+    return ex[records.ENCODED], tf.cast(ex[records.LABEL], tf.int32)
+
+
+def _files(data_dir: str, meta: dict, split: str, context: tf.distribute.InputContext | None):
+    files = records.shard_paths(data_dir, meta, split)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if context and context.num_input_pipelines > 1:
+        if len(files) < context.num_input_pipelines:
+            raise ValueError(
+                f"{split} has {len(files)} shards for {context.num_input_pipelines} input pipelines; "
+                "build the records with more shards"
+            )
+        # Each worker reads its own shards (per-file sharding: no wasted reads).
+        ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
+    return ds
+
+
+def train_dataset(
+    data_dir: str,
+    meta: dict,
+    stats: ColorStats,
+    global_batch_size: int,
+    context: tf.distribute.InputContext | None = None,
+    shuffle_buffer: int = 10_000,
+    seed: int | None = None,
+    crop: int = CROP,
+) -> tf.data.Dataset:
+    """An endless stream of augmented (images, labels) batches for one input pipeline.
+
+    Shards are shuffled and read interleaved in parallel, records shuffled,
+    decoded and augmented in parallel, batched with drop_remainder (static
+    shapes for XLA and equal steps on every replica) and prefetched.
+    """
+    batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
+    files = _files(data_dir, meta, "train", context)
+    ds = files.shuffle(len(records.shard_paths(data_dir, meta, "train")), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=16, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False,
+    )
+    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.map(
+        lambda s: (lambda b, y: (preprocess_for_train(b, stats, crop), y))(*_parse(s)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False,
+    )
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(
+    data_dir: str,
+    meta: dict,
+    stats: ColorStats,
+    batch_size: int,
+    split: str = "validation",
+    ten_crop: bool = False,
+    context: tf.distribute.InputContext | None = None,
+    crop: int = CROP,
+) -> tf.data.Dataset:
+    """Every record of a split once, in order: (images, labels) batches.
+
+    images are (batch, crop, crop, 3), or (batch, 10, crop, crop, 3) with ten_crop.
+    """
+    batch = context.get_per_replica_batch_size(batch_size) if context else batch_size
+    fn = ten_crops if ten_crop else preprocess_for_eval
+    ds = _files(data_dir, meta, split, context)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=1)
+    ds = ds.map(lambda s: (lambda b, y: (fn(b, stats, crop), y))(*_parse(s)), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def display_images(images, stats: ColorStats):
+    """Adds the mean colour back and scales to [0, 1] for TensorBoard."""
+    mean = stats.mean if stats.mean.ndim == 1 else stats.mean.reshape(-1, 3).mean(axis=0)
+    return tf.clip_by_value((images + mean) / 255.0, 0.0, 1.0)

@@ -1,0 +1,140 @@
+"""The tf.data input stream, each op checked eagerly and inside Dataset.map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_tf import input_pipeline as ip
+from alexnet_tf import records
+from conftest import read_split
+
+
+@pytest.fixture(scope="module")
+def data(built):
+    out, meta = built
+    stats = ip.ColorStats.from_metadata(out, meta)
+    rows = read_split(out, meta, "validation")[:3]
+    return out, meta, stats, rows
+
+
+def _decoded(jpeg):
+    return tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(np.float32)
+
+
+def test_color_stats_come_from_metadata(data):
+    out, meta, stats, _ = data
+    assert stats.mean.shape == (256, 256, 3) and stats.record_size == 256
+    np.testing.assert_allclose(stats.eigenvalues, meta["color_stats"]["eigenvalues"], rtol=1e-6)
+    rgb = ip.ColorStats.from_metadata(out, meta, mean="rgb")
+    np.testing.assert_allclose(rgb.mean, meta["color_stats"]["mean_rgb"], rtol=1e-6)
+    with pytest.raises(ValueError, match="mean must be"):
+        ip.ColorStats.from_metadata(out, meta, mean="median")
+
+
+@pytest.mark.parametrize("top, left", [(0, 0), (29, 29), (5, 17)])
+def test_crop_patch_is_the_decoded_patch_minus_the_mean_patch(data, top, left):
+    _, _, stats, rows = data
+    jpeg = rows[0]["jpeg"]
+    got = ip.crop_patch(tf.constant(jpeg), top, left, stats).numpy()
+    expected = _decoded(jpeg)[top : top + 227, left : left + 227] - stats.mean[top : top + 227, left : left + 227]
+    assert got.shape == (227, 227, 3)
+    # decode_and_crop_jpeg decodes only the patch; chroma upsampling at the patch's
+    # own border lacks the neighbours outside it, so only the border pixels differ.
+    np.testing.assert_allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=2.0)
+    assert np.mean(np.abs(got - expected)) < 0.1
+
+
+def test_train_params_cover_every_position_and_both_reflections():
+    draws = [ip.train_params(tf.constant([i, 7]), 256, 256) for i in range(400)]
+    tops = {int(d[0]) for d in draws}
+    lefts = {int(d[1]) for d in draws}
+    assert tops == set(range(30)) and lefts == set(range(30))  # 256 - 227 + 1 positions.
+    flips = np.mean([bool(d[2]) for d in draws])
+    assert 0.4 < flips < 0.6
+    alphas = np.stack([d[3].numpy() for d in draws])
+    assert abs(alphas.std() - 0.1) < 0.01 and abs(alphas.mean()) < 0.01
+
+
+def test_lighting_shift_is_the_pca_formula(data):
+    _, _, stats, _ = data
+    alpha = np.array([0.1, -0.2, 0.05], np.float32)
+    got = ip.lighting_shift(tf.constant(alpha), stats).numpy()
+    expected = stats.eigenvectors @ (alpha * stats.eigenvalues / 255.0**2) * 255.0
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_train_preprocessing_applies_crop_flip_and_lighting(data):
+    _, _, stats, rows = data
+    jpeg = tf.constant(rows[1]["jpeg"])
+    for i in range(6):
+        seed = tf.constant([i, 3])
+        top, left, flip, alpha = ip.train_params(seed, 256, 256)
+        got = ip.preprocess_for_train(jpeg, stats, seed=seed).numpy()
+        expected = ip.crop_patch(jpeg, top, left, stats).numpy() + ip.lighting_shift(alpha, stats).numpy()
+        if bool(flip):
+            expected = expected[:, ::-1]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_eager_and_dataset_map_agree(data):
+    _, _, stats, rows = data
+    jpegs = [r["jpeg"] for r in rows]
+    seeds = [[i, 11] for i in range(len(jpegs))]
+    eager = [ip.preprocess_for_train(tf.constant(j), stats, seed=tf.constant(s)).numpy() for j, s in zip(jpegs, seeds)]
+    ds = tf.data.Dataset.from_tensor_slices((jpegs, seeds)).map(
+        lambda j, s: ip.preprocess_for_train(j, stats, seed=s))
+    for a, b in zip(eager, ds):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-5)
+    central = [ip.preprocess_for_eval(tf.constant(j), stats).numpy() for j in jpegs]
+    for a, b in zip(central, tf.data.Dataset.from_tensor_slices(jpegs).map(lambda j: ip.preprocess_for_eval(j, stats))):
+        np.testing.assert_array_equal(a, b.numpy())
+    ten = [ip.ten_crops(tf.constant(j), stats).numpy() for j in jpegs]
+    for a, b in zip(ten, tf.data.Dataset.from_tensor_slices(jpegs).map(lambda j: ip.ten_crops(j, stats))):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_central_and_ten_crops_positions(data):
+    _, _, stats, rows = data
+    jpeg = tf.constant(rows[2]["jpeg"])
+    central = ip.preprocess_for_eval(jpeg, stats).numpy()
+    np.testing.assert_array_equal(central, ip.crop_patch(jpeg, 14, 14, stats).numpy())  # (256 - 227) // 2
+    ten = ip.ten_crops(jpeg, stats).numpy()
+    assert ten.shape == (10, 227, 227, 3)
+    corners = [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]
+    for i, (t, l) in enumerate(corners):
+        patch = ip.crop_patch(jpeg, t, l, stats).numpy()
+        np.testing.assert_array_equal(ten[i], patch)
+        np.testing.assert_array_equal(ten[i + 5], patch[:, ::-1])
+
+
+def test_train_dataset_batches(data):
+    out, meta, stats, _ = data
+    ds = ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50)
+    images, labels = next(iter(ds))
+    assert images.shape == (8, 227, 227, 3) and images.dtype == tf.float32
+    assert labels.dtype == tf.int32 and 0 <= labels.numpy().min() and labels.numpy().max() < meta["num_classes"]
+    # Mean subtracted: centred near zero, within the pixel range.
+    assert abs(float(tf.reduce_mean(images))) < 40 and float(tf.reduce_max(tf.abs(images))) < 300
+
+
+def test_eval_dataset_reads_every_example_once(data):
+    out, meta, stats, _ = data
+    labels = np.concatenate([y.numpy() for _, y in ip.eval_dataset(out, meta, stats, 7, split="train")])
+    expected = [r["label"] for r in read_split(out, meta, "train")]
+    assert list(labels) == expected
+    shapes = {tuple(x.shape[1:]) for x, _ in ip.eval_dataset(out, meta, stats, 4, ten_crop=True)}
+    assert shapes == {(10, 227, 227, 3)}
+
+
+def test_input_context_splits_shards_between_workers(data):
+    out, meta, stats, _ = data
+    seen = []
+    for worker in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        files = [f.numpy().decode() for f in ip._files(out, meta, "train", ctx)]
+        seen.append(set(files))
+        assert ip.train_dataset(out, meta, stats, 8, ctx).element_spec[0].shape == (4, 227, 227, 3)
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(records.shard_paths(out, meta, "train"))
