@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
+RUN ?= runs/demo
 
 .PHONY: install demo test test-all bench clean
 
@@ -15,10 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Builds the embedded sample's records (the main job), then verifies them.
+# Builds the embedded sample's records, verifies them, and trains AlexNet on them
+# from scratch under --strategy=mirrored (two logical CPU devices without GPUs).
 demo: $(STAMP)
 	$(PY) -m pipelines.build_tfrecords --output_dir=$(DATA) --overwrite
 	$(PY) -m pipelines.verify_tfrecords --data_dir=$(DATA)
+	rm -rf $(RUN)
+	$(PY) -m alexnet_tf.train --preset=sample --strategy=mirrored --cpu_devices=2 \
+		--data_dir=$(DATA) --model_dir=$(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,204 @@
+"""Training: the schedule, a short run, mirrored replicas, kill-and-resume, two workers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_tf import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--noexport", "--seed=0"]
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "alexnet_tf.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+# -- the learning-rate schedule ----------------------------------------------
+
+
+def test_plateau_divides_by_ten_after_patience_at_most_three_times():
+    c = train.TrainConfig(lr_patience=2)
+    lr, best, bad, decays = 0.01, math.inf, 0, 0
+    errors = [0.9, 0.8, 0.85, 0.81, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
+    lrs = []
+    for epoch, err in enumerate(errors):
+        lr, best, bad, decays = train.learning_rate_after_epoch(c, epoch, lr, err, best, bad, decays)
+        lrs.append(lr)
+    # Two epochs without a new best (0.85, 0.81) -> /10; later plateaus -> /10 twice more, then no more.
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5])
+    assert decays == 3 and best == 0.7
+
+
+def test_step_schedule():
+    c = train.TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
+    lrs = [train.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
+    assert lrs == pytest.approx([0.01, 0.001, 0.001, 1e-4, 1e-4])
+
+
+def test_presets_keep_the_papers_defaults():
+    paper = train.TrainConfig()
+    assert (paper.batch_size, paper.learning_rate, paper.momentum, paper.weight_decay, paper.epochs) == (
+        128, 0.01, 0.9, 5e-4, 90)
+    assert paper.lr_schedule == "plateau" and paper.max_lr_decays == 3 and paper.grouped
+
+
+# -- a short run, in process --------------------------------------------------
+
+
+def _event_tags(folder):
+    tags = set()
+    for name in tf.io.gfile.listdir(folder):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
+    out, meta = built
+    config = train.TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
+                               checkpoint_every_steps=1, log_images=2, seed=0, verbose=False)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    result = train.train_and_evaluate(config, str(tmp_path), strategy)
+    history = result.history
+    assert [h["epoch"] for h in history] == [1, 2]
+    for h in history:
+        assert 0 <= h["train_top1_error"] <= 1 and 0 <= h["val_top5_error"] <= h["val_top1_error"] <= 1
+        assert h["images_per_second"] > 0 and h["learning_rate"] == 0.01 and h["val_loss"] > 0
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-4")
+
+    train_tags = _event_tags(str(tmp_path / "tensorboard" / "train"))
+    assert {"loss", "top1_error", "top5_error", "learning_rate", "images_per_second",
+            "augmented_training_images", "conv1/kernel", "fc8/bias"} <= train_tags
+    assert {"loss", "top1_error", "top5_error"} <= _event_tags(str(tmp_path / "tensorboard" / "validation"))
+
+    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
+    x = tf.random.stateless_normal((2, 227, 227, 3), seed=(1, 1)) * 40
+    np.testing.assert_allclose(loaded.serve(x).numpy(), result.model(x, training=False).numpy(), rtol=1e-4,
+                               atol=1e-4)
+
+    # The same call with more epochs continues where the first stopped.
+    more = train.train_and_evaluate(train.TrainConfig(**{**vars(config), "epochs": 3}), str(tmp_path), strategy)
+    assert [h["epoch"] for h in more.history] == [1, 2, 3] and more.history[:2] == history
+    ckpt = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert tf.train.load_variable(ckpt, "global_step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path):
+    proc = _run(["--data_dir", str(tmp_path / "none"), "--model_dir", str(tmp_path / "m"), "--strategy=one_device"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"train: error: {tmp_path / 'none'}/metadata.json not found")
+
+
+# -- mirrored over two logical CPU devices ------------------------------------
+
+
+def test_mirrored_over_two_cpu_devices(built, tmp_path):
+    out, _ = built
+    proc = _run(["--data_dir", out, "--model_dir", str(tmp_path), "--strategy=mirrored", "--cpu_devices=2",
+                 "--steps_per_epoch=2", "--epochs=1", *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with 2 replicas" in proc.stderr
+    assert "validation top-1 error" in proc.stdout
+    (h,) = json.loads((tmp_path / "history.json").read_text())
+    assert h["epoch"] == 1 and 0 <= h["val_top1_error"] <= 1
+
+
+# -- killed with SIGKILL and started again ------------------------------------
+
+
+def _latest_step(ckpt_dir):
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(built, tmp_path):
+    out, _ = built
+    args = ["--data_dir", out, "--model_dir", str(tmp_path), "--strategy=one_device", "--steps_per_epoch=4",
+            "--epochs=2", "--checkpoint_every_steps=1", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_tf.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = str(tmp_path / "checkpoints")
+    deadline = time.monotonic() + 300
+    while _latest_step(ckpt_dir) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_step(ckpt_dir)
+    assert 3 <= killed_at < 8, "the run finished or never checkpointed before the kill"
+
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt_dir}/ckpt-{killed_at}" in again.stderr
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    assert tf.train.load_variable(latest, "global_step/.ATTRIBUTES/VARIABLE_VALUE") == 8  # Not 8 + killed_at.
+
+
+# -- two workers on 127.0.0.1 -------------------------------------------------
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np
+    from alexnet_tf import train
+    strategy = train.make_strategy("multi_worker")
+    config = train.TrainConfig(data_dir=sys.argv[1], batch_size=8, eval_batch_size=16, epochs=1,
+                               steps_per_epoch=2, log_images=0, histograms=False, export=False, seed=0,
+                               verbose=False)
+    result = train.train_and_evaluate(config, sys.argv[2], strategy)
+    np.savez(sys.argv[3], *[w for w in result.model.get_weights()])
+    print("VAL", result.history[-1]["val_top1_error"])
+""")
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_to_identical_weights(built, tmp_path):
+    out, _ = built
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, out, str(tmp_path / "model"), str(tmp_path / f"w{i}.npz")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    assert len(w0.files) == len(w1.files) == 16
+    for k in w0.files:
+        np.testing.assert_array_equal(w0[k], w1[k])
+    # Training moved the weights away from the (seeded, identical) initialisation.
+    from alexnet_tf.model import build_alexnet
+
+    init = build_alexnet(10, seed=0).get_weights()
+    np.testing.assert_array_equal(init[1], 0.0)  # conv1 bias starts at 0 ...
+    assert np.abs(w0["arr_1"]).max() > 0  # ... and moved.
+    vals = [line for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("VAL")]
+    assert len(vals) == 2 and vals[0] == vals[1]
+    # Only the chief wrote checkpoints and summaries; the other worker cleaned up.
+    assert tf.train.latest_checkpoint(str(tmp_path / "model" / "checkpoints"))
+    assert not [n for n in os.listdir(tmp_path / "model") if n.startswith(".checkpoints-")]
