@@ -197,6 +197,12 @@ class _State:
         return dict(vars(self))
 
 
+def _say(chief: bool, message: str) -> None:
+    """One line about the run on stderr (from the chief only)."""
+    if chief:
+        print(f"train: {message}", file=sys.stderr, flush=True)
+
+
 def _to_float(x) -> float:
     return float(x.numpy() if hasattr(x, "numpy") else x)
 
@@ -264,7 +270,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         optimizer.learning_rate.assign(_to_float(state.learning_rate))
-        logging.info("resumed from %s: epoch %d, step %d", latest, int(state.epoch), int(state.step_in_epoch))
+        _say(chief, f"resumed from {latest}: epoch {int(state.epoch) + 1}, step {int(state.step_in_epoch)}")
     history_path = os.path.join(model_dir, "history.json")
     history = []
     if latest and tf.io.gfile.exists(history_path):
@@ -309,7 +315,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
 
     total_epochs = config.epochs
     if int(state.epoch) >= total_epochs:
-        logging.info("training already finished (%d epochs)", total_epochs)
+        _say(chief, f"training already finished ({total_epochs} epochs)")
     iterator = None
     while int(state.epoch) < total_epochs:
         epoch = int(state.epoch)
@@ -538,7 +544,7 @@ def export_saved_model(model, num_classes: int, config: TrainConfig, path: str) 
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
     tf.io.gfile.rename(tmp, path)
-    logging.info("exported SavedModel to %s", path)
+    _say(True, f"exported SavedModel to {path}")
     return path
 
 
@@ -598,7 +604,11 @@ def config_from_flags() -> TrainConfig:
 def main(argv):
     import logging as std_logging
 
-    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)  # Per-op INFO lines drown the progress.
+    # TensorFlow's and Keras' INFO lines (one per reduction, per save) drown the
+    # progress; -v/--verbosity still brings them back.
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_from_flags()
@@ -611,7 +621,7 @@ def main(argv):
     except records.MetadataError as e:
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    logging.info("strategy %s with %d replicas; config %s", FLAGS.strategy, strategy.num_replicas_in_sync, config)
+    _say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas; {config}")
     history = train_and_evaluate(config, FLAGS.model_dir, strategy).history
     if history and "val_top1_error" in history[-1]:
         last = history[-1]

@@ -59,6 +59,33 @@ def test_presets_keep_the_papers_defaults():
 # -- a short run, in process --------------------------------------------------
 
 
+def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
+    from alexnet_tf import input_pipeline, model as model_lib
+    from conftest import read_split
+
+    out, meta = built
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    config = train.TrainConfig(data_dir=out, batch_size=16)
+    model = model_lib.build_alexnet(meta["num_classes"], seed=3)
+    strategy = tf.distribute.get_strategy()
+    got = train.Evaluator(model, strategy, config, meta, stats).evaluate("validation", ten_crop=True)
+    top1 = top5 = loss = 0.0
+    rows = read_split(out, meta, "validation")
+    for r in rows:
+        crops = input_pipeline.ten_crops(tf.constant(r["jpeg"]), stats)
+        probs = tf.nn.softmax(model(crops, training=False)).numpy().astype(np.float64).mean(axis=0)
+        order = np.argsort(-probs)
+        top1 += order[0] == r["label"]
+        top5 += r["label"] in order[:5]
+        loss += -np.log(probs[r["label"]] + 1e-12)
+    n = len(rows)
+    assert got["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9)
+    assert got["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9)
+    assert got["loss"] == pytest.approx(loss / n, rel=1e-4)
+    central = train.Evaluator(model, strategy, config, meta, stats).evaluate("validation")
+    assert set(central) == {"loss", "top1_error", "top5_error"}
+
+
 def _event_tags(folder):
     tags = set()
     for name in tf.io.gfile.listdir(folder):
@@ -70,7 +97,7 @@ def _event_tags(folder):
 def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     out, meta = built
     config = train.TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
-                               checkpoint_every_steps=1, log_images=2, seed=0, verbose=False)
+                               checkpoint_every_steps=1, log_images=2, seed=0, verbose=False, profile_steps=(1, 2))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     result = train.train_and_evaluate(config, str(tmp_path), strategy)
     history = result.history
@@ -85,6 +112,8 @@ def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     assert {"loss", "top1_error", "top5_error", "learning_rate", "images_per_second",
             "augmented_training_images", "conv1/kernel", "fc8/bias"} <= train_tags
     assert {"loss", "top1_error", "top5_error"} <= _event_tags(str(tmp_path / "tensorboard" / "validation"))
+    traces = tf.io.gfile.glob(str(tmp_path / "tensorboard" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1  # The profiler traced the requested steps.
 
     loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
     x = tf.random.stateless_normal((2, 227, 227, 3), seed=(1, 1)) * 40
