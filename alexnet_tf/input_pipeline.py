@@ -20,6 +20,7 @@ import tensorflow as tf
 from alexnet_tf import records
 
 CROP = 227
+SQUARE = 256  # §2: images are stored and evaluated as 256x256.
 LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1).
 
 
@@ -39,6 +40,11 @@ class ColorStats:
     eigenvalues: np.ndarray
     eigenvectors: np.ndarray
     record_size: int | None
+
+    @property
+    def square_size(self) -> int:
+        """Side of the square patches are taken from (the records', or the paper's 256)."""
+        return self.record_size or SQUARE
 
     @classmethod
     def from_metadata(cls, data_dir: str, meta: dict, mean: str = "image") -> "ColorStats":
@@ -79,43 +85,60 @@ class ColorStats:
 
 
 def _mean_patch(stats: ColorStats, top, left, crop: int):
-    if stats.mean.ndim == 1:
-        return tf.constant(stats.mean)
-    return tf.slice(tf.constant(stats.mean), tf.stack([top, left, 0]), [crop, crop, 3])
+    mean = tf.convert_to_tensor(stats.mean)  # An array, or the exported model's variable.
+    if len(mean.shape) == 1:
+        return mean
+    return tf.slice(mean, tf.stack([top, left, 0]), [crop, crop, 3])
 
 
-def _standard_square(image_bytes, size: int):
-    """Decodes any record and returns its central size x size after scaling (uint8)."""
+def decode_square(image_bytes, size: int = SQUARE):
+    """Any JPEG/PNG/GIF/BMP -> the paper's stored form: (size, size, 3) uint8.
+
+    §2: the shorter side scaled to `size` (bicubic, antialiased), then the
+    central square. Records of the pipeline already are that square and are
+    only decoded, so evaluation and the exported model see the same pixels.
+    """
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
-    new = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, tf.maximum(new, size), method="bicubic", antialias=True)
-    image = tf.image.resize_with_crop_or_pad(image, size, size)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    shape = tf.shape(image)[:2]
+
+    def scale_and_crop():
+        hw = tf.cast(shape, tf.float32)
+        new = tf.maximum(tf.cast(tf.round(hw * (size / tf.reduce_min(hw))), tf.int32), size)
+        scaled = tf.image.resize(image, new, method="bicubic", antialias=True)
+        scaled = tf.cast(tf.clip_by_value(tf.round(scaled), 0, 255), tf.uint8)
+        return tf.image.resize_with_crop_or_pad(scaled, size, size)
+
+    square = tf.cond(tf.reduce_all(shape == size), lambda: image, scale_and_crop)
+    return tf.ensure_shape(square, [size, size, 3])
+
+
+def patch_from_square(square, top, left, stats: ColorStats, crop: int = CROP):
+    """The crop x crop patch of a decoded square at (top, left), float32, mean subtracted."""
+    patch = tf.slice(square, tf.stack([top, left, 0]), [crop, crop, 3])
+    return tf.cast(patch, tf.float32) - _mean_patch(stats, top, left, crop)
 
 
 def _record_shape(image_bytes, stats: ColorStats):
-    """(height, width) the patches are taken from: the record's, or 256x256 after scaling."""
+    """(height, width) training patches are taken from: the record's, or the square's."""
     if stats.record_size is None:
-        return tf.constant(256), tf.constant(256)
+        return tf.constant(SQUARE), tf.constant(SQUARE)  # After decode_square.
     shape = tf.io.extract_jpeg_shape(image_bytes)
     return shape[0], shape[1]
 
 
 def crop_patch(image_bytes, top, left, stats: ColorStats, crop: int = CROP):
-    """The crop x crop patch at (top, left), as float32 with the mean subtracted.
+    """Training's patch at (top, left), float32, mean subtracted.
 
     With square records of the stated size only the patch is decoded
-    (`decode_and_crop_jpeg`); other records are first brought to the paper's
-    central 256x256 (the slow path, for `--noresize` builds).
+    (`decode_and_crop_jpeg`: several times less work than the whole image; the
+    pixels on the patch's own border can differ by a few levels from a full
+    decode, as chroma upsampling there lacks its outside neighbours). Other
+    records go through `decode_square` (the slow path, for `--noresize` builds).
     """
-    if stats.record_size is not None:
-        window = tf.stack([top, left, crop, crop])
-        patch = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    else:
-        square = _standard_square(image_bytes, 256)
-        patch = tf.slice(square, tf.stack([top, left, 0]), [crop, crop, 3])
+    if stats.record_size is None:
+        return patch_from_square(decode_square(image_bytes), top, left, stats, crop)
+    window = tf.stack([top, left, crop, crop])
+    patch = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
     patch = tf.cast(patch, tf.float32) - _mean_patch(stats, top, left, crop)
     return tf.ensure_shape(patch, [crop, crop, 3])
 
@@ -169,16 +192,20 @@ def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=
 
 
 def preprocess_for_eval(image_bytes, stats: ColorStats, crop: int = CROP):
-    """The central patch, mean subtracted: (crop, crop, 3) float32."""
-    h, w = _record_shape(image_bytes, stats)
-    return crop_patch(image_bytes, (h - crop) // 2, (w - crop) // 2, stats, crop)
+    """The central patch of the decoded square, mean subtracted: (crop, crop, 3) float32.
+
+    The exported model's serving signature runs this same function.
+    """
+    offset = (stats.square_size - crop) // 2
+    return patch_from_square(decode_square(image_bytes, stats.square_size), offset, offset, stats, crop)
 
 
 def ten_crops(image_bytes, stats: ColorStats, crop: int = CROP):
     """§4.1 test-time patches: corners and centre, then their reflections: (10, crop, crop, 3)."""
-    h, w = _record_shape(image_bytes, stats)
-    positions = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
-    patches = tf.stack([crop_patch(image_bytes, t, l, stats, crop) for t, l in positions])
+    square = decode_square(image_bytes, stats.square_size)
+    far, mid = stats.square_size - crop, (stats.square_size - crop) // 2
+    positions = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    patches = tf.stack([patch_from_square(square, t, l, stats, crop) for t, l in positions])
     return tf.concat([patches, tf.reverse(patches, axis=[2])], axis=0)
 
 

@@ -258,6 +258,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
     state = _State(config)
+    if chief:  # What an export needs besides the weights, beside the checkpoints.
+        from alexnet_tf import export
+
+        export.write_model_info(model_dir, num_classes=num_classes, grouped=config.grouped, dropout=config.dropout,
+                                classes=meta["classes"], mean=stats.mean, mean_kind=config.mean,
+                                square_size=stats.square_size)
 
     # Checkpoints: the chief writes model_dir/checkpoints; other workers must
     # save too (collectives), into a scratch folder they remove.
@@ -396,7 +402,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     if not chief and tf.io.gfile.exists(save_dir):
         tf.io.gfile.rmtree(save_dir)
     if chief and config.export:
-        export_saved_model(model, num_classes, config, os.path.join(model_dir, SAVED_MODEL))
+        export_saved_model(model, model_dir, os.path.join(model_dir, SAVED_MODEL))
     summaries.close()
     return TrainResult(model, history)
 
@@ -456,7 +462,9 @@ class Evaluator:
         self._local = tf.function(lambda images, labels: tf.stack(replica_eval(images, labels)))
         self._distributed = distributed_step
 
-    def evaluate(self, split: str = "validation", ten_crop: bool = False) -> dict:
+    def evaluate(self, split: str = "validation", ten_crop: bool = False, progress: bool = False) -> dict:
+        """Loss, top-1 and top-5 error over every example of `split`."""
+        import keras
         import numpy as np
 
         from alexnet_tf import input_pipeline
@@ -475,8 +483,11 @@ class Evaluator:
             ds = input_pipeline.eval_dataset(self.config.data_dir, self.meta, self.stats, batch, split, ten_crop)
             step = lambda b: self._local(*b)  # noqa: E731
         sums = np.zeros(4)
+        total = self.meta["splits"][split]["num_examples"]
+        bar = keras.utils.Progbar(total, verbose=1 if progress else 0, unit_name="image")
         for b in ds:
             sums += step(b).numpy()
+            bar.update(int(sums[3]))
         loss, top1, top5, count = sums
         expected = self.meta["splits"][split]["num_examples"]
         if int(count) != expected:
@@ -528,22 +539,15 @@ class _Summaries:
             self.val.close()
 
 
-def export_saved_model(model, num_classes: int, config: TrainConfig, path: str) -> str:
-    """Writes a plain SavedModel of the trained network (logits from mean-subtracted 227x227 patches)."""
-    import tensorflow as tf
+def export_saved_model(model, model_dir: str, path: str) -> str:
+    """Exports the trained network with its serving signatures (see alexnet_tf.export)."""
+    from alexnet_tf import export, model as model_lib
 
-    from alexnet_tf import model as model_lib
-
+    info, mean = export.read_model_info(model_dir)
     # A copy outside any distribution strategy's scope: plain variables, no replicas.
-    plain = model_lib.build_alexnet(num_classes, grouped=config.grouped, dropout=config.dropout)
+    plain = model_lib.build_alexnet(info["num_classes"], grouped=info["grouped"], dropout=info["dropout"])
     plain.set_weights(model.get_weights())
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    plain.export(tmp, format="tf_saved_model", verbose=False)
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
-    tf.io.gfile.rename(tmp, path)
+    export.export(plain, info, mean, path)
     _say(True, f"exported SavedModel to {path}")
     return path
 

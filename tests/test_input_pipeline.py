@@ -98,15 +98,30 @@ def test_eager_and_dataset_map_agree(data):
 def test_central_and_ten_crops_positions(data):
     _, _, stats, rows = data
     jpeg = tf.constant(rows[2]["jpeg"])
+    full = _decoded(rows[2]["jpeg"])
+
+    def patch(t, l):
+        return full[t : t + 227, l : l + 227] - stats.mean[t : t + 227, l : l + 227]
+
     central = ip.preprocess_for_eval(jpeg, stats).numpy()
-    np.testing.assert_array_equal(central, ip.crop_patch(jpeg, 14, 14, stats).numpy())  # (256 - 227) // 2
+    np.testing.assert_array_equal(central, patch(14, 14))  # (256 - 227) // 2, from the full decode.
     ten = ip.ten_crops(jpeg, stats).numpy()
     assert ten.shape == (10, 227, 227, 3)
     corners = [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]
     for i, (t, l) in enumerate(corners):
-        patch = ip.crop_patch(jpeg, t, l, stats).numpy()
-        np.testing.assert_array_equal(ten[i], patch)
-        np.testing.assert_array_equal(ten[i + 5], patch[:, ::-1])
+        np.testing.assert_array_equal(ten[i], patch(t, l))
+        np.testing.assert_array_equal(ten[i + 5], patch(t, l)[:, ::-1])
+
+
+def test_decode_square_scales_the_shorter_side_and_crops_the_centre():
+    wide = np.zeros((300, 600, 3), np.uint8)
+    wide[:, 150:450] = 200  # The central half: exactly what the 256x256 square keeps.
+    png = tf.io.encode_png(wide)
+    square = ip.decode_square(png).numpy()
+    assert square.shape == (256, 256, 3)
+    assert square[:, 8:-8].min() > 190  # Bicubic ringing aside, all of it is the bright centre.
+    same = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(ip.decode_square(tf.io.encode_png(same)).numpy(), same)  # No resampling.
 
 
 def test_train_dataset_batches(data):

@@ -117,8 +117,8 @@ def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
 
     loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
     x = tf.random.stateless_normal((2, 227, 227, 3), seed=(1, 1)) * 40
-    np.testing.assert_allclose(loaded.serve(x).numpy(), result.model(x, training=False).numpy(), rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(loaded.signatures["preprocessed"](images=x)["logits"].numpy(),
+                               result.model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
     # The same call with more epochs continues where the first stopped.
     more = train.train_and_evaluate(train.TrainConfig(**{**vars(config), "epochs": 3}), str(tmp_path), strategy)

@@ -1,0 +1,212 @@
+"""The SavedModel (serving signatures), `alexnet_tf.evaluate` and `alexnet_tf.predict`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from alexnet_tf import export, input_pipeline, model as model_lib
+from conftest import read_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory):
+    """A model folder (seeded weights, as training leaves it) and its export via the CLI."""
+    out, meta = built
+    model_dir = tmp_path_factory.mktemp("model")
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    model = model_lib.build_alexnet(meta["num_classes"], seed=7)
+    # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
+    fc8 = model.get_layer("fc8")
+    fc8.kernel.assign(fc8.kernel * 0.05)
+    export.write_model_info(str(model_dir), num_classes=meta["num_classes"], grouped=True, dropout=0.5,
+                            classes=meta["classes"], mean=stats.mean, mean_kind="image", square_size=256)
+    tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
+    proc = _cli("alexnet_tf.export", "--model_dir", str(model_dir), "--export_dir", str(model_dir / "exported"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(model_dir / "exported"), model, stats, out, meta
+
+
+def test_serving_signature_matches_the_keras_model(exported):
+    path, model, stats, out, meta = exported
+    loaded = tf.saved_model.load(path)
+    rows = read_split(out, meta, "validation")[:4]
+    result = loaded.signatures["serving_default"](images=tf.constant([r["jpeg"] for r in rows]))
+    x = tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats) for r in rows])
+    expected = tf.nn.softmax(model(x, training=False)).numpy()
+    np.testing.assert_allclose(result["probabilities"].numpy(), expected, rtol=1e-4, atol=1e-6)
+    order = np.argsort(-expected, axis=1)[:, :5]
+    np.testing.assert_array_equal(result["top5_labels"].numpy(), order)
+    np.testing.assert_allclose(result["top5_probabilities"].numpy(), np.take_along_axis(expected, order, 1),
+                               rtol=1e-4, atol=1e-6)
+    synsets = [[meta["classes"][i]["synset"].encode() for i in row] for row in order]
+    names = [[meta["classes"][i]["name"].encode() for i in row] for row in order]
+    assert result["top5_synsets"].numpy().tolist() == synsets
+    assert result["top5_names"].numpy().tolist() == names
+    # The preprocessed signature gives the logits of the same network.
+    logits = loaded.signatures["preprocessed"](images=x)["logits"].numpy()
+    np.testing.assert_allclose(logits, model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(loaded.mean[0].numpy(), stats.mean)
+
+
+def test_png_input_and_any_size(exported):
+    path, model, stats, out, meta = exported
+    loaded = tf.saved_model.load(path)
+    jpeg = read_split(out, meta, "validation")[0]["jpeg"]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
+    big = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).resize((400, 300)).save(big, format="JPEG")
+    result = loaded.signatures["serving_default"](images=tf.constant([jpeg, png.getvalue(), big.getvalue()]))
+    probs = result["probabilities"].numpy()
+    assert probs.shape == (3, meta["num_classes"])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # The PNG holds the JPEG's decoded pixels: the same answer.
+    np.testing.assert_allclose(probs[1], probs[0], rtol=1e-4, atol=1e-6)
+
+
+def test_class_list_is_an_asset(exported):
+    path, _, _, _, meta = exported
+    lines = open(os.path.join(path, "assets", export.CLASSES_ASSET)).read().splitlines()
+    assert lines == [f"{c['label']}\t{c['synset']}\t{c['name']}" for c in meta["classes"]]
+
+
+def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
+    path, _, _, out, meta = exported
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF or BMP image"):
+        serve(images=tf.constant([b"<html>404</html>"]))
+    jpeg = read_split(out, meta, "validation")[0]["jpeg"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serve(images=tf.constant([jpeg[:200]]))  # Truncated inside the header.
+    assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta["num_classes"])
+
+
+def test_fresh_process_with_only_tensorflow(exported, tmp_path):
+    path, _, _, out, meta = exported
+    image = tmp_path / "x.jpg"
+    image.write_bytes(read_split(out, meta, "validation")[0]["jpeg"])
+    code = (
+        "import sys, tensorflow as tf\n"
+        f"m = tf.saved_model.load({path!r})\n"
+        f"r = m.signatures['serving_default'](images=tf.constant([open({str(image)!r}, 'rb').read()]))\n"
+        "assert not any(k.startswith(('alexnet_tf', 'pipelines')) for k in sys.modules)\n"
+        "print(r['top5_names'].numpy()[0][0].decode())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() in {c["name"] for c in meta["classes"]}
+
+
+def test_saved_model_cli_lists_and_runs_it(exported, tmp_path):
+    path, _, _, out, meta = exported
+    show = subprocess.run([os.path.join(BIN, "saved_model_cli"), "show", "--dir", path, "--all"],
+                          capture_output=True, text=True, timeout=300)
+    assert show.returncode == 0, show.stderr[-2000:]
+    assert "signature_def['serving_default']" in show.stdout and "signature_def['preprocessed']" in show.stdout
+    assert "top5_names" in show.stdout and "DT_STRING" in show.stdout
+    inputs = tmp_path / "in.npy"
+    np.save(inputs, np.array([read_split(out, meta, "validation")[0]["jpeg"]]))
+    run = subprocess.run([os.path.join(BIN, "saved_model_cli"), "run", "--dir", path, "--tag_set", "serve",
+                          "--signature_def", "serving_default", "--inputs", f"images={inputs}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Result for output key top5_names" in run.stdout
+    assert any(c["name"] in run.stdout for c in meta["classes"])
+
+
+def test_keras_users_can_wrap_it_with_tfsmlayer(exported):
+    path, model, stats, out, meta = exported
+    layer = keras.layers.TFSMLayer(path, call_endpoint="preprocessed")
+    x = tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
+                  for r in read_split(out, meta, "validation")[:2]])
+    np.testing.assert_allclose(layer(x)["logits"].numpy(), model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_of_a_folder_that_is_not_a_model(tmp_path):
+    proc = _cli("alexnet_tf.export", "--model_dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("export: error: ")
+    assert "model_info.json not found" in proc.stderr
+
+
+# -- evaluate ---------------------------------------------------------------------
+
+
+def test_evaluate_reports_central_and_ten_crop_errors(exported, tmp_path):
+    path, model, stats, out, meta = exported
+    proc = _cli("alexnet_tf.evaluate", "--saved_model", path, "--data_dir", out,
+                "--output_json", str(tmp_path / "eval.json"), "--batch_size", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "paper, 1 CNN (ILSVRC-2012 val)" in proc.stdout and "40.7%" in proc.stdout and "18.2%" in proc.stdout
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["num_examples"] == meta["splits"]["validation"]["num_examples"]
+    # A direct computation over the records with the Keras model.
+    rows = read_split(out, meta, "validation")
+    central = tf.nn.softmax(model(tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
+                                            for r in rows]), training=False)).numpy()
+    ten = np.stack([
+        tf.nn.softmax(model(input_pipeline.ten_crops(tf.constant(r["jpeg"]), stats), training=False)).numpy().mean(0)
+        for r in rows])
+    labels = np.array([r["label"] for r in rows])
+    for probs, key in ((central, "central_crop"), (ten, "ten_crops")):
+        order = np.argsort(-probs, axis=1)
+        assert result[key]["top1_error"] == pytest.approx(np.mean(order[:, 0] != labels), abs=1e-9)
+        assert result[key]["top5_error"] == pytest.approx(
+            np.mean([l not in o[:5] for l, o in zip(labels, order)]), abs=1e-9)
+
+
+def test_evaluate_bad_inputs(exported, tmp_path):
+    path, _, _, out, _ = exported
+    missing = _cli("alexnet_tf.evaluate", "--saved_model", str(tmp_path / "none"), "--data_dir", out)
+    assert missing.returncode == 1 and "is not a SavedModel" in missing.stderr.strip().splitlines()[-1]
+    split = _cli("alexnet_tf.evaluate", "--saved_model", path, "--data_dir", out, "--split", "test")
+    assert split.returncode == 1 and "split 'test' is not in" in split.stderr.strip().splitlines()[-1]
+    data = _cli("alexnet_tf.evaluate", "--saved_model", path, "--data_dir", str(tmp_path))
+    assert data.returncode == 1 and "metadata.json not found" in data.stderr.strip().splitlines()[-1]
+
+
+# -- predict ----------------------------------------------------------------------
+
+
+def test_predict_prints_top5_and_reports_bad_files_one_line_each(exported, tmp_path):
+    path, _, _, out, meta = exported
+    rows = read_split(out, meta, "validation")[:2]
+    good = []
+    for i, r in enumerate(rows):
+        good.append(tmp_path / f"good{i}.jpg")
+        good[-1].write_bytes(r["jpeg"])
+    (tmp_path / "page.jpg").write_bytes(b"<html>not an image</html>")
+    proc = _cli("alexnet_tf.predict", "--saved_model", path, str(good[0]), str(tmp_path / "missing.jpg"),
+                str(tmp_path / "page.jpg"), str(good[1]))
+    assert proc.returncode == 1
+    blocks = proc.stdout.strip().split("\n")
+    assert blocks[0] == f"{good[0]}:" and blocks[6] == f"{good[1]}:" and len(blocks) == 12
+    names = {c["name"] for c in meta["classes"]}
+    for line in blocks[1:6] + blocks[7:12]:
+        rank, rest = line.strip().split(". ", 1)
+        assert rest.rsplit(" (", 1)[0] in names and line.endswith("%")
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("predict: error:")]
+    assert errors == [
+        f"predict: error: {tmp_path / 'missing.jpg'}: no such file",
+        f"predict: error: {tmp_path / 'page.jpg'}: cannot be decoded (not a JPEG, PNG, GIF or BMP image)",
+    ]
