@@ -28,6 +28,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Side-by-side measurements (not tests); torch is the peer. The pinned CPU wheel
+# avoids pulling a multi-GB CUDA build; override TORCH to taste.
+TORCH ?= torch==2.13.0
+bench: $(STAMP)
+	$(PY) -m pip install --quiet '$(TORCH)' psutil
+	$(PY) -m benchmarks.run
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 

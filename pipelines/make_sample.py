@@ -350,6 +350,8 @@ def make_sample(
     seed: int = 0,
     train_per_class: int = 40,
     val_per_class: int = 10,
+    *,
+    quirks: bool = True,
 ) -> dict:
     """Writes the synthetic ILSVRC2012-layout sample into ``output_dir``.
 
@@ -360,6 +362,8 @@ def make_sample(
             tar and label files.
         train_per_class: Training images per class (>= 4).
         val_per_class: Validation images per class (>= 1).
+        quirks: Include the CMYK, PNG, grayscale and truncated files (False
+            gives clean JPEGs only, e.g. for builders that cannot take them).
 
     Returns:
         The manifest (also written to ``manifest.json``): ``version``, ``seed``,
@@ -400,8 +404,10 @@ def make_sample(
         train_quirks[(int(c), int(layout.integers(train_per_class)))] = kind
     val_quirk_ids = layout.choice(num_val, size=2, replace=False) + 1
     val_quirks = {int(val_quirk_ids[0]): "grayscale", int(val_quirk_ids[1]): "png"}
+    if not quirks:
+        train_quirks, val_quirks = {}, {}
 
-    quirks = {}
+    quirks = {}  # From here on: kind -> file written.
     tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
     try:
         # Class tars go to disk first so memory stays at one image at a time.
