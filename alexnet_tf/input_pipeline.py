@@ -146,6 +146,8 @@ def crop_patch(image_bytes, top, left, stats: ColorStats, crop: int = CROP):
 def lighting_shift(alpha, stats: ColorStats):
     """§4.1 PCA lighting: [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T, in 0..255 pixel units.
 
+    `alpha` is (3,) for one image or (batch, 3) for a batch.
+
     The eigenvalues are those of pixels scaled to [0, 1] (as in the reference
     implementations; in 0..255 units the formula would shift by hundreds of
     levels), and the shift is scaled back to 0..255.
@@ -170,8 +172,12 @@ def train_params(seed, height, width, crop: int = CROP):
     return top, left, flip, alpha
 
 
-def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
-    """A random patch, a random reflection and lighting noise (§4.1).
+def crop_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
+    """The input stream's per-image work: a random patch, reflected at random, as uint8.
+
+    The float work (mean subtraction, lighting) is left to `finish_batch`, which
+    runs inside the training step: on an accelerator it costs nothing there, and
+    uint8 patches are a quarter of the host-to-device traffic of float32 ones.
 
     Args:
       image_bytes: A scalar string tensor (a record's `image/encoded`).
@@ -181,14 +187,56 @@ def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=
         reproducible runs); None draws one from the global generator.
 
     Returns:
-      (crop, crop, 3) float32, mean subtracted.
+      (patch, params): (crop, crop, 3) uint8 (already reflected if chosen) and
+      float32[6] = (top, left, flipped, alpha_1, alpha_2, alpha_3).
     """
     h, w = _record_shape(image_bytes, stats)
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
     top, left, flip, alpha = train_params(seed, h, w, crop)
-    patch = crop_patch(image_bytes, top, left, stats, crop) + lighting_shift(alpha, stats)
-    return tf.cond(flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
+    if stats.record_size is None:
+        patch = tf.slice(decode_square(image_bytes), tf.stack([top, left, 0]), [crop, crop, 3])
+    else:
+        patch = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, crop, crop]), channels=3)
+    patch = tf.cond(flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
+    place = tf.cast(tf.stack([top, left, tf.cast(flip, tf.int32)]), tf.float32)
+    return tf.ensure_shape(patch, [crop, crop, 3]), tf.concat([place, alpha], axis=0)
+
+
+def finish_batch(patches, params, stats: ColorStats):
+    """The training step's part of §4.1: float, minus the mean, plus the lighting.
+
+    Args:
+      patches: (batch, crop, crop, 3) uint8 from `crop_for_train`.
+      params: (batch, 6) float32 from `crop_for_train`.
+      stats: Colour statistics of the training set.
+
+    Returns:
+      (batch, crop, crop, 3) float32: each patch minus the mean image at the
+      patch's own position (mirrored where the patch was), plus its lighting shift.
+    """
+    crop = patches.shape[1]
+    x = tf.cast(patches, tf.float32)
+    x = x + lighting_shift(params[:, 3:], stats)[:, None, None, :]
+    mean = tf.convert_to_tensor(stats.mean)
+    if len(mean.shape) == 1:
+        return x - mean
+    top, left, flipped = (tf.cast(params[:, i], tf.int32) for i in range(3))
+    offsets = tf.range(crop)
+    rows = top[:, None] + offsets
+    cols = left[:, None] + tf.where(flipped[:, None] > 0, crop - 1 - offsets, offsets)
+    m = tf.gather(tf.gather(mean, rows), cols, axis=2, batch_dims=1)  # (batch, crop, crop, 3)
+    return x - m
+
+
+def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
+    """One training image, all of §4.1: `crop_for_train` then `finish_batch`.
+
+    Returns:
+      (crop, crop, 3) float32, mean subtracted, with lighting noise.
+    """
+    patch, params = crop_for_train(image_bytes, stats, crop, seed)
+    return finish_batch(patch[None], params[None], stats)[0]
 
 
 def preprocess_for_eval(image_bytes, stats: ColorStats, crop: int = CROP):
@@ -242,11 +290,13 @@ def train_dataset(
     seed: int | None = None,
     crop: int = CROP,
 ) -> tf.data.Dataset:
-    """An endless stream of augmented (images, labels) batches for one input pipeline.
+    """An endless stream of ((patches, params), labels) batches for one input pipeline.
 
     Shards are shuffled and read interleaved in parallel, records shuffled,
-    decoded and augmented in parallel, batched with drop_remainder (static
-    shapes for XLA and equal steps on every replica) and prefetched.
+    decoded into random reflected patches in parallel (`crop_for_train`),
+    batched with drop_remainder (static shapes for XLA and equal steps on every
+    replica) and prefetched. `finish_batch(patches, params, stats)` turns a
+    batch into the network's input inside the training step.
     """
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
     files = _files(data_dir, meta, "train", context)
@@ -258,7 +308,7 @@ def train_dataset(
     )
     ds = ds.shuffle(shuffle_buffer, seed=seed)
     ds = ds.map(
-        lambda s: (lambda b, y: (preprocess_for_train(b, stats, crop), y))(*_parse(s)),
+        lambda s: (lambda b, y: (crop_for_train(b, stats, crop), y))(*_parse(s)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False,
     )
     ds = ds.batch(batch, drop_remainder=True)

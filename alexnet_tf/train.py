@@ -286,7 +286,9 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     global_batch = config.batch_size
     kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
 
-    def replica_train_step(images, labels):
+    def replica_train_step(inputs, labels):
+        # The float part of the augmentation runs here, on the replica's device.
+        images = input_pipeline.finish_batch(*inputs, stats)
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
@@ -520,7 +522,8 @@ class _Summaries:
             tf.summary.scalar("learning_rate", result["learning_rate"])
             tf.summary.scalar("images_per_second", result["images_per_second"])
             if preview is not None:
-                images, _ = next(preview)
+                (patches, params), _ = next(preview)
+                images = input_pipeline.finish_batch(patches, params, stats)
                 tf.summary.image("augmented_training_images",
                                  input_pipeline.display_images(images, stats), max_outputs=config.log_images)
             if config.histograms and epoch % max(config.histogram_every, 1) == 0:

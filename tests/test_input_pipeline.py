@@ -68,14 +68,35 @@ def test_lighting_shift_is_the_pca_formula(data):
 def test_train_preprocessing_applies_crop_flip_and_lighting(data):
     _, _, stats, rows = data
     jpeg = tf.constant(rows[1]["jpeg"])
-    for i in range(6):
+    flips = set()
+    for i in range(16):
         seed = tf.constant([i, 3])
         top, left, flip, alpha = ip.train_params(seed, 256, 256)
         got = ip.preprocess_for_train(jpeg, stats, seed=seed).numpy()
+        # Reference: the patch minus the mean patch, plus the lighting shift, then reflected.
         expected = ip.crop_patch(jpeg, top, left, stats).numpy() + ip.lighting_shift(alpha, stats).numpy()
         if bool(flip):
             expected = expected[:, ::-1]
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+        flips.add(bool(flip))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+    assert flips == {True, False}
+
+
+def test_stream_part_and_step_part_compose_to_the_whole(data):
+    _, _, stats, rows = data
+    jpegs = [tf.constant(r["jpeg"]) for r in rows]
+    seeds = [tf.constant([i, 5]) for i in range(len(rows))]
+    parts = [ip.crop_for_train(j, stats, seed=s) for j, s in zip(jpegs, seeds)]
+    patches = tf.stack([p for p, _ in parts])
+    params = tf.stack([q for _, q in parts])
+    assert patches.dtype == tf.uint8 and params.shape == (len(rows), 6)
+    batch = ip.finish_batch(patches, params, stats).numpy()
+    for k, (j, s) in enumerate(zip(jpegs, seeds)):
+        np.testing.assert_allclose(batch[k], ip.preprocess_for_train(j, stats, seed=s).numpy(), rtol=1e-6, atol=1e-4)
+    rgb = ip.ColorStats(np.asarray([100.0, 110.0, 120.0], np.float32), stats.eigenvalues, stats.eigenvectors, 256)
+    zero = tf.concat([params[:, :3], tf.zeros([len(rows), 3])], axis=1)  # No lighting.
+    np.testing.assert_allclose(ip.finish_batch(patches, zero, rgb).numpy(),
+                               patches.numpy().astype(np.float32) - [100.0, 110.0, 120.0])
 
 
 def test_eager_and_dataset_map_agree(data):
@@ -87,6 +108,11 @@ def test_eager_and_dataset_map_agree(data):
         lambda j, s: ip.preprocess_for_train(j, stats, seed=s))
     for a, b in zip(eager, ds):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-5)
+    parts = tf.data.Dataset.from_tensor_slices((jpegs, seeds)).map(lambda j, s: ip.crop_for_train(j, stats, seed=s))
+    for j, s, (patch, params) in zip(jpegs, seeds, parts):
+        e_patch, e_params = ip.crop_for_train(tf.constant(j), stats, seed=tf.constant(s))
+        np.testing.assert_array_equal(patch.numpy(), e_patch.numpy())
+        np.testing.assert_array_equal(params.numpy(), e_params.numpy())
     central = [ip.preprocess_for_eval(tf.constant(j), stats).numpy() for j in jpegs]
     for a, b in zip(central, tf.data.Dataset.from_tensor_slices(jpegs).map(lambda j: ip.preprocess_for_eval(j, stats))):
         np.testing.assert_array_equal(a, b.numpy())
@@ -127,9 +153,13 @@ def test_decode_square_scales_the_shorter_side_and_crops_the_centre():
 def test_train_dataset_batches(data):
     out, meta, stats, _ = data
     ds = ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50)
-    images, labels = next(iter(ds))
-    assert images.shape == (8, 227, 227, 3) and images.dtype == tf.float32
+    (patches, params), labels = next(iter(ds))
+    assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
+    assert params.shape == (8, 6)
+    p = params.numpy()
+    assert p[:, :2].min() >= 0 and p[:, :2].max() <= 29 and set(p[:, 2]) <= {0.0, 1.0}
     assert labels.dtype == tf.int32 and 0 <= labels.numpy().min() and labels.numpy().max() < meta["num_classes"]
+    images = ip.finish_batch(patches, params, stats)
     # Mean subtracted: centred near zero, within the pixel range.
     assert abs(float(tf.reduce_mean(images))) < 40 and float(tf.reduce_max(tf.abs(images))) < 300
 
@@ -150,6 +180,6 @@ def test_input_context_splits_shards_between_workers(data):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
         files = [f.numpy().decode() for f in ip._files(out, meta, "train", ctx)]
         seen.append(set(files))
-        assert ip.train_dataset(out, meta, stats, 8, ctx).element_spec[0].shape == (4, 227, 227, 3)
+        assert ip.train_dataset(out, meta, stats, 8, ctx).element_spec[0][0].shape == (4, 227, 227, 3)
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(records.shard_paths(out, meta, "train"))
