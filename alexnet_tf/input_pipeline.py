@@ -126,23 +126,6 @@ def _record_shape(image_bytes, stats: ColorStats):
     return shape[0], shape[1]
 
 
-def crop_patch(image_bytes, top, left, stats: ColorStats, crop: int = CROP):
-    """Training's patch at (top, left), float32, mean subtracted.
-
-    With square records of the stated size only the patch is decoded
-    (`decode_and_crop_jpeg`: several times less work than the whole image; the
-    pixels on the patch's own border can differ by a few levels from a full
-    decode, as chroma upsampling there lacks its outside neighbours). Other
-    records go through `decode_square` (the slow path, for `--noresize` builds).
-    """
-    if stats.record_size is None:
-        return patch_from_square(decode_square(image_bytes), top, left, stats, crop)
-    window = tf.stack([top, left, crop, crop])
-    patch = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    patch = tf.cast(patch, tf.float32) - _mean_patch(stats, top, left, crop)
-    return tf.ensure_shape(patch, [crop, crop, 3])
-
-
 def lighting_shift(alpha, stats: ColorStats):
     """§4.1 PCA lighting: [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T, in 0..255 pixel units.
 
@@ -194,9 +177,12 @@ def crop_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
     top, left, flip, alpha = train_params(seed, h, w, crop)
-    if stats.record_size is None:
+    if stats.record_size is None:  # --noresize records: the slow path through the square.
         patch = tf.slice(decode_square(image_bytes), tf.stack([top, left, 0]), [crop, crop, 3])
     else:
+        # Only the patch is decoded: several times less work than the whole image.
+        # (Pixels on the patch's own border can differ by a few levels from a full
+        # decode: chroma upsampling there lacks its outside neighbours.)
         patch = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, crop, crop]), channels=3)
     patch = tf.cond(flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
     place = tf.cast(tf.stack([top, left, tf.cast(flip, tf.int32)]), tf.float32)

@@ -33,17 +33,22 @@ def test_color_stats_come_from_metadata(data):
         ip.ColorStats.from_metadata(out, meta, mean="median")
 
 
-@pytest.mark.parametrize("top, left", [(0, 0), (29, 29), (5, 17)])
-def test_crop_patch_is_the_decoded_patch_minus_the_mean_patch(data, top, left):
+def test_training_patch_is_the_decoded_patch(data):
     _, _, stats, rows = data
     jpeg = rows[0]["jpeg"]
-    got = ip.crop_patch(tf.constant(jpeg), top, left, stats).numpy()
-    expected = _decoded(jpeg)[top : top + 227, left : left + 227] - stats.mean[top : top + 227, left : left + 227]
-    assert got.shape == (227, 227, 3)
-    # decode_and_crop_jpeg decodes only the patch; chroma upsampling at the patch's
-    # own border lacks the neighbours outside it, so only the border pixels differ.
-    np.testing.assert_allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=2.0)
-    assert np.mean(np.abs(got - expected)) < 0.1
+    full = _decoded(jpeg)
+    for i in range(6):
+        seed = tf.constant([i, 1])
+        top, left, flip, alpha = (v.numpy() for v in ip.train_params(seed, 256, 256))
+        patch, params = ip.crop_for_train(tf.constant(jpeg), stats, seed=seed)
+        expected = full[top : top + 227, left : left + 227]
+        if flip:
+            expected = expected[:, ::-1]
+        got = patch.numpy().astype(np.float32)
+        # decode_and_crop_jpeg decodes only the patch; only its border pixels may differ.
+        np.testing.assert_allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=2.0)
+        assert np.mean(np.abs(got - expected)) < 0.1
+        np.testing.assert_allclose(params.numpy(), [top, left, float(flip), *alpha], rtol=1e-6)
 
 
 def test_train_params_cover_every_position_and_both_reflections():
@@ -74,7 +79,10 @@ def test_train_preprocessing_applies_crop_flip_and_lighting(data):
         top, left, flip, alpha = ip.train_params(seed, 256, 256)
         got = ip.preprocess_for_train(jpeg, stats, seed=seed).numpy()
         # Reference: the patch minus the mean patch, plus the lighting shift, then reflected.
-        expected = ip.crop_patch(jpeg, top, left, stats).numpy() + ip.lighting_shift(alpha, stats).numpy()
+        patch = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top, left, 227, 227]), channels=3).numpy()
+        t, l = int(top), int(left)
+        expected = patch.astype(np.float32) - stats.mean[t : t + 227, l : l + 227]
+        expected = expected + ip.lighting_shift(alpha, stats).numpy()
         if bool(flip):
             expected = expected[:, ::-1]
         flips.add(bool(flip))
