@@ -58,10 +58,8 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     if split not in meta["splits"]:
         raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
                          f"(it has {sorted(meta['splits'])})")
-    stats = input_pipeline.ColorStats(
-        mean=np.asarray(mean, np.float32), eigenvalues=np.zeros(3, np.float32),
-        eigenvectors=np.eye(3, dtype=np.float32),
-        record_size=meta["image"]["size"] if meta["image"].get("resized") else None)
+    stats = input_pipeline.ColorStats.for_evaluation(
+        np.asarray(mean, np.float32), meta["image"]["size"] if meta["image"].get("resized") else None)
     config = TrainConfig(data_dir=data_dir, batch_size=batch_size, eval_batch_size=batch_size)
     evaluator = Evaluator(model, tf.distribute.get_strategy(), config, meta, stats)
     return {

@@ -94,8 +94,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     crop = model.input_shape[1]
     k = min(5, info["num_classes"])
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
-    stats = input_pipeline.ColorStats(mean=mean_var, eigenvalues=np.zeros(3, np.float32),
-                                      eigenvectors=np.eye(3, dtype=np.float32), record_size=info["square_size"])
+    stats = input_pipeline.ColorStats.for_evaluation(mean_var, info["square_size"])
 
     def one(image_bytes):
         known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in MAGIC])

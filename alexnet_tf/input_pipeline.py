@@ -47,6 +47,12 @@ class ColorStats:
         return self.record_size or SQUARE
 
     @classmethod
+    def for_evaluation(cls, mean, record_size: int | None) -> "ColorStats":
+        """Statistics for evaluation and serving, which subtract the mean and add no lighting."""
+        return cls(mean=mean, eigenvalues=np.zeros(3, np.float32), eigenvectors=np.eye(3, dtype=np.float32),
+                   record_size=record_size)
+
+    @classmethod
     def from_metadata(cls, data_dir: str, meta: dict, mean: str = "image") -> "ColorStats":
         """Reads the statistics of a built dataset.
 

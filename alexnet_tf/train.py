@@ -154,17 +154,20 @@ def is_chief(strategy) -> bool:
 # Small pure pieces of the loop.
 
 
-def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_error: float,
+def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_error: float | None,
                               best: float, bad_epochs: int, decays: int) -> tuple[float, float, int, int]:
     """The schedule: returns (lr, best, bad_epochs, decays) for the next epoch.
 
     Args:
       epoch: The epoch just finished, 0-based.
-      val_error: Its validation top-1 error.
+      val_error: Its validation top-1 error, or None without a validation split
+        (the plateau schedule then keeps the rate).
     """
     if config.lr_schedule == "step":
         decays = sum(1 for e in config.lr_decay_epochs if e <= epoch + 1)
-        return config.learning_rate * 0.1**decays, min(best, val_error), 0, decays
+        return config.learning_rate * 0.1**decays, min(best, math.inf if val_error is None else val_error), 0, decays
+    if val_error is None:
+        return lr, best, bad_epochs, decays
     if val_error < best:
         return lr, val_error, 0, decays
     bad_epochs += 1
@@ -373,14 +376,9 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         if has_val:
             val = evaluator.evaluate("validation")
             result.update({f"val_{k}": v for k, v in val.items()})
-            lr, best, bad, decays = learning_rate_after_epoch(
-                config, epoch, result["learning_rate"], val["top1_error"], _to_float(state.best_val_error),
-                int(state.bad_epochs), int(state.lr_decays))
-        else:
-            lr, best, bad, decays = learning_rate_after_epoch(
-                config, epoch, result["learning_rate"], math.inf, math.inf, 0, int(state.lr_decays))
-            if config.lr_schedule == "plateau":
-                lr, decays = result["learning_rate"], int(state.lr_decays)  # Nothing to watch.
+        lr, best, bad, decays = learning_rate_after_epoch(
+            config, epoch, result["learning_rate"], result.get("val_top1_error"), _to_float(state.best_val_error),
+            int(state.bad_epochs), int(state.lr_decays))
         summaries.epoch(epoch + 1, result, model, preview, stats, config)
         history.append(result)
         state.learning_rate.assign(lr)
