@@ -32,7 +32,7 @@ def load(saved_model: str | None, model_dir: str | None):
     """(model-like callable, mean, number of classes) from a SavedModel or a model folder."""
     import tensorflow as tf
 
-    from alexnet_tf import export
+    from alexnet_tf import run_dir
 
     if saved_model:
         if not tf.io.gfile.exists(os.path.join(saved_model, "saved_model.pb")):
@@ -41,7 +41,7 @@ def load(saved_model: str | None, model_dir: str | None):
         mean = loaded.mean[0].numpy()
         num_classes = int(loaded.signatures["preprocessed"].structured_outputs["logits"].shape[-1])
         return _SavedModelAdapter(loaded), mean, num_classes
-    model, info, mean = export.load_trained_model(model_dir)
+    model, info, mean = run_dir.load_trained_model(model_dir)
     return model, mean, info["num_classes"]
 
 
@@ -52,7 +52,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     import tensorflow as tf
 
     from alexnet_tf import input_pipeline, records
-    from alexnet_tf.train import Evaluator, TrainConfig
+    from alexnet_tf.evaluation import Evaluator
 
     meta = records.load_metadata(data_dir)
     if split not in meta["splits"]:
@@ -60,8 +60,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
                          f"(it has {sorted(meta['splits'])})")
     stats = input_pipeline.ColorStats.for_evaluation(
         np.asarray(mean, np.float32), meta["image"]["size"] if meta["image"].get("resized") else None)
-    config = TrainConfig(data_dir=data_dir, batch_size=batch_size, eval_batch_size=batch_size)
-    evaluator = Evaluator(model, tf.distribute.get_strategy(), config, meta, stats)
+    evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size)
     return {
         "split": split,
         "num_examples": meta["splits"][split]["num_examples"],

@@ -23,61 +23,18 @@ Loading needs TensorFlow only.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-MODEL_INFO = "model_info.json"
-MEAN_IMAGE = "mean_image.npy"
+from alexnet_tf import input_pipeline, run_dir
+
 CLASSES_ASSET = "classes.tsv"
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
-
-
-def write_model_info(model_dir: str, *, num_classes: int, grouped: bool, dropout: float, classes: list,
-                     mean: np.ndarray, mean_kind: str, square_size: int) -> None:
-    """Saves beside the checkpoints what an export needs besides the weights."""
-    import tensorflow as tf
-
-    from alexnet_tf import records
-
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(os.path.join(model_dir, MEAN_IMAGE), "wb") as f:
-        np.save(f, np.asarray(mean, np.float32))
-    records.write_json_atomically(os.path.join(model_dir, MODEL_INFO), {
-        "num_classes": num_classes, "grouped": grouped, "dropout": dropout, "classes": classes,
-        "mean": mean_kind, "mean_file": MEAN_IMAGE, "square_size": square_size,
-    })
-
-
-def read_model_info(model_dir: str) -> tuple[dict, np.ndarray]:
-    import tensorflow as tf
-
-    path = os.path.join(model_dir, MODEL_INFO)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {model_dir} a model folder written by alexnet_tf.train?")
-    with tf.io.gfile.GFile(path) as f:
-        info = json.load(f)
-    with tf.io.gfile.GFile(os.path.join(model_dir, info["mean_file"]), "rb") as f:
-        return info, np.load(f)
-
-
-def load_trained_model(model_dir: str, checkpoint: str | None = None):
-    """The Keras model of a model folder, with the weights of its latest (or given) checkpoint."""
-    import tensorflow as tf
-
-    from alexnet_tf import model as model_lib
-    from alexnet_tf.train import CHECKPOINTS
-
-    info, mean = read_model_info(model_dir)
-    checkpoint = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
-    if not checkpoint:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINTS)}")
-    model = model_lib.build_alexnet(info["num_classes"], grouped=info["grouped"], dropout=info["dropout"])
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
-    return model, info, mean
 
 
 def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
@@ -86,11 +43,6 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     Built with Keras' `ExportArchive`, which saves the variables where
     graph-mode loaders (saved_model_cli, TF Serving) find them.
     """
-    import keras
-    import tensorflow as tf
-
-    from alexnet_tf import input_pipeline
-
     crop = model.input_shape[1]
     k = min(5, info["num_classes"])
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
@@ -154,6 +106,19 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     return export_dir
 
 
+def export_trained(model, model_dir: str, export_dir: str | None = None) -> str:
+    """Exports a model trained into `model_dir` (under any strategy, in any precision) in float32.
+
+    The weights are copied into a float32 copy of the network built outside
+    any distribution strategy (plain variables, no replicas), so the SavedModel
+    computes in float32 whatever policy trained it.
+    """
+    info, mean = run_dir.read_model_info(model_dir)
+    plain = run_dir.build_model(info)
+    plain.set_weights(model.get_weights())
+    return export(plain, info, mean, export_dir or run_dir.path(model_dir, run_dir.SAVED_MODEL))
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -163,11 +128,11 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default=None, help="A checkpoint path (default: the latest).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        model, info, mean = load_trained_model(args.model_dir, args.checkpoint)
+        model, info, mean = run_dir.load_trained_model(args.model_dir, args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         sys.exit(1)
-    out = export(model, info, mean, args.export_dir or os.path.join(args.model_dir, "saved_model"))
+    out = export(model, info, mean, args.export_dir or run_dir.path(args.model_dir, run_dir.SAVED_MODEL))
     print(f"export: wrote {out} (signatures serving_default, preprocessed)")
 
 

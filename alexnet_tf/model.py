@@ -133,6 +133,7 @@ def build_alexnet(
     input_size: int = INPUT_SIZE,
     dropout: float = 0.5,
     seed: int | None = None,
+    dtype: str | None = None,
 ) -> keras.Model:
     """Builds AlexNet; the model maps (batch, size, size, 3) images to logits.
 
@@ -143,6 +144,9 @@ def build_alexnet(
       input_size: Side of the square input (227, see INPUT_SIZE).
       dropout: Dropout rate of fc6 and fc7 (§4.2: 0.5).
       seed: Seed of the weight initialisers (None: random).
+      dtype: Keras dtype policy of the layers: "float32", "mixed_float16",
+        "mixed_bfloat16" (variables float32, compute in 16 bits), or None for
+        Keras' global policy. LRN and the logits compute in float32 always.
 
     Returns:
       A functional `keras.Model` named "alexnet", with layers named as in
@@ -160,27 +164,29 @@ def build_alexnet(
     def conv(name, filters, size, bias, strides=1, padding="same", groups=1):
         if groups > 1:
             return GroupedConv2D(filters, size, groups=groups, strides=strides, padding=padding, activation="relu",
-                                 kernel_initializer=init(), bias_initializer=bias, name=name)
+                                 kernel_initializer=init(), bias_initializer=bias, name=name, dtype=dtype)
         return layers.Conv2D(filters, size, strides=strides, padding=padding, activation="relu",
-                             kernel_initializer=init(), bias_initializer=bias, name=name)
+                             kernel_initializer=init(), bias_initializer=bias, name=name, dtype=dtype)
 
     g = 2 if grouped else 1
     x = inputs = keras.Input((input_size, input_size, 3), name="image")
     x = conv("conv1", 96, 11, zero, strides=4, padding="valid")(x)  # 55x55x96
-    x = LocalResponseNormalization(name="norm1")(x)
-    x = layers.MaxPooling2D(3, 2, name="pool1")(x)  # §3.4: overlapping, z=3, s=2 -> 27x27
+    x = LocalResponseNormalization(name="norm1", dtype=dtype)(x)
+    x = layers.MaxPooling2D(3, 2, name="pool1", dtype=dtype)(x)  # §3.4: overlapping, z=3, s=2 -> 27x27
     x = conv("conv2", 256, 5, one, groups=g)(x)
-    x = LocalResponseNormalization(name="norm2")(x)
-    x = layers.MaxPooling2D(3, 2, name="pool2")(x)  # 13x13
+    x = LocalResponseNormalization(name="norm2", dtype=dtype)(x)
+    x = layers.MaxPooling2D(3, 2, name="pool2", dtype=dtype)(x)  # 13x13
     x = conv("conv3", 384, 3, zero)(x)  # conv3 sees both groups (§3.5).
     x = conv("conv4", 384, 3, one, groups=g)(x)
     x = conv("conv5", 256, 3, one, groups=g)(x)
-    x = layers.MaxPooling2D(3, 2, name="pool5")(x)  # 6x6x256
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc6")(x)
-    x = layers.Dropout(dropout, name="drop6")(x)
-    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc7")(x)
-    x = layers.Dropout(dropout, name="drop7")(x)
+    x = layers.MaxPooling2D(3, 2, name="pool5", dtype=dtype)(x)  # 6x6x256
+    x = layers.Flatten(name="flatten", dtype=dtype)(x)
+    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc6",
+                     dtype=dtype)(x)
+    x = layers.Dropout(dropout, name="drop6", dtype=dtype)(x)
+    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc7",
+                     dtype=dtype)(x)
+    x = layers.Dropout(dropout, name="drop7", dtype=dtype)(x)
     # fc8 bias: the paper sets 1 only in the layers listed above, so 0 here.
     logits = layers.Dense(num_classes, kernel_initializer=init(), bias_initializer=zero, name="fc8",
                           dtype="float32")(x)  # float32 logits also under mixed precision.

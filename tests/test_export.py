@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import export, input_pipeline, model as model_lib
+from alexnet_tf import export, input_pipeline, model as model_lib, run_dir
 from conftest import read_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def exported(built, tmp_path_factory):
     # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
     fc8 = model.get_layer("fc8")
     fc8.kernel.assign(fc8.kernel * 0.05)
-    export.write_model_info(str(model_dir), num_classes=meta["num_classes"], grouped=True, dropout=0.5,
+    run_dir.write_model_info(str(model_dir), num_classes=meta["num_classes"], grouped=True, dropout=0.5,
                             classes=meta["classes"], mean=stats.mean, mean_kind="image", square_size=256)
     tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
     proc = _cli("alexnet_tf.export", "--model_dir", str(model_dir), "--export_dir", str(model_dir / "exported"))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_tf import train
+from alexnet_tf import distribute, evaluation, run_dir, trainer
+from alexnet_tf.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--noexport", "--seed=0"]
@@ -31,12 +32,12 @@ def _run(args, **kw):
 
 
 def test_plateau_divides_by_ten_after_patience_at_most_three_times():
-    c = train.TrainConfig(lr_patience=2)
+    c = TrainConfig(lr_patience=2)
     lr, best, bad, decays = 0.01, math.inf, 0, 0
     errors = [0.9, 0.8, 0.85, 0.81, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
     lrs = []
     for epoch, err in enumerate(errors):
-        lr, best, bad, decays = train.learning_rate_after_epoch(c, epoch, lr, err, best, bad, decays)
+        lr, best, bad, decays = trainer.learning_rate_after_epoch(c, epoch, lr, err, best, bad, decays)
         lrs.append(lr)
     # Two epochs without a new best (0.85, 0.81) -> /10; later plateaus -> /10 twice more, then no more.
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5])
@@ -44,13 +45,13 @@ def test_plateau_divides_by_ten_after_patience_at_most_three_times():
 
 
 def test_step_schedule():
-    c = train.TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
-    lrs = [train.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
+    c = TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
+    lrs = [trainer.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
     assert lrs == pytest.approx([0.01, 0.001, 0.001, 1e-4, 1e-4])
 
 
 def test_presets_keep_the_papers_defaults():
-    paper = train.TrainConfig()
+    paper = TrainConfig()
     assert (paper.batch_size, paper.learning_rate, paper.momentum, paper.weight_decay, paper.epochs) == (
         128, 0.01, 0.9, 5e-4, 90)
     assert paper.lr_schedule == "plateau" and paper.max_lr_decays == 3 and paper.grouped
@@ -65,10 +66,9 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
 
     out, meta = built
     stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    config = train.TrainConfig(data_dir=out, batch_size=16)
     model = model_lib.build_alexnet(meta["num_classes"], seed=3)
     strategy = tf.distribute.get_strategy()
-    got = train.Evaluator(model, strategy, config, meta, stats).evaluate("validation", ten_crop=True)
+    got = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation", ten_crop=True)
     top1 = top5 = loss = 0.0
     rows = read_split(out, meta, "validation")
     for r in rows:
@@ -82,7 +82,7 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
     assert got["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9)
     assert got["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9)
     assert got["loss"] == pytest.approx(loss / n, rel=1e-4)
-    central = train.Evaluator(model, strategy, config, meta, stats).evaluate("validation")
+    central = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation")
     assert set(central) == {"loss", "top1_error", "top5_error"}
 
 
@@ -96,10 +96,10 @@ def _event_tags(folder):
 
 def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     out, meta = built
-    config = train.TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
+    config = TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
                                checkpoint_every_steps=1, log_images=2, seed=0, verbose=False, profile_steps=(1, 2))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    result = train.train_and_evaluate(config, str(tmp_path), strategy)
+    result = trainer.train_and_evaluate(config, str(tmp_path), strategy)
     history = result.history
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:
@@ -121,7 +121,7 @@ def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
                                result.model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
     # The same call with more epochs continues where the first stopped.
-    more = train.train_and_evaluate(train.TrainConfig(**{**vars(config), "epochs": 3}), str(tmp_path), strategy)
+    more = trainer.train_and_evaluate(TrainConfig(**{**vars(config), "epochs": 3}), str(tmp_path), strategy)
     assert [h["epoch"] for h in more.history] == [1, 2, 3] and more.history[:2] == history
     ckpt = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert tf.train.load_variable(ckpt, "global_step/.ATTRIBUTES/VARIABLE_VALUE") == 6
@@ -183,12 +183,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(built, tmp_path):
 
 WORKER = textwrap.dedent("""
     import sys, numpy as np
-    from alexnet_tf import train
-    strategy = train.make_strategy("multi_worker")
-    config = train.TrainConfig(data_dir=sys.argv[1], batch_size=8, eval_batch_size=16, epochs=1,
-                               steps_per_epoch=2, log_images=0, histograms=False, export=False, seed=0,
-                               verbose=False)
-    result = train.train_and_evaluate(config, sys.argv[2], strategy)
+    from alexnet_tf import distribute, trainer
+    from alexnet_tf.config import TrainConfig
+    strategy = distribute.make_strategy("multi_worker")
+    config = TrainConfig(data_dir=sys.argv[1], batch_size=8, eval_batch_size=16, epochs=1,
+                         steps_per_epoch=2, log_images=0, histograms=False, export=False, seed=0,
+                         verbose=False)
+    result = trainer.train_and_evaluate(config, sys.argv[2], strategy)
     np.savez(sys.argv[3], *[w for w in result.model.get_weights()])
     print("VAL", result.history[-1]["val_top1_error"])
 """)

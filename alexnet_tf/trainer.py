@@ -1,0 +1,477 @@
+"""The training loop: `train_and_evaluate(config, model_dir, strategy)`.
+
+One custom loop (`strategy.run` over `distribute_datasets_from_function`)
+serves every strategy: `one_device`, `mirrored` (all GPUs, or logical CPU
+devices) and `multi_worker` (TF_CONFIG). Keras' `model.fit` fails under
+MultiWorkerMirroredStrategy with Keras 3; this loop does not.
+
+The device runs `steps_per_loop` training steps per call from the host (a
+`tf.range` loop inside one `tf.function`), with the metric sums accumulated on
+the device; the host reads them once per call to update the progress bar,
+TensorBoard and checkpoints, so it never waits for the device between steps.
+
+With `jit_compile`, each replica's forward and backward pass is compiled with
+XLA; the all-reduce and the SGD update run outside the compiled function, so
+the same code compiles under every strategy (an optimizer's cross-replica
+update cannot run inside a per-replica XLA cluster).
+
+Killed at any moment, the same call resumes from the last checkpoint:
+weights, optimizer state, epoch, step, schedule state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from alexnet_tf import distribute, evaluation, export, input_pipeline, model as model_lib, records, run_dir
+from alexnet_tf.config import TrainConfig
+
+
+def say(chief: bool, message: str) -> None:
+    """One line about the run on stderr (from the chief only)."""
+    if chief:
+        print(f"train: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Small pure pieces.
+
+
+def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_error: float | None,
+                              best: float, bad_epochs: int, decays: int) -> tuple[float, float, int, int]:
+    """The schedule: returns (lr, best, bad_epochs, decays) for the next epoch.
+
+    Args:
+      epoch: The epoch just finished, 0-based.
+      val_error: Its validation top-1 error, or None without a validation split
+        (the plateau schedule then keeps the rate).
+    """
+    if config.lr_schedule == "step":
+        decays = sum(1 for e in config.lr_decay_epochs if e <= epoch + 1)
+        return config.learning_rate * 0.1**decays, min(best, math.inf if val_error is None else val_error), 0, decays
+    if val_error is None:
+        return lr, best, bad_epochs, decays
+    if val_error < best:
+        return lr, val_error, 0, decays
+    bad_epochs += 1
+    if bad_epochs >= config.lr_patience and decays < config.max_lr_decays:
+        return lr / 10.0, best, 0, decays + 1
+    return lr, best, bad_epochs, decays
+
+
+def loop_length(global_step: int, step_in_epoch: int, steps_per_epoch: int, steps_per_loop: int,
+                checkpoint_every: int = 0, profile_steps: tuple[int, ...] = ()) -> int:
+    """Steps the next device loop runs: at most `steps_per_loop`, cut at the
+    epoch's end, at checkpoint boundaries, and where the profiler starts and stops."""
+    n = min(steps_per_loop, steps_per_epoch - step_in_epoch)
+    if checkpoint_every:
+        n = min(n, checkpoint_every - global_step % checkpoint_every)
+    if profile_steps:
+        first, last = profile_steps
+        for boundary in (first, last + 1):  # A loop starts at `first`; one ends after `last`.
+            if global_step < boundary:
+                n = min(n, boundary - global_step)
+    return max(n, 1)
+
+
+class LoopState:
+    """Loop state saved in every checkpoint beside the model and optimizer."""
+
+    def __init__(self, learning_rate: float):
+        def var(value, dtype):
+            return tf.Variable(value, dtype=dtype, trainable=False)
+
+        self.epoch = var(0, tf.int64)
+        self.step_in_epoch = var(0, tf.int64)
+        self.global_step = var(0, tf.int64)
+        self.learning_rate = var(learning_rate, tf.float64)
+        self.best_val_error = var(math.inf, tf.float64)
+        self.bad_epochs = var(0, tf.int64)
+        self.lr_decays = var(0, tf.int64)
+        # Running sums of the epoch's training metrics (loss, top-1, top-5, count).
+        self.sums = var([0.0, 0.0, 0.0, 0.0], tf.float64)
+        self.train_seconds = var(0.0, tf.float64)
+
+    def trackables(self) -> dict:
+        return dict(vars(self))
+
+
+# ---------------------------------------------------------------------------
+# The model, its optimizer and the compiled training loop.
+
+
+def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str):
+    """AlexNet and its SGD optimizer under the strategy; float16 wraps it in dynamic loss scaling."""
+    policy = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[compute_dtype]
+    with strategy.scope():
+        model = model_lib.build_alexnet(num_classes, grouped=config.grouped, dropout=config.dropout,
+                                        seed=config.seed, dtype=policy)
+        optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
+        if compute_dtype == "float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+class TrainLoop:
+    """The replicated training step, and `steps` of it per call on the device.
+
+    Args:
+      model, optimizer: Built under `strategy`'s scope.
+      strategy: Any tf.distribute strategy.
+      global_batch: Examples per step over all replicas (the loss is averaged over it).
+      weight_decay: Coefficient of 0.5 * |w|^2 on every kernel.
+      finish: Turns a batch from the input stream into (images, labels) on
+        the replica's device (default: the batch as it is).
+      jit_compile: XLA for each replica's forward and backward pass.
+      state: Where `run` adds the metric sums and the steps (optional).
+      warmup_steps: Linear learning-rate ramp over the first steps (0: none).
+    """
+
+    def __init__(self, model, optimizer, strategy, global_batch: int, weight_decay: float = 0.0,
+                 finish=None, jit_compile: bool = False, state: LoopState | None = None, warmup_steps: float = 0.0):
+        self.model, self.optimizer, self.strategy, self.state = model, optimizer, strategy, state
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+        finish = finish or (lambda inputs, labels: (inputs, labels))
+
+        def gradients(inputs, labels):
+            images, labels = finish(inputs, labels)
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                total = loss
+                if weight_decay:
+                    # 0.5 * wd * |w|^2 has gradient wd * w: the paper's "- 0.0005 e w"
+                    # term enters the momentum update exactly as in §5.
+                    decay = weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
+                    total += tf.nn.scale_regularization_loss(decay)
+                scaled = optimizer.scale_loss(total)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            return grads, tf.stack(evaluation.metric_sums(per_example, logits, labels))
+
+        # One compiled function per replica: a function traced on replica 0
+        # captures replica 0's variables, and XLA cannot read them from another device.
+        compiled = {}
+
+        def replica_step(inputs, labels):
+            if jit_compile:
+                replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+                if replica not in compiled:
+                    compiled[replica] = tf.function(gradients, jit_compile=True)
+                grads, sums = compiled[replica](inputs, labels)
+            else:
+                grads, sums = gradients(inputs, labels)
+            if self.loss_scaled:
+                grads = skip_everywhere_if_any_nonfinite(grads)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return sums
+
+        self.replica_step = replica_step
+        ramp = float(warmup_steps)
+
+        @tf.function
+        def run(iterator, steps):
+            sums = tf.zeros([4], tf.float64)
+            for _ in tf.range(steps):
+                if ramp and state is not None:
+                    done = tf.cast(state.global_step + 1, tf.float64) / ramp
+                    lr = state.learning_rate * tf.minimum(done, 1.0)
+                    optimizer.learning_rate.assign(tf.cast(lr, optimizer.learning_rate.dtype))
+                per_replica = strategy.run(replica_step, args=next(iterator))
+                sums += tf.cast(strategy.reduce("SUM", per_replica, axis=None), tf.float64)
+                if state is not None:
+                    state.global_step.assign_add(1)
+            if state is not None:
+                state.sums.assign_add(sums)
+                state.step_in_epoch.assign_add(tf.cast(steps, tf.int64))
+            return sums
+
+        self._run = run
+
+    def run(self, iterator, steps: int):
+        """Runs `steps` training steps on the device; returns the summed (loss, top-1, top-5, count) tensor."""
+        return self._run(iterator, tf.constant(steps, tf.int64))
+
+
+def skip_everywhere_if_any_nonfinite(grads):
+    """Makes every replica's gradients non-finite if any replica's are.
+
+    Keras' LossScaleOptimizer decides whether to apply a step from replica 0's
+    gradients alone (before their all-reduce), so an overflow on another
+    replica would be summed into the weights. After this, all replicas agree:
+    the step is skipped everywhere and the loss scale lowered.
+    """
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    bad = tf.distribute.get_replica_context().all_reduce("SUM", 1.0 - tf.cast(finite, tf.float32))
+    poison = tf.where(bad > 0, np.nan, 1.0)
+    return [g * tf.cast(poison, g.dtype) for g in grads]
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard.
+
+
+class Summaries:
+    """TensorBoard scalars, augmented images and weight histograms (chief only)."""
+
+    def __init__(self, model_dir: str, chief: bool):
+        self.chief = chief
+        if chief:
+            root = run_dir.path(model_dir, run_dir.TENSORBOARD)
+            self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
+            self.val = tf.summary.create_file_writer(os.path.join(root, "validation"))
+
+    def epoch(self, epoch: int, result: dict, model, preview, stats, config: TrainConfig) -> None:
+        if not self.chief:
+            return
+        with self.train.as_default(step=epoch):
+            for k in ("loss", "top1_error", "top5_error"):
+                tf.summary.scalar(k, result[f"train_{k}"])
+            tf.summary.scalar("learning_rate", result["learning_rate"])
+            tf.summary.scalar("images_per_second", result["images_per_second"])
+            if preview is not None:
+                (patches, params), _ = next(preview)
+                images = input_pipeline.finish_batch(patches, params, stats)
+                tf.summary.image("augmented_training_images",
+                                 input_pipeline.display_images(images, stats), max_outputs=config.log_images)
+            if config.histograms and epoch % max(config.histogram_every, 1) == 0:
+                for v in model.trainable_variables:
+                    tf.summary.histogram(v.path, v.value)
+        if "val_loss" in result:
+            with self.val.as_default(step=epoch):
+                for k in ("loss", "top1_error", "top5_error"):
+                    tf.summary.scalar(k, result[f"val_{k}"])
+        self.train.flush()
+        self.val.flush()
+
+    def close(self) -> None:
+        if self.chief:
+            self.train.close()
+            self.val.close()
+
+
+# ---------------------------------------------------------------------------
+# The run, as named steps.
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: object  # The trained keras.Model (under the strategy's variables).
+    history: list  # One dict of metrics per finished epoch.
+
+
+@dataclasses.dataclass
+class Data:
+    """What the run takes from the records folder."""
+
+    meta: dict
+    stats: input_pipeline.ColorStats
+    num_classes: int
+    steps_per_epoch: int
+    has_validation: bool
+
+
+def read_data(config: TrainConfig, strategy) -> Data:
+    """The records' metadata, checked against the batch size and the replicas."""
+    meta = records.load_metadata(config.data_dir)
+    stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
+    num_train = meta["splits"]["train"]["num_examples"]
+    steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch size {config.batch_size} does not divide over "
+                         f"{strategy.num_replicas_in_sync} replicas")
+    has_val = "validation" in meta["splits"] and meta["splits"]["validation"]["num_examples"] > 0
+    return Data(meta, stats, meta["num_classes"], steps_per_epoch, has_val)
+
+
+class _Checkpoints:
+    """The chief writes <model_dir>/checkpoints; other workers must save too
+    (collectives), into a scratch folder they remove at the end."""
+
+    def __init__(self, model_dir: str, strategy, chief: bool, **trackables):
+        ckpt_dir = run_dir.path(model_dir, run_dir.CHECKPOINTS)
+        task_type, task_id = distribute.task(strategy)
+        self.save_dir = ckpt_dir if chief else os.path.join(model_dir, f".{run_dir.CHECKPOINTS}-{task_type}-{task_id}")
+        self.chief = chief
+        self.checkpoint = tf.train.Checkpoint(**trackables)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir, max_to_keep=3)
+        self.latest = tf.train.latest_checkpoint(ckpt_dir)
+
+    def restore(self) -> str | None:
+        if self.latest:
+            self.checkpoint.restore(self.latest).assert_existing_objects_matched()
+        return self.latest
+
+    def save(self, step: int) -> None:
+        self.manager.save(checkpoint_number=step)
+
+    def clean_up(self) -> None:
+        if not self.chief and tf.io.gfile.exists(self.save_dir):
+            tf.io.gfile.rmtree(self.save_dir)
+
+
+def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, steps_per_epoch: int,
+              save=None, profile_dir: str | None = None, bar=None) -> None:
+    """Trains to the end of the current epoch in device loops of up to `steps_per_loop` steps.
+
+    The host reads the metric sums once per loop, for the progress bar, and
+    saves a checkpoint (`save(global_step)`) at every `checkpoint_every_steps`
+    boundary.
+    """
+    tick = time.monotonic()
+    step_in_epoch, global_step = int(state.step_in_epoch), int(state.global_step)
+    while step_in_epoch < steps_per_epoch:
+        n = loop_length(global_step, step_in_epoch, steps_per_epoch, config.steps_per_loop,
+                        config.checkpoint_every_steps if save else 0, config.profile_steps if profile_dir else ())
+        if profile_dir and global_step == config.profile_steps[0]:
+            tf.profiler.experimental.start(profile_dir)
+        loop.run(iterator, n)
+        step_in_epoch, global_step = step_in_epoch + n, global_step + n
+        if profile_dir and global_step - 1 == config.profile_steps[-1]:
+            tf.profiler.experimental.stop()
+        if bar is not None:
+            rates = evaluation.rates(state.sums.numpy())  # The host's one wait for the device per loop.
+            bar.update(step_in_epoch, [("loss", rates["loss"]), ("top1_err", rates["top1_error"]),
+                                       ("top5_err", rates["top5_error"])])
+        if save and config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0:
+            state.train_seconds.assign_add(time.monotonic() - tick)
+            tick = time.monotonic()
+            save(global_step)
+    state.train_seconds.assign_add(time.monotonic() - tick)
+
+
+def epoch_result(state: LoopState) -> dict:
+    """The finished epoch's training metrics."""
+    sums = state.sums.numpy()
+    r = evaluation.rates(sums)
+    return {
+        "epoch": int(state.epoch) + 1,
+        "learning_rate": float(state.learning_rate.numpy()),
+        "train_loss": r["loss"],
+        "train_top1_error": r["top1_error"],
+        "train_top5_error": r["top5_error"],
+        "images_per_second": float(sums[3]) / max(float(state.train_seconds.numpy()), 1e-9),
+    }
+
+
+def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict) -> None:
+    """Applies the schedule after an epoch and resets the epoch's counters."""
+    lr, best, bad, decays = learning_rate_after_epoch(
+        config, int(state.epoch), result["learning_rate"], result.get("val_top1_error"),
+        float(state.best_val_error.numpy()), int(state.bad_epochs), int(state.lr_decays))
+    state.learning_rate.assign(lr)
+    optimizer.learning_rate.assign(lr)
+    state.best_val_error.assign(best)
+    state.bad_epochs.assign(bad)
+    state.lr_decays.assign(decays)
+    state.epoch.assign_add(1)
+    state.step_in_epoch.assign(0)
+    state.sums.assign(tf.zeros(4, tf.float64))
+    state.train_seconds.assign(0.0)
+
+
+def epoch_line(r: dict) -> str:
+    line = (f"epoch {r['epoch']}: loss {r['train_loss']:.4f}, top-1 error {r['train_top1_error']:.2%}, "
+            f"top-5 error {r['train_top5_error']:.2%}, {r['images_per_second']:.1f} images/s, "
+            f"lr {r['learning_rate']:g}")
+    if "val_top1_error" in r:
+        line += (f" | validation loss {r['val_loss']:.4f}, top-1 error {r['val_top1_error']:.2%}, "
+                 f"top-5 error {r['val_top5_error']:.2%}")
+    return line
+
+
+def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> TrainResult:
+    """Trains (or resumes training), evaluates each epoch, exports at the end.
+
+    Args:
+      config: Hyperparameters.
+      model_dir: Checkpoints, TensorBoard logs, history.json and the SavedModel go here.
+      strategy: A tf.distribute strategy (default: the current/default one).
+
+    Returns:
+      The model and the history of all finished epochs (resumed runs included).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = distribute.is_chief(strategy)
+    data = read_data(config, strategy)
+    dtype = distribute.compute_dtype(config.mixed_precision, strategy)
+    model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
+    state = LoopState(config.learning_rate)
+    if chief:  # What an export needs besides the weights, beside the checkpoints.
+        run_dir.write_model_info(model_dir, num_classes=data.num_classes, grouped=config.grouped,
+                                 dropout=config.dropout, classes=data.meta["classes"], mean=data.stats.mean,
+                                 mean_kind=config.mean, square_size=data.stats.square_size)
+
+    checkpoints = _Checkpoints(model_dir, strategy, chief, model=model, optimizer=optimizer, **state.trackables())
+    history = []
+    if checkpoints.restore():
+        optimizer.learning_rate.assign(float(state.learning_rate.numpy()))
+        say(chief, f"resumed from {checkpoints.latest}: epoch {int(state.epoch) + 1}, step {int(state.step_in_epoch)}")
+        history = [h for h in run_dir.read_history(model_dir) if h["epoch"] <= int(state.epoch)]
+
+    loop = TrainLoop(
+        model, optimizer, strategy, config.batch_size, config.weight_decay,
+        finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, data.stats), labels),
+        jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch)
+
+    def dataset_fn(context):
+        seed = None if config.seed is None else config.seed + int(state.epoch) * 1000 + context.input_pipeline_id
+        return input_pipeline.train_dataset(config.data_dir, data.meta, data.stats, config.batch_size, context,
+                                            shuffle_buffer=config.shuffle_buffer, seed=seed)
+
+    summaries = Summaries(model_dir, chief)
+    preview = iter(input_pipeline.train_dataset(
+        config.data_dir, data.meta, data.stats, max(config.log_images, 1), shuffle_buffer=100)
+    ) if config.log_images else None
+    evaluator = evaluation.Evaluator(model, strategy, config.data_dir, data.meta, data.stats,
+                                     config.eval_batch_size or config.batch_size)
+    profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))
+                   if config.profile_steps and chief else None)
+
+    if int(state.epoch) >= config.epochs:
+        say(chief, f"training already finished ({config.epochs} epochs)")
+    iterator = None
+    while int(state.epoch) < config.epochs:
+        if iterator is None:
+            iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+        verbose = chief and config.verbose
+        if verbose:
+            print(f"Epoch {int(state.epoch) + 1}/{config.epochs} (learning rate "
+                  f"{float(state.learning_rate.numpy()):g})", flush=True)
+        bar = keras.utils.Progbar(data.steps_per_epoch, verbose=1 if verbose else 0,
+                                  stateful_metrics=["loss", "top1_err", "top5_err"])
+        bar.update(int(state.step_in_epoch))
+        run_epoch(loop, iterator, state, config, data.steps_per_epoch, checkpoints.save, profile_dir, bar)
+
+        result = epoch_result(state)
+        if data.has_validation:
+            result.update({f"val_{k}": v for k, v in evaluator.evaluate("validation").items()})
+        summaries.epoch(result["epoch"], result, model, preview, data.stats, config)
+        history.append(result)
+        next_epoch(config, state, optimizer, result)
+        checkpoints.save(int(state.global_step))
+        if chief:
+            run_dir.write_history(model_dir, history)
+            if verbose:
+                print(epoch_line(result), flush=True)
+        if config.seed is not None:
+            iterator = None  # A new, differently seeded pass next epoch.
+
+    checkpoints.clean_up()
+    if chief and config.export:
+        path = export.export_trained(model, model_dir)
+        say(True, f"exported SavedModel to {path}")
+    summaries.close()
+    return TrainResult(model, history)
