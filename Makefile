@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ TORCH ?= torch==2.13.0
 bench: $(STAMP)
 	$(PY) -m pip install --quiet '$(TORCH)' psutil
 	$(PY) -m benchmarks.run
+
+# Training, input and serving images/s on the GPUs present (TensorFlow must see them:
+# pip install -e '.[cuda]'); writes benchmarks/results/gpu-<n>x-<gpu>.json and prints a
+# Markdown table. Without a GPU it says so and stops.
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.gpu
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -108,12 +108,15 @@ class LoopState:
 # The model, its optimizer and the compiled training loop.
 
 
-def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str):
-    """AlexNet and its SGD optimizer under the strategy; float16 wraps it in dynamic loss scaling."""
+def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str,
+                              build=model_lib.build_alexnet):
+    """The network (`build`, AlexNet by default) and its SGD optimizer under the strategy.
+
+    float16 wraps the optimizer in dynamic loss scaling.
+    """
     policy = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[compute_dtype]
     with strategy.scope():
-        model = model_lib.build_alexnet(num_classes, grouped=config.grouped, dropout=config.dropout,
-                                        seed=config.seed, dtype=policy)
+        model = build(num_classes, grouped=config.grouped, dropout=config.dropout, seed=config.seed, dtype=policy)
         optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
         if compute_dtype == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import tensorflow as tf
 
 from alexnet_tf import distribute, evaluation, run_dir, trainer
 from alexnet_tf.config import TrainConfig
+import cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--noexport", "--seed=0"]
@@ -195,28 +195,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_two_workers_train_to_identical_weights(built, tmp_path):
     out, _ = built
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    procs = []
-    for i in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, out, str(tmp_path / "model"), str(tmp_path / f"w{i}.npz")],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-3000:]
+    outputs = cluster.run_workers(lambda i: ["-c", WORKER, out, str(tmp_path / "model"), str(tmp_path / f"w{i}.npz")])
     w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
     assert len(w0.files) == len(w1.files) == 16
     for k in w0.files:

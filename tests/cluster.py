@@ -1,0 +1,42 @@
+"""Test helper: worker processes of one TF_CONFIG cluster on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_workers(argv_of, n: int = 2, timeout: int = 600) -> list[tuple[str, str]]:
+    """Starts `python argv_of(i)` as worker i of an n-worker cluster; returns each one's (stdout, stderr).
+
+    Fails the calling test with the stderr of any worker that exits non-zero.
+    """
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(n)]}
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen([sys.executable, *argv_of(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, stderr)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"worker {i} failed:\n{stderr[-3000:]}"
+    return outputs

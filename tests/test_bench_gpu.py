@@ -1,0 +1,113 @@
+"""`python -m benchmarks.gpu`: stops cleanly without a GPU; with --allow_cpu, the whole code path on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
+# The tiniest run: a two-layer stand-in for AlexNet, batch 4 a replica, 2 steps x 2 runs.
+TINY = ["--allow_cpu", "--model=tiny", "--batches=4", "--steps=2", "--runs=2", "--warmup_steps=1",
+        "--serving_batches=1,2", "--num_classes=10"]
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _results_files():
+    """{name: (size, mtime)} of benchmarks/results, to see that nothing there was written."""
+    if not os.path.isdir(RESULTS):
+        return {}
+    return {n: (os.stat(os.path.join(RESULTS, n)).st_size, os.stat(os.path.join(RESULTS, n)).st_mtime_ns)
+            for n in os.listdir(RESULTS)}
+
+
+def _assert_rate(row, name):
+    rate = row["images_per_second"]
+    assert rate is not None and math.isfinite(rate) and rate > 0, f"{name}: {row}"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the command would run the full benchmark")
+def test_without_a_gpu_it_says_so_exits_0_and_writes_nothing():
+    before = _results_files()
+    proc = _bench()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no GPU found" in lines[0], proc.stdout
+    assert _results_files() == before
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the command would run the full benchmark")
+def test_on_the_cpu_it_refuses_to_write_into_benchmarks_results(built):
+    before = _results_files()
+    proc = _bench(*TINY, f"--data_dir={built[0]}", f"--output={os.path.join(RESULTS, 'gpu-cpu.json')}")
+    assert proc.returncode != 0
+    assert "must lie outside benchmarks/results" in proc.stderr, proc.stderr[-3000:]
+    assert _results_files() == before
+
+
+def test_allow_cpu_measures_every_row_and_prints_the_table(built, tmp_path):
+    before = _results_files()
+    out = tmp_path / "gpu.json"
+    proc = _bench(*TINY, f"--data_dir={built[0]}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+
+    assert r["device"]["kind"] == ("GPU" if HAS_GPU else "CPU")
+    assert r["tensorflow"] == tf.__version__
+    assert r["host_cores"] == os.cpu_count()
+    assert (r["model"], r["steps"], r["runs"], r["per_replica_batches"]) == ("tiny", 2, 2, [4])
+    global_batch = 4 * r["replicas"]
+    assert r["replicas"] >= 1
+    assert set(r["train_synthetic"]) == {"float32", "float16", "float16_xla"}
+    for key, rows in r["train_synthetic"].items():
+        assert set(rows) == {"4"} and rows["4"]["global_batch"] == global_batch
+        _assert_rate(rows["4"], f"train_synthetic/{key}")
+    assert set(r["train_records"]) == {"float16_xla"}
+    assert r["train_records"]["float16_xla"]["4"]["global_batch"] == global_batch
+    _assert_rate(r["train_records"]["float16_xla"]["4"], "train_records")
+    assert r["input_stream"]["4"]["global_batch"] == global_batch
+    _assert_rate(r["input_stream"]["4"], "input_stream")
+    assert set(r["serving"]) == {"1", "2"}
+    for batch, row in r["serving"].items():
+        _assert_rate(row, f"serving/{batch}")
+
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| measure |") and set(table[1]) <= set("|-")
+    assert len(table) == 2 + 3 + 1 + 1 + 2  # Header, synthetic x3, records, input stream, serving x2.
+    records_row = next(line for line in table if line.startswith("| train, real records"))
+    assert "x |" in records_row  # The real / synthetic ratio.
+    assert "input stream (" in records_row or f"{r['device']['kind']} (" in records_row  # Which side limits.
+    assert _results_files() == before
+
+
+def test_an_out_of_memory_row_is_null_with_its_reason_and_the_run_goes_on():
+    from benchmarks import gpu
+
+    def oom():
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[256,96,55,55]")
+
+    row = gpu.measure("a row", oom, global_batch=256)
+    assert row["images_per_second"] is None and row["global_batch"] == 256
+    assert row["error"].startswith("out of memory: OOM when allocating")
+    ok = {"global_batch": 128, "images_per_second": 1000.0}
+    result = {"train_synthetic": {"float16_xla": {"128": ok, "256": dict(ok, images_per_second=2000.0)}},
+              "train_records": {"float16_xla": {"128": dict(ok, images_per_second=900.0), "256": row}},
+              "input_stream": {"128": dict(ok, images_per_second=500.0), "256": ok}, "serving": {},
+              "device": {"kind": "GPU", "name": "Some GPU", "count": 1}, "tensorflow": tf.__version__,
+              "host_cores": 16, "replicas": 1, "model": "alexnet", "steps": 20, "runs": 5}
+    lines = gpu.table(result).splitlines()
+    oom_line = next(line for line in lines if line.startswith("| train, real records") and "| 256 |" in line)
+    assert "null (out of memory)" in oom_line and "x |" not in oom_line
+    fine_line = next(line for line in lines if line.startswith("| train, real records") and "| 128 |" in line)
+    assert "| 0.90x |" in fine_line and "input stream (input alone 500 vs synthetic 1,000 img/s)" in fine_line
