@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-gpu clean
+.PHONY: install demo test test-all bench bench-loop bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ TORCH ?= torch==2.13.0
 bench: $(STAMP)
 	$(PY) -m pip install --quiet '$(TORCH)' psutil
 	$(PY) -m benchmarks.run
+
+# The training loop's own overhead on CPU: ours against a bare tf.function loop.
+bench-loop: $(STAMP)
+	$(PY) -m benchmarks.loop
 
 # Training, input and serving images/s on the GPUs present (TensorFlow must see them:
 # pip install -e '.[cuda]'); writes benchmarks/results/gpu-<n>x-<gpu>.json and prints a

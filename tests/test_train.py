@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_tf import distribute, evaluation, run_dir, trainer
-from alexnet_tf.config import TrainConfig
 import cluster
+from alexnet_tf import evaluation, trainer
+from alexnet_tf.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--noexport", "--seed=0"]
