@@ -47,7 +47,9 @@ class TrainConfig:
     checkpoint_every_steps: int = _field(1000, "Checkpoint every N steps (and at every epoch end).")
     eval_batch_size: int = _field(0, "Evaluation batch size (0: --batch_size).")
     shuffle_buffer: int = _field(10_000, "Records in the shuffle buffer.")
-    seed: int | None = _field(None, "Seed of initialisation and data order (default: random).")
+    seed: int | None = _field(None, "Seed of initialisation, dropout, data order and augmentation (default: random).")
+    deterministic: bool = _field(False, "With --seed: the same run gives the same weights and metrics, bit for "
+                                 "bit (a fixed order in the input stream's parallel work, deterministic ops).")
     steps_per_epoch: int = _field(0, "Steps per epoch (0: training examples // batch size).")
     profile_steps: tuple[int, ...] = _field((), "first,last global step to trace with the TensorFlow profiler.")
     log_images: int = _field(16, "Augmented training images per epoch in TensorBoard (0: none).")
@@ -64,6 +66,8 @@ class TrainConfig:
                              f"got {self.mixed_precision!r}")
         if self.steps_per_loop < 1:
             raise ValueError(f"steps_per_loop must be at least 1, got {self.steps_per_loop}")
+        if self.deterministic and self.seed is None:
+            raise ValueError("deterministic needs a seed: give --seed")
         if self.profile_steps and len(self.profile_steps) != 2:
             raise ValueError(f"profile_steps takes two numbers (first, last), got {self.profile_steps}")
 

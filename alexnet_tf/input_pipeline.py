@@ -13,6 +13,7 @@ All colour statistics come from `metadata.json` (see `tfrecords/README.md`).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -145,20 +146,35 @@ def lighting_shift(alpha, stats: ColorStats):
     return tf.linalg.matvec(tf.constant(stats.eigenvectors), alpha * values) * 255.0
 
 
-def train_params(seed, height, width, crop: int = CROP):
-    """The random choices for one training image, from a (2,) int seed.
+class Augment(NamedTuple):
+    """§4.1's random choices for one training patch (or, stacked, for a batch).
+
+    The input stream draws them and crops; the training step uses them again
+    for the float part (`finish_batch`). A nest of tensors: it travels through
+    tf.data, `strategy.run` and `tf.function` as it is.
+    """
+
+    top: tf.Tensor  # int32: the patch's first row in the square.
+    left: tf.Tensor  # int32: its first column.
+    flip: tf.Tensor  # bool: reflected horizontally.
+    alpha: tf.Tensor  # float32 (3,): lighting coefficients, alpha_i ~ N(0, 0.1).
+
+
+def train_params(seed, height, width, crop: int = CROP) -> Augment:
+    """The random choices for one training image, from a (2,) int seed (stateless: the
+    same seed gives the same choices, in any order and on any thread).
 
     Returns:
-      (top, left, flip, alpha): the patch position (uniform over every position
-      inside the image), whether to reflect it (probability 1/2), and the three
-      lighting coefficients alpha_i ~ N(0, 0.1).
+      The patch position (uniform over every position inside the image),
+      whether to reflect it (probability 1/2), and the three lighting
+      coefficients alpha_i ~ N(0, 0.1).
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     top = tf.random.stateless_uniform([], seeds[0], 0, height - crop + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], seeds[1], 0, width - crop + 1, dtype=tf.int32)
     flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
     alpha = tf.random.stateless_normal([3], seeds[3], stddev=LIGHTING_STD)
-    return top, left, flip, alpha
+    return Augment(top, left, flip, alpha)
 
 
 def crop_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
@@ -172,35 +188,34 @@ def crop_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=None):
       image_bytes: A scalar string tensor (a record's `image/encoded`).
       stats: Colour statistics of the training set.
       crop: Patch side (227).
-      seed: Optional (2,) int tensor for stateless randomness (tests,
-        reproducible runs); None draws one from the global generator.
+      seed: (2,) int tensor: the record's own seed for stateless randomness;
+        None draws one from the global generator.
 
     Returns:
-      (patch, params): (crop, crop, 3) uint8 (already reflected if chosen) and
-      float32[6] = (top, left, flipped, alpha_1, alpha_2, alpha_3).
+      (patch, augment): (crop, crop, 3) uint8 (already reflected if chosen) and
+      the `Augment` that made it.
     """
     h, w = _record_shape(image_bytes, stats)
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-    top, left, flip, alpha = train_params(seed, h, w, crop)
+    aug = train_params(seed, h, w, crop)
     if stats.record_size is None:  # --noresize records: the slow path through the square.
-        patch = tf.slice(decode_square(image_bytes), tf.stack([top, left, 0]), [crop, crop, 3])
+        patch = tf.slice(decode_square(image_bytes), tf.stack([aug.top, aug.left, 0]), [crop, crop, 3])
     else:
         # Only the patch is decoded: several times less work than the whole image.
         # (Pixels on the patch's own border can differ by a few levels from a full
         # decode: chroma upsampling there lacks its outside neighbours.)
-        patch = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, crop, crop]), channels=3)
-    patch = tf.cond(flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
-    place = tf.cast(tf.stack([top, left, tf.cast(flip, tf.int32)]), tf.float32)
-    return tf.ensure_shape(patch, [crop, crop, 3]), tf.concat([place, alpha], axis=0)
+        patch = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([aug.top, aug.left, crop, crop]), channels=3)
+    patch = tf.cond(aug.flip, lambda: tf.reverse(patch, axis=[1]), lambda: patch)
+    return tf.ensure_shape(patch, [crop, crop, 3]), aug
 
 
-def finish_batch(patches, params, stats: ColorStats):
+def finish_batch(patches, aug: Augment, stats: ColorStats):
     """The training step's part of §4.1: float, minus the mean, plus the lighting.
 
     Args:
       patches: (batch, crop, crop, 3) uint8 from `crop_for_train`.
-      params: (batch, 6) float32 from `crop_for_train`.
+      aug: The batch's `Augment` (each field with a leading batch dimension).
       stats: Colour statistics of the training set.
 
     Returns:
@@ -209,14 +224,13 @@ def finish_batch(patches, params, stats: ColorStats):
     """
     crop = patches.shape[1]
     x = tf.cast(patches, tf.float32)
-    x = x + lighting_shift(params[:, 3:], stats)[:, None, None, :]
+    x = x + lighting_shift(aug.alpha, stats)[:, None, None, :]
     mean = tf.convert_to_tensor(stats.mean)
     if len(mean.shape) == 1:
         return x - mean
-    top, left, flipped = (tf.cast(params[:, i], tf.int32) for i in range(3))
     offsets = tf.range(crop)
-    rows = top[:, None] + offsets
-    cols = left[:, None] + tf.where(flipped[:, None] > 0, crop - 1 - offsets, offsets)
+    rows = aug.top[:, None] + offsets
+    cols = aug.left[:, None] + tf.where(aug.flip[:, None], crop - 1 - offsets, offsets)
     m = tf.gather(tf.gather(mean, rows), cols, axis=2, batch_dims=1)  # (batch, crop, crop, 3)
     return x - m
 
@@ -227,8 +241,8 @@ def preprocess_for_train(image_bytes, stats: ColorStats, crop: int = CROP, seed=
     Returns:
       (crop, crop, 3) float32, mean subtracted, with lighting noise.
     """
-    patch, params = crop_for_train(image_bytes, stats, crop, seed)
-    return finish_batch(patch[None], params[None], stats)[0]
+    patch, aug = crop_for_train(image_bytes, stats, crop, seed)
+    return finish_batch(patch[None], tf.nest.map_structure(lambda t: t[None], aug), stats)[0]
 
 
 def preprocess_for_eval(image_bytes, stats: ColorStats, crop: int = CROP):
@@ -272,6 +286,11 @@ def _files(data_dir: str, meta: dict, split: str, context: tf.distribute.InputCo
     return ds
 
 
+def record_seed(seed: int, index):
+    """The (2,) stateless seed of the `index`-th record of a stream seeded with `seed`."""
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
 def train_dataset(
     data_dir: str,
     meta: dict,
@@ -281,30 +300,60 @@ def train_dataset(
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     crop: int = CROP,
+    deterministic: bool = False,
 ) -> tf.data.Dataset:
-    """An endless stream of ((patches, params), labels) batches for one input pipeline.
+    """An endless stream of ((patches, Augment), labels) batches for one input pipeline.
 
-    Shards are shuffled and read interleaved in parallel, records shuffled,
-    decoded into random reflected patches in parallel (`crop_for_train`),
-    batched with drop_remainder (static shapes for XLA and equal steps on every
-    replica) and prefetched. `finish_batch(patches, params, stats)` turns a
-    batch into the network's input inside the training step.
+    Shards are shuffled and read interleaved in parallel, records shuffled and
+    numbered, and decoded into random reflected patches in parallel
+    (`crop_for_train`), each record's randomness drawn statelessly from its own
+    seed (`record_seed(seed, its number)`); then batched with drop_remainder
+    (static shapes for XLA and equal steps on every replica) and prefetched.
+    `finish_batch(patches, augment, stats)` turns a batch into the network's
+    input inside the training step.
+
+    Args:
+      seed: Seed of the shard order, the record shuffle and the augmentation
+        (None: a random one).
+      deterministic: Interleave and map in a fixed order, so that the same
+        seed gives the same batches (the parallel work stays parallel; only
+        the order in which results are handed on is fixed).
     """
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31 - 1))
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
     files = _files(data_dir, meta, "train", context)
     ds = files.shuffle(len(records.shard_paths(data_dir, meta, "train")), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat()
     ds = ds.interleave(
         tf.data.TFRecordDataset, cycle_length=16, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
     )
     ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.enumerate()
     ds = ds.map(
-        lambda s: (lambda b, y: (crop_for_train(b, stats, crop), y))(*_parse(s)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False,
+        lambda i, s: (lambda b, y: (crop_for_train(b, stats, crop, record_seed(seed, i)), y))(*_parse(s)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
     )
     ds = ds.batch(batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def preview_images(data_dir: str, meta: dict, count: int):
+    """A small fixed set of training images for TensorBoard: the first `count` records
+    of the first training shard, as JPEG bytes (count,)."""
+    first = records.shard_paths(data_dir, meta, "train")[0]
+    ds = tf.data.TFRecordDataset(first).take(count).map(lambda s: _parse(s)[0])
+    return tf.stack(list(ds))
+
+
+def augment_preview(jpegs, stats: ColorStats, seed: int, crop: int = CROP):
+    """The preview images augmented as training does, with record seeds from `seed`:
+    (count, crop, crop, 3) float32 network inputs."""
+    parts = [crop_for_train(jpegs[i], stats, crop, record_seed(seed, i)) for i in range(int(jpegs.shape[0]))]
+    patches = tf.stack([p for p, _ in parts])
+    aug = tf.nest.map_structure(lambda *t: tf.stack(t), *[a for _, a in parts])
+    return finish_batch(patches, aug, stats)
 
 
 def eval_dataset(

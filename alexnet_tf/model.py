@@ -143,7 +143,7 @@ def build_alexnet(
         single-tower net with full connections between maps (False).
       input_size: Side of the square input (227, see INPUT_SIZE).
       dropout: Dropout rate of fc6 and fc7 (§4.2: 0.5).
-      seed: Seed of the weight initialisers (None: random).
+      seed: Seed of the weight initialisers and the dropout masks (None: random).
       dtype: Keras dtype policy of the layers: "float32", "mixed_float16",
         "mixed_bfloat16" (variables float32, compute in 16 bits), or None for
         Keras' global policy. LRN and the logits compute in float32 always.
@@ -183,10 +183,10 @@ def build_alexnet(
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
     x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc6",
                      dtype=dtype)(x)
-    x = layers.Dropout(dropout, name="drop6", dtype=dtype)(x)
+    x = layers.Dropout(dropout, name="drop6", dtype=dtype, seed=None if seed is None else seed + 50)(x)
     x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc7",
                      dtype=dtype)(x)
-    x = layers.Dropout(dropout, name="drop7", dtype=dtype)(x)
+    x = layers.Dropout(dropout, name="drop7", dtype=dtype, seed=None if seed is None else seed + 51)(x)
     # fc8 bias: the paper sets 1 only in the layers listed above, so 0 here.
     logits = layers.Dense(num_classes, kernel_initializer=init(), bias_initializer=zero, name="fc8",
                           dtype="float32")(x)  # float32 logits also under mixed precision.

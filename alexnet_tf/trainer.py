@@ -242,9 +242,8 @@ class Summaries:
                 tf.summary.scalar(k, result[f"train_{k}"])
             tf.summary.scalar("learning_rate", result["learning_rate"])
             tf.summary.scalar("images_per_second", result["images_per_second"])
-            if preview is not None:
-                (patches, params), _ = next(preview)
-                images = input_pipeline.finish_batch(patches, params, stats)
+            if preview is not None:  # The same images every epoch, augmented afresh.
+                images = input_pipeline.augment_preview(preview, stats, seed=epoch)
                 tf.summary.image("augmented_training_images",
                                  input_pipeline.display_images(images, stats), max_outputs=config.log_images)
             if config.histograms and epoch % max(config.histogram_every, 1) == 0:
@@ -408,6 +407,10 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     """
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)
+    if config.deterministic:
+        # Deterministic kernels where an op has several (cuDNN's convolutions,
+        # GPU reductions); raises on an op that has no deterministic one.
+        tf.config.experimental.enable_op_determinism()
     data = read_data(config, strategy)
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
@@ -432,12 +435,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     def dataset_fn(context):
         seed = None if config.seed is None else config.seed + int(state.epoch) * 1000 + context.input_pipeline_id
         return input_pipeline.train_dataset(config.data_dir, data.meta, data.stats, config.batch_size, context,
-                                            shuffle_buffer=config.shuffle_buffer, seed=seed)
+                                            shuffle_buffer=config.shuffle_buffer, seed=seed,
+                                            deterministic=config.deterministic)
 
     summaries = Summaries(model_dir, chief)
-    preview = iter(input_pipeline.train_dataset(
-        config.data_dir, data.meta, data.stats, max(config.log_images, 1), shuffle_buffer=100)
-    ) if config.log_images else None
+    preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
+               if config.log_images and chief else None)
     evaluator = evaluation.Evaluator(model, strategy, config.data_dir, data.meta, data.stats,
                                      config.eval_batch_size or config.batch_size)
     profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))

@@ -156,18 +156,22 @@ def synthetic_dataset(global_batch: int, context, stats, num_classes: int, seed:
       seed: Seed of the random patches, parameters and labels.
 
     Returns:
-      A dataset of ((uint8 patches, float32[6] params), int32 labels) batches.
+      A dataset of ((uint8 patches, input_pipeline.Augment), int32 labels) batches.
     """
     import tensorflow as tf
+
+    from alexnet_tf import input_pipeline
 
     batch = context.get_per_replica_batch_size(global_batch)
     rng = np.random.default_rng(seed + context.input_pipeline_id)
     patches = rng.integers(0, 256, (batch, 227, 227, 3), np.uint8)
     room = stats.square_size - 227 + 1
-    params = np.concatenate([rng.integers(0, room, (batch, 2)), rng.integers(0, 2, (batch, 1)),
-                             rng.normal(0, 0.1, (batch, 3))], axis=1).astype(np.float32)
+    aug = input_pipeline.Augment(top=rng.integers(0, room, batch).astype(np.int32),
+                                 left=rng.integers(0, room, batch).astype(np.int32),
+                                 flip=rng.integers(0, 2, batch).astype(bool),
+                                 alpha=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
     labels = rng.integers(0, num_classes, batch, np.int32)
-    return tf.data.Dataset.from_tensors(((patches, params), labels)).repeat()
+    return tf.data.Dataset.from_tensors(((patches, aug), labels)).repeat()
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int,
       compute_dtype: "float32" or "float16" (mixed, with dynamic loss scaling).
       jit: Compile each replica's forward and backward pass with XLA.
       global_batch: Examples per step over all replicas.
-      dataset_fn: Makes one input pipeline's dataset of ((patches, params), labels).
+      dataset_fn: Makes one input pipeline's dataset of ((patches, augment), labels).
       stats: Colour statistics for `finish_batch`, which runs inside the step.
     """
     from alexnet_tf import input_pipeline, trainer

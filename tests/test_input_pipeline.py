@@ -48,7 +48,8 @@ def test_training_patch_is_the_decoded_patch(data):
         # decode_and_crop_jpeg decodes only the patch; only its border pixels may differ.
         np.testing.assert_allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=2.0)
         assert np.mean(np.abs(got - expected)) < 0.1
-        np.testing.assert_allclose(params.numpy(), [top, left, float(flip), *alpha], rtol=1e-6)
+        assert (int(params.top), int(params.left), bool(params.flip)) == (top, left, flip)
+        np.testing.assert_array_equal(params.alpha.numpy(), alpha)
 
 
 def test_train_params_cover_every_position_and_both_reflections():
@@ -96,13 +97,14 @@ def test_stream_part_and_step_part_compose_to_the_whole(data):
     seeds = [tf.constant([i, 5]) for i in range(len(rows))]
     parts = [ip.crop_for_train(j, stats, seed=s) for j, s in zip(jpegs, seeds)]
     patches = tf.stack([p for p, _ in parts])
-    params = tf.stack([q for _, q in parts])
-    assert patches.dtype == tf.uint8 and params.shape == (len(rows), 6)
+    params = tf.nest.map_structure(lambda *t: tf.stack(t), *[q for _, q in parts])
+    assert patches.dtype == tf.uint8 and isinstance(params, ip.Augment)
+    assert params.top.shape == params.flip.shape == (len(rows),) and params.alpha.shape == (len(rows), 3)
     batch = ip.finish_batch(patches, params, stats).numpy()
     for k, (j, s) in enumerate(zip(jpegs, seeds)):
         np.testing.assert_allclose(batch[k], ip.preprocess_for_train(j, stats, seed=s).numpy(), rtol=1e-6, atol=1e-4)
     rgb = ip.ColorStats(np.asarray([100.0, 110.0, 120.0], np.float32), stats.eigenvalues, stats.eigenvectors, 256)
-    zero = tf.concat([params[:, :3], tf.zeros([len(rows), 3])], axis=1)  # No lighting.
+    zero = params._replace(alpha=tf.zeros([len(rows), 3]))  # No lighting.
     np.testing.assert_allclose(ip.finish_batch(patches, zero, rgb).numpy(),
                                patches.numpy().astype(np.float32) - [100.0, 110.0, 120.0])
 
@@ -120,7 +122,8 @@ def test_eager_and_dataset_map_agree(data):
     for j, s, (patch, params) in zip(jpegs, seeds, parts):
         e_patch, e_params = ip.crop_for_train(tf.constant(j), stats, seed=tf.constant(s))
         np.testing.assert_array_equal(patch.numpy(), e_patch.numpy())
-        np.testing.assert_array_equal(params.numpy(), e_params.numpy())
+        for a, b in zip(params, e_params):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
     central = [ip.preprocess_for_eval(tf.constant(j), stats).numpy() for j in jpegs]
     for a, b in zip(central, tf.data.Dataset.from_tensor_slices(jpegs).map(lambda j: ip.preprocess_for_eval(j, stats))):
         np.testing.assert_array_equal(a, b.numpy())
@@ -163,13 +166,42 @@ def test_train_dataset_batches(data):
     ds = ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50)
     (patches, params), labels = next(iter(ds))
     assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
-    assert params.shape == (8, 6)
-    p = params.numpy()
-    assert p[:, :2].min() >= 0 and p[:, :2].max() <= 29 and set(p[:, 2]) <= {0.0, 1.0}
+    assert params.alpha.shape == (8, 3) and params.flip.dtype == tf.bool
+    for position in (params.top.numpy(), params.left.numpy()):
+        assert position.min() >= 0 and position.max() <= 29
     assert labels.dtype == tf.int32 and 0 <= labels.numpy().min() and labels.numpy().max() < meta["num_classes"]
     images = ip.finish_batch(patches, params, stats)
     # Mean subtracted: centred near zero, within the pixel range.
     assert abs(float(tf.reduce_mean(images))) < 40 and float(tf.reduce_max(tf.abs(images))) < 300
+
+
+def _batches(ds, n):
+    return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in ds.take(n)]
+
+
+def test_seeded_deterministic_stream_repeats_itself_exactly(data):
+    out, meta, stats, _ = data
+    make = lambda seed: ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50, seed=seed, deterministic=True)  # noqa: E731
+    first, again, other = _batches(make(3), 6), _batches(make(3), 6), _batches(make(4), 6)
+    for a, b in zip(tf.nest.flatten(first), tf.nest.flatten(again)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(tf.nest.flatten(first), tf.nest.flatten(other)))
+    # Each record has its own draw: the 48 patches are not all at one position.
+    tops = np.concatenate([b[0][1].top for b in first])
+    assert len(set(tops.tolist())) > 5
+
+
+def test_each_record_is_augmented_from_its_own_seed(data):
+    out, meta, stats, rows = data
+    # A stream of one shard read in order (no shuffle to speak of): record i is augmented with record_seed(seed, i).
+    ds = ip.train_dataset(out, meta, stats, 4, shuffle_buffer=1, seed=9, deterministic=True)
+    (patches, aug), labels = next(iter(ds))
+    first_shard = records.shard_paths(out, meta, "train")
+    order = tf.data.Dataset.from_tensor_slices(first_shard).shuffle(len(first_shard), seed=9)
+    jpeg = next(iter(tf.data.TFRecordDataset(next(iter(order))).map(lambda s: ip._parse(s)[0])))
+    patch, expected = ip.crop_for_train(jpeg, stats, seed=ip.record_seed(9, 0))
+    np.testing.assert_array_equal(patches[0].numpy(), patch.numpy())
+    assert int(aug.top[0]) == int(expected.top) and int(aug.left[0]) == int(expected.left)
 
 
 def test_eval_dataset_reads_every_example_once(data):

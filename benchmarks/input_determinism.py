@@ -1,0 +1,83 @@
+r"""The input stream's speed with and without --deterministic, side by side.
+
+    python -m benchmarks.input_determinism                    # builds a sample of 2,000 images first
+    python -m benchmarks.input_determinism --data_dir=tfrecords
+
+`input_pipeline.train_dataset` with a seed, iterated on the host without a
+model: `deterministic=False` (results handed on as they finish) against
+`deterministic=True` (the parallel interleave and map hand results on in a
+fixed order). Both draw each record's augmentation from its own stateless
+seed. Alternating runs, the median counts; target: deterministic >= 0.9x.
+Writes benchmarks/results/input-determinism.json. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import tensorflow as tf
+
+from alexnet_tf import input_pipeline, records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stream_rate(data_dir: str, meta: dict, stats, deterministic: bool, batch: int, steps: int) -> float:
+    ds = input_pipeline.train_dataset(data_dir, meta, stats, batch, seed=0, deterministic=deterministic)
+    iterator = iter(ds)
+    for _ in range(5):  # Fill the buffers.
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.input_determinism", description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=None, help="Records to read (default: build a clean sample first).")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "input-determinism.json"))
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as work:
+        data_dir = args.data_dir
+        if data_dir is None:
+            from pipelines import make_sample
+
+            raw, data_dir = os.path.join(work, "raw"), os.path.join(work, "records")
+            make_sample.make_sample(raw, train_per_class=args.images // 10, val_per_class=2, quirks=False)
+            subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", f"--imagenet_dir={raw}",
+                            f"--output_dir={data_dir}", "--overwrite"], cwd=REPO, check=True,
+                           stdout=subprocess.DEVNULL)
+        meta = records.load_metadata(data_dir)
+        stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
+        runs = {"nondeterministic": [], "deterministic": []}
+        for i in range(args.repeats):
+            for name in runs:
+                runs[name].append(stream_rate(data_dir, meta, stats, name == "deterministic", args.batch, args.steps))
+            print(f"run {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()),
+                  flush=True)
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    ratio = median["deterministic"] / median["nondeterministic"]
+    print(f"input stream images/s: nondeterministic {median['nondeterministic']:.0f}, "
+          f"deterministic {median['deterministic']:.0f}: {ratio:.2f}x (target >= 0.9x)")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"cpus": os.cpu_count(), "tensorflow": tf.__version__, "batch": args.batch, "steps": args.steps,
+                   "runs": runs, "images_per_second": median, "ratio": ratio, "target": ">= 0.9"}, f, indent=1)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
