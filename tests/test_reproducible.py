@@ -41,9 +41,8 @@ def test_two_deterministic_runs_are_bit_identical(built, tmp_path):
     assert w1.keys() == w2.keys() and sum("_trainable_variables" in k for k in w1) == 16  # The weights.
     for name in w1:
         np.testing.assert_array_equal(w1[name], w2[name], err_msg=name)
-    # Another seed trains differently (the comparison above can fail).
-    h3, _ = _train(out, tmp_path / "c", strategy, "--deterministic", "--seed=8")
-    assert h3 != h1
+    # (That another seed gives other batches is test_input_pipeline's
+    # test_seeded_deterministic_stream_repeats_itself_exactly.)
 
 
 def test_deterministic_needs_a_seed(tmp_path):
