@@ -91,6 +91,7 @@ def test_jit_compile_gives_the_same_training(strategy, replicas, tmp_path):
     _assert_xla_matches(_check("jit", strategy, str(tmp_path / "out.json")), replicas)
 
 
+@pytest.mark.slow  # Two processes compiling AlexNet: about a minute on 2 cores.
 def test_jit_compile_gives_the_same_training_on_two_workers(tmp_path):
     cluster.run_workers(lambda i: [CHECKS, "jit", "multi_worker", str(tmp_path / f"w{i}.json")])
     results = [json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2)]
