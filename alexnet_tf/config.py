@@ -71,9 +71,6 @@ class TrainConfig:
         if self.profile_steps and len(self.profile_steps) != 2:
             raise ValueError(f"profile_steps takes two numbers (first, last), got {self.profile_steps}")
 
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
 
 # Hyperparameters that learn the embedded sample (10 classes, 400 images) on a
 # 2-core CPU within minutes; the paper's values stay the defaults.
@@ -96,9 +93,3 @@ PRESETS = {
     },
 }
 
-
-def from_preset(preset: str, **overrides) -> TrainConfig:
-    """The preset's TrainConfig with `overrides` on top."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(sorted(PRESETS))}")
-    return TrainConfig(**{**PRESETS[preset], **overrides})

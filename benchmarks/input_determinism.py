@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import tensorflow as tf
 
 from alexnet_tf import input_pipeline, records
+from benchmarks import gpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,13 +52,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as work:
         data_dir = args.data_dir
         if data_dir is None:
-            from pipelines import make_sample
-
-            raw, data_dir = os.path.join(work, "raw"), os.path.join(work, "records")
-            make_sample.make_sample(raw, train_per_class=args.images // 10, val_per_class=2, quirks=False)
-            subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", f"--imagenet_dir={raw}",
-                            f"--output_dir={data_dir}", "--overwrite"], cwd=REPO, check=True,
-                           stdout=subprocess.DEVNULL)
+            data_dir = gpu.make_records(work, args.images)
         meta = records.load_metadata(data_dir)
         stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
         runs = {"nondeterministic": [], "deterministic": []}
