@@ -48,8 +48,9 @@ class TrainConfig:
     eval_batch_size: int = _field(0, "Evaluation batch size (0: --batch_size).")
     shuffle_buffer: int = _field(10_000, "Records in the shuffle buffer.")
     seed: int | None = _field(None, "Seed of initialisation, dropout, data order and augmentation (default: random).")
-    deterministic: bool = _field(False, "With --seed: the same run gives the same weights and metrics, bit for "
-                                 "bit (a fixed order in the input stream's parallel work, deterministic ops).")
+    deterministic: bool = _field(False, "With --seed: the same run, or one killed and resumed, gives the same "
+                                 "weights and metrics, bit for bit (deterministic kernels, float sums in a fixed "
+                                 "order).")
     steps_per_epoch: int = _field(0, "Steps per epoch (0: training examples // batch size).")
     profile_steps: tuple[int, ...] = _field((), "first,last global step to trace with the TensorFlow profiler.")
     log_images: int = _field(16, "Augmented training images per epoch in TensorBoard (0: none).")

@@ -6,10 +6,12 @@ initialises its devices, so `make_strategy` is the first TensorFlow call of a ru
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 
+import numpy as np
 import tensorflow as tf
 
 STRATEGIES = ("mirrored", "one_device", "multi_worker")
@@ -150,3 +152,79 @@ def compute_dtype(mixed_precision: str, strategy) -> str:
     if mixed_precision in ("float16", "bfloat16"):
         return mixed_precision
     raise ValueError(f"mixed_precision must be off, auto, float16 or bfloat16, got {mixed_precision!r}")
+
+
+def num_workers(strategy) -> int:
+    """Worker processes (chief included) of a multi-worker job; 1 otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def worker_index(strategy) -> int:
+    """This process's place among the workers: the chief is 0."""
+    task_type, task_id = task(strategy)
+    if task_type in (None, "chief"):
+        return 0
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return task_id + (1 if "chief" in cluster else 0)
+
+
+def all_workers(strategy, values) -> np.ndarray:
+    """Every worker's `values` (int64, one row per worker, the chief's first).
+
+    One collective all-reduce: each worker fills its own row of a zero matrix
+    on each of its replicas, the sum is divided by the replicas per worker.
+    Every worker must call it at the same point. Without several workers it
+    returns this process's row alone.
+    """
+    row = np.asarray(values, np.int64).reshape(-1)
+    n = num_workers(strategy)
+    if n == 1:
+        return row[None]
+    table = np.zeros((n, row.size), np.int64)
+    table[worker_index(strategy)] = row
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(table))
+    total = strategy.reduce("SUM", per_replica, axis=None).numpy()
+    return total // len(strategy.extended.worker_devices)
+
+
+class RunConflict(ValueError):
+    """This process cannot join the run it was started into (another run's
+    checkpoint, or workers that see different runs)."""
+
+
+def _fingerprint(value) -> int:
+    """A 56-bit hash of a value's repr: the same on every machine and Python version."""
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
+
+
+def check_workers_agree(strategy, facts: dict) -> None:
+    """Stops every worker of a multi-worker run whose workers do not see the same run.
+
+    Args:
+      facts: Name -> value (any value with a stable repr): what must be equal
+        on every worker. Compared by hash in one collective; nothing to do
+        with a single worker.
+
+    Raises:
+      RunConflict: On every worker, naming each fact that differs, the workers
+        that differ from the chief, and this worker's value.
+    """
+    names = list(facts)
+    rows = all_workers(strategy, [_fingerprint(facts[n]) for n in names])
+    if len(rows) == 1:
+        return
+    differ = []
+    for j, name in enumerate(names):
+        others = [i for i in range(1, len(rows)) if rows[i, j] != rows[0, j]]
+        if others:
+            differ.append(f"{name} (workers {', '.join(map(str, others))} differ from the chief; "
+                          f"worker {worker_index(strategy)} has {facts[name]!r})")
+    if differ:
+        raise RunConflict(
+            "the workers do not see the same run: " + "; ".join(differ) + ". Every worker must run the same "
+            "command with the same --model_dir (shared storage, where the chief's checkpoints are) and the "
+            "same records")

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline
+from alexnet_tf import distribute, input_pipeline
 
 
 def metric_sums(per_example_loss, logits, labels):
@@ -25,8 +25,37 @@ def rates(sums) -> dict:
     return {"loss": loss / count, "top1_error": 1 - top1 / count, "top5_error": 1 - top5 / count}
 
 
+# Evaluation sums are integers, so that they add up exactly in any order (over
+# batches, replicas and workers): hits and counts, and each example's loss in
+# units of 2**-32 (finer than float32's resolution for any loss above 0.002).
+LOSS_UNIT = 2.0**-32
+
+
+def exact_sums(per_example_loss, probs, labels):
+    """(loss in LOSS_UNITs, top-1 hits, top-5 hits, count) of a batch, int64 (4,)."""
+    loss = tf.cast(tf.round(tf.cast(per_example_loss, tf.float64) / LOSS_UNIT), tf.int64)
+    top1 = tf.cast(tf.math.in_top_k(labels, probs, 1), tf.int64)
+    top5 = tf.cast(tf.math.in_top_k(labels, probs, min(5, probs.shape[-1])), tf.int64)
+    count = tf.shape(labels, out_type=tf.int64)[0]
+    return tf.stack([tf.reduce_sum(loss), tf.reduce_sum(top1), tf.reduce_sum(top5), count])
+
+
+def exact_rates(sums) -> dict:
+    """`rates` of `exact_sums` added up."""
+    loss, top1, top5, count = (int(s) for s in sums)
+    return rates([loss * LOSS_UNIT, top1, top5, count])
+
+
 class Evaluator:
     """Validation loss and top-1/top-5 error with the central patch (or the paper's 10 patches).
+
+    The sums are exact (`exact_sums`), and every batch the network sees has the
+    full batch size (a split's last, partial batch is padded, the padding left
+    out of the sums): on CPU a convolution's result for one image depends on
+    the batch size, not on the other images. So the result depends only on the
+    weights and the batch size, not on how the split is divided: a multi-worker
+    evaluation, where each worker evaluates its own shards and the sums are
+    added up once at the end, equals a single-worker one exactly.
 
     Args:
       model: A callable (images, training=False) -> logits: a Keras model or
@@ -35,39 +64,40 @@ class Evaluator:
       data_dir: Records folder.
       meta: Its metadata.json.
       stats: Colour statistics the images are preprocessed with.
-      batch_size: Global evaluation batch size.
+      batch_size: Global evaluation batch size (per worker under multi_worker).
     """
 
     def __init__(self, model, strategy, data_dir: str, meta: dict, stats: input_pipeline.ColorStats,
                  batch_size: int):
         self.model, self.strategy, self.data_dir, self.meta, self.stats = model, strategy, data_dir, meta, stats
         self.batch_size = batch_size
-        # Every worker of a multi-worker job evaluates the whole split itself:
-        # no collectives to fall out of step, and identical results (and so
-        # identical schedule decisions) everywhere.
-        self.distributed = not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        # Workers read disjoint shards in their own number of batches: no
+        # per-batch collectives to fall out of step, one sum at the end.
+        self.workers = distribute.num_workers(strategy)
 
-        def replica_eval(images, labels):
-            # The last batch of a split leaves some replicas empty; skip the model there.
-            return tf.cond(tf.shape(labels)[0] > 0, lambda: forward(images, labels),
-                           lambda: (tf.zeros([]),) * 4)
-
-        def forward(images, labels):
+        def forward(images, labels, size):
+            n = tf.shape(labels)[0]
+            padded = tf.concat([images, tf.zeros([size - n, *images.shape[1:]], images.dtype)], axis=0)
             if len(images.shape) == 5:  # (batch, 10, h, w, 3): average the softmax of the patches.
-                b = tf.shape(images)[0]
-                logits = self.model(tf.reshape(images, [-1, *images.shape[2:]]), training=False)
-                probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [b, 10, -1]), axis=1)
+                logits = self.model(tf.reshape(padded, [-1, *images.shape[2:]]), training=False)
+                probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [size, 10, -1]), axis=1)
             else:
-                probs = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
+                probs = tf.nn.softmax(tf.cast(self.model(padded, training=False), tf.float32))
+            probs = probs[:n]
             per_example = -tf.math.log(tf.gather(probs, labels, batch_dims=1) + 1e-12)
-            return metric_sums(per_example, probs, labels)
+            return exact_sums(per_example, probs, labels)
+
+        def replica_eval(images, labels, size):
+            # The last batch of a split leaves some replicas empty; skip the model there.
+            return tf.cond(tf.shape(labels)[0] > 0, lambda: forward(images, labels, size),
+                           lambda: tf.zeros([4], tf.int64))
 
         @tf.function
-        def distributed_step(batch):
-            sums = self.strategy.run(replica_eval, args=batch)
-            return tf.stack([self.strategy.reduce("SUM", s, axis=None) for s in sums])
+        def distributed_step(batch, size):
+            sums = self.strategy.run(replica_eval, args=(*batch, size))
+            return self.strategy.reduce("SUM", sums, axis=None)
 
-        self._local = tf.function(lambda images, labels: tf.stack(replica_eval(images, labels)))
+        self._local = tf.function(replica_eval)
         self._distributed = distributed_step
 
     def evaluate(self, split: str = "validation", ten_crop: bool = False, progress: bool = False) -> dict:
@@ -75,22 +105,28 @@ class Evaluator:
         batch = self.batch_size
         if ten_crop:
             batch = max(1, batch // 10)
-        if self.distributed:
+        if self.workers > 1:
+            context = tf.distribute.InputContext(self.workers, distribute.worker_index(self.strategy), 1)
+            ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop, context)
+            step = lambda b: self._local(*b, batch)  # noqa: E731
+        elif self.strategy.num_replicas_in_sync > 1:
             batch -= batch % self.strategy.num_replicas_in_sync
             batch = max(batch, self.strategy.num_replicas_in_sync)
             ds = self.strategy.distribute_datasets_from_function(
                 lambda ctx: input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split,
                                                         ten_crop, ctx))
-            step = self._distributed
+            per_replica = batch // self.strategy.num_replicas_in_sync
+            step = lambda b: self._distributed(b, per_replica)  # noqa: E731
         else:
             ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop)
-            step = lambda b: self._local(*b)  # noqa: E731
-        sums = np.zeros(4)
+            step = lambda b: self._local(*b, batch)  # noqa: E731
+        sums = np.zeros(4, np.int64)
         expected = self.meta["splits"][split]["num_examples"]
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
         for b in ds:
             sums += step(b).numpy()
             bar.update(int(sums[3]))
+        sums = distribute.all_workers(self.strategy, sums).sum(axis=0)
         if int(sums[3]) != expected:
             raise RuntimeError(f"evaluated {int(sums[3])} {split} examples, metadata.json lists {expected}")
-        return rates(sums)
+        return exact_rates(sums)

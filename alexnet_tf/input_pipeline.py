@@ -291,6 +291,34 @@ def record_seed(seed: int, index):
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
 
 
+def train_records(
+    data_dir: str,
+    meta: dict,
+    seed: int,
+    context: tf.distribute.InputContext | None = None,
+    shuffle_buffer: int = 10_000,
+    deterministic: bool = True,
+) -> tf.data.Dataset:
+    """One input pipeline's endless stream of serialized training records, in passes.
+
+    Each pass reads every record of the pipeline's shards once: the shards in
+    a shuffled order, read interleaved in parallel, then the records shuffled
+    through a buffer. The next pass starts only when this one has drained
+    (`repeat` after the shuffle), so the first pass holds no record twice,
+    and with `deterministic` the whole stream is a pure function of (seed,
+    shards): the k-th record is the same in every run, which is what lets a
+    resumed run skip exactly the records it has already trained on.
+    """
+    files = _files(data_dir, meta, "train", context)
+    ds = files.shuffle(len(records.shard_paths(data_dir, meta, "train")), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=16, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
+    )
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat()
+
+
 def train_dataset(
     data_dir: str,
     meta: dict,
@@ -300,37 +328,37 @@ def train_dataset(
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     crop: int = CROP,
-    deterministic: bool = False,
+    deterministic: bool = True,
+    skip: int = 0,
 ) -> tf.data.Dataset:
     """An endless stream of ((patches, Augment), labels) batches for one input pipeline.
 
-    Shards are shuffled and read interleaved in parallel, records shuffled and
-    numbered, and decoded into random reflected patches in parallel
-    (`crop_for_train`), each record's randomness drawn statelessly from its own
-    seed (`record_seed(seed, its number)`); then batched with drop_remainder
-    (static shapes for XLA and equal steps on every replica) and prefetched.
-    `finish_batch(patches, augment, stats)` turns a batch into the network's
-    input inside the training step.
+    The records come from `train_records` (shuffled shards read in parallel,
+    shuffled records, one pass after another), are numbered, and are decoded
+    into random reflected patches in parallel (`crop_for_train`), each
+    record's randomness drawn statelessly from its own seed (`record_seed(seed,
+    its number)`); then batched with drop_remainder (static shapes for XLA and
+    equal steps on every replica) and prefetched. `finish_batch(patches,
+    augment, stats)` turns a batch into the network's input inside the
+    training step.
 
     Args:
       seed: Seed of the shard order, the record shuffle and the augmentation
         (None: a random one).
-      deterministic: Interleave and map in a fixed order, so that the same
-        seed gives the same batches (the parallel work stays parallel; only
-        the order in which results are handed on is fixed).
+      deterministic: Interleave and map hand their results on in a fixed
+        order (the work stays parallel), so that the same seed gives the same
+        batches. False hands on whatever finishes first; it measures no
+        faster here (`benchmarks/input_determinism.py`) and loses the stream
+        position a resumed run needs.
+      skip: Records of this stream already trained on: they are read and
+        dropped before decoding (a resumed epoch starts where the last one
+        stopped; their numbers, and so their augmentation, stay the same).
     """
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
-    files = _files(data_dir, meta, "train", context)
-    ds = files.shuffle(len(records.shard_paths(data_dir, meta, "train")), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-    ds = ds.interleave(
-        tf.data.TFRecordDataset, cycle_length=16, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
-    )
-    ds = ds.shuffle(shuffle_buffer, seed=seed)
-    ds = ds.enumerate()
+    ds = train_records(data_dir, meta, seed, context, shuffle_buffer, deterministic)
+    ds = ds.enumerate().skip(skip)
     ds = ds.map(
         lambda i, s: (lambda b, y: (crop_for_train(b, stats, crop, record_seed(seed, i)), y))(*_parse(s)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
@@ -369,11 +397,17 @@ def eval_dataset(
     """Every record of a split once, in order: (images, labels) batches.
 
     images are (batch, crop, crop, 3), or (batch, 10, crop, crop, 3) with ten_crop.
+    With several input pipelines each reads its own shards, or, where there
+    are fewer shards than pipelines, every shard and keeps its own share of
+    the records (so every split can be evaluated by any number of workers).
     """
     batch = context.get_per_replica_batch_size(batch_size) if context else batch_size
     fn = ten_crops if ten_crop else preprocess_for_eval
-    ds = _files(data_dir, meta, split, context)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=1)
+    files = records.shard_paths(data_dir, meta, split)
+    if context and len(files) < context.num_input_pipelines:
+        ds = tf.data.TFRecordDataset(files).shard(context.num_input_pipelines, context.input_pipeline_id)
+    else:
+        ds = _files(data_dir, meta, split, context).interleave(tf.data.TFRecordDataset, cycle_length=1)
     ds = ds.map(lambda s: (lambda b, y: (fn(b, stats, crop), y))(*_parse(s)), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 

@@ -93,7 +93,11 @@ def main(argv):
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
-    history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
+    try:
+        history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
+    except distribute.RunConflict as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(1)
     if history and "val_top1_error" in history[-1]:
         last = history[-1]
         print(f"validation top-1 error {last['val_top1_error']:.2%}, top-5 error {last['val_top5_error']:.2%} "

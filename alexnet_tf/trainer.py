@@ -16,7 +16,9 @@ the same code compiles under every strategy (an optimizer's cross-replica
 update cannot run inside a per-replica XLA cluster).
 
 Killed at any moment, the same call resumes from the last checkpoint:
-weights, optimizer state, epoch, step, schedule state.
+weights, optimizer state, epoch, step, schedule state, and the input position
+(the epoch's stream is a pure function of the seed, the epoch and the worker;
+a resumed epoch skips the records already trained on, see `settle_stream`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,13 @@ class LoopState:
         # Running sums of the epoch's training metrics (loss, top-1, top-5, count).
         self.sums = var([0.0, 0.0, 0.0, 0.0], tf.float64)
         self.train_seconds = var(0.0, tf.float64)
+        # The input position: the stream is a pure function of its seed, and a
+        # resumed epoch skips the records of `step_in_epoch` steps, so both the
+        # seed and the records per step (global batch / input pipelines) must
+        # be those of the run being resumed. -1: not recorded yet.
+        self.stream_seed = var(-1, tf.int64)
+        self.global_batch = var(-1, tf.int64)
+        self.input_pipelines = var(-1, tf.int64)
 
     def trackables(self) -> dict:
         return dict(vars(self))
@@ -324,6 +333,58 @@ class _Checkpoints:
             tf.io.gfile.rmtree(self.save_dir)
 
 
+def settle_stream(config: TrainConfig, state: LoopState, strategy, resumed: bool) -> int:
+    """The training stream's seed, recorded in `state` with the batch size and
+    the number of input pipelines, after checking a resumed run keeps them.
+
+    Without --seed the first start draws one (the chief's, on every worker)
+    and the checkpoints keep it, so a resumed epoch replays the same order.
+
+    Raises:
+      distribute.RunConflict: The checkpoint's run used another seed, batch size or
+        number of workers: its input position would mean other records.
+    """
+    pipelines = distribute.num_workers(strategy)
+    if resumed:
+        for was, now, what in ((int(state.global_batch), config.batch_size, "--batch_size"),
+                               (int(state.input_pipelines), pipelines, "workers (input pipelines)"),
+                               (int(state.stream_seed), config.seed, "--seed")):
+            if was >= 0 and now is not None and was != now:
+                raise distribute.RunConflict(f"the checkpoint's run has {what} {was}, this one {now}: a resumed run keeps "
+                                 f"them (the input position is counted in its records); use another --model_dir "
+                                 f"to start a new run")
+    seed = int(state.stream_seed)
+    if seed < 0:
+        seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+        seed = int(distribute.all_workers(strategy, [seed])[0, 0])  # The chief's.
+    state.stream_seed.assign(seed)
+    state.global_batch.assign(config.batch_size)
+    state.input_pipelines.assign(pipelines)
+    return seed
+
+
+def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | None) -> dict:
+    """What every worker of one run must agree on: the configuration (paths
+    aside), the records' identity and the state restored from the checkpoint."""
+    facts = {f"--{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name not in ("data_dir", "verbose")}
+    facts["records (metadata.json classes and split sizes)"] = (
+        data.meta["classes"], {k: v["num_examples"] for k, v in sorted(data.meta["splits"].items())})
+    facts["restored checkpoint"] = os.path.basename(latest) if latest else None
+    facts["global step"] = int(state.global_step)
+    facts["epoch"] = int(state.epoch)
+    return facts
+
+
+def open_checkpoints(model_dir: str, strategy, chief: bool, model, optimizer, state: LoopState) -> _Checkpoints:
+    """The run's checkpoints: the model, the optimizer and the loop state."""
+    # The model's non-trainable state (the dropout layers' seed generators) is
+    # not among the variables a Keras 3 model gives tf.train.Checkpoint; without
+    # it a resumed run would draw the masks of its first steps again.
+    return _Checkpoints(model_dir, strategy, chief, model=model, optimizer=optimizer,
+                        model_state=list(model.non_trainable_variables), **state.trackables())
+
+
 def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, steps_per_epoch: int,
               save=None, profile_dir: str | None = None, bar=None) -> None:
     """Trains to the end of the current epoch in device loops of up to `steps_per_loop` steps.
@@ -411,6 +472,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         # Deterministic kernels where an op has several (cuDNN's convolutions,
         # GPU reductions); raises on an op that has no deterministic one.
         tf.config.experimental.enable_op_determinism()
+        # Grappler's arithmetic optimizer regroups chains of float additions
+        # (the weight-decay and loss gradients, the replicas' all-reduce) in an
+        # order that follows the graph's construction, and the replicas of
+        # MirroredStrategy are traced concurrently, in threads: two runs would
+        # then add in different orders and differ in the last bits.
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     data = read_data(config, strategy)
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
@@ -420,9 +487,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
                                  dropout=config.dropout, classes=data.meta["classes"], mean=data.stats.mean,
                                  mean_kind=config.mean, square_size=data.stats.square_size)
 
-    checkpoints = _Checkpoints(model_dir, strategy, chief, model=model, optimizer=optimizer, **state.trackables())
+    checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
     history = []
-    if checkpoints.restore():
+    resumed = checkpoints.restore() is not None
+    distribute.check_workers_agree(strategy, run_facts(config, data, state, checkpoints.latest))
+    stream_seed = settle_stream(config, state, strategy, resumed)
+    if resumed:
         optimizer.learning_rate.assign(float(state.learning_rate.numpy()))
         say(chief, f"resumed from {checkpoints.latest}: epoch {int(state.epoch) + 1}, step {int(state.step_in_epoch)}")
         history = [h for h in run_dir.read_history(model_dir) if h["epoch"] <= int(state.epoch)]
@@ -433,10 +503,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch)
 
     def dataset_fn(context):
-        seed = None if config.seed is None else config.seed + int(state.epoch) * 1000 + context.input_pipeline_id
-        return input_pipeline.train_dataset(config.data_dir, data.meta, data.stats, config.batch_size, context,
-                                            shuffle_buffer=config.shuffle_buffer, seed=seed,
-                                            deterministic=config.deterministic)
+        # Each epoch's stream, from where this epoch's trained steps end.
+        per_step = config.batch_size // context.num_input_pipelines
+        return input_pipeline.train_dataset(
+            config.data_dir, data.meta, data.stats, config.batch_size, context,
+            shuffle_buffer=config.shuffle_buffer, seed=stream_seed + int(state.epoch) * 1000 + context.input_pipeline_id,
+            skip=int(state.step_in_epoch) * per_step)
 
     summaries = Summaries(model_dir, chief)
     preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
@@ -472,8 +544,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
             run_dir.write_history(model_dir, history)
             if verbose:
                 print(epoch_line(result), flush=True)
-        if config.seed is not None:
-            iterator = None  # A new, differently seeded pass next epoch.
+        iterator = None  # A new, differently seeded pass next epoch.
 
     checkpoints.clean_up()
     if chief and config.export:

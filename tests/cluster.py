@@ -21,11 +21,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def run_workers(argv_of, n: int = 2, timeout: int = 600) -> list[tuple[str, str]]:
-    """Starts `python argv_of(i)` as worker i of an n-worker cluster; returns each one's (stdout, stderr).
-
-    Fails the calling test with the stderr of any worker that exits non-zero.
-    """
+def start_workers(argv_of, n: int = 2, timeout: int = 600) -> list[tuple[int, str, str]]:
+    """Runs `python argv_of(i)` as worker i of an n-worker cluster; returns each one's (exit code, stdout, stderr)."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(n)]}
     procs = []
     for i in range(n):
@@ -37,6 +34,15 @@ def run_workers(argv_of, n: int = 2, timeout: int = 600) -> list[tuple[str, str]
     finally:
         for p in procs:
             p.kill()
-    for i, (p, (_, stderr)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"worker {i} failed:\n{stderr[-3000:]}"
-    return outputs
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def run_workers(argv_of, n: int = 2, timeout: int = 600) -> list[tuple[str, str]]:
+    """`start_workers`, returning each worker's (stdout, stderr).
+
+    Fails the calling test with the stderr of any worker that exits non-zero.
+    """
+    results = start_workers(argv_of, n, timeout)
+    for i, (code, _, stderr) in enumerate(results):
+        assert code == 0, f"worker {i} failed:\n{stderr[-3000:]}"
+    return [(out, err) for _, out, err in results]

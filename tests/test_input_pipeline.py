@@ -191,6 +191,25 @@ def test_seeded_deterministic_stream_repeats_itself_exactly(data):
     assert len(set(tops.tolist())) > 5
 
 
+def test_a_resumed_stream_continues_exactly_where_the_trained_steps_end(data):
+    out, meta, stats, _ = data
+    make = lambda skip: ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50, seed=5, skip=skip)  # noqa: E731
+    straight = _batches(make(0), 7)
+    resumed = _batches(make(3 * 8), 4)  # Killed after 3 trained steps of 8 records.
+    for a, b in zip(tf.nest.flatten(straight[3:]), tf.nest.flatten(resumed)):
+        np.testing.assert_array_equal(a, b)  # The same records, augmented the same: none twice, none left out.
+
+
+def test_each_pass_reads_every_record_once(data):
+    out, meta, _, _ = data
+    n = meta["splits"]["train"]["num_examples"]
+    stream = [r.numpy() for r in ip.train_records(out, meta, seed=2, shuffle_buffer=50).take(2 * n)]
+    first, second = stream[:n], stream[n:]
+    assert len(set(first)) == n and set(first) == set(second)
+    assert first != second  # Each pass in its own order.
+    assert sorted(r["jpeg"] for r in read_split(out, meta, "train")) == sorted(ip._parse(r)[0].numpy() for r in first)
+
+
 def test_each_record_is_augmented_from_its_own_seed(data):
     out, meta, stats, rows = data
     # A stream of one shard read in order (no shuffle to speak of): record i is augmented with record_seed(seed, i).

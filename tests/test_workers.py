@@ -1,0 +1,103 @@
+"""Workers that agree: sharded evaluation equal to one worker's, and a clear stop
+when the workers of one run see different runs (two processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import tensorflow as tf
+
+import cluster
+from alexnet_tf import distribute, evaluation, input_pipeline, model as model_lib, records, trainer
+from alexnet_tf.config import TrainConfig
+
+EVALUATE = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    from alexnet_tf import distribute, evaluation, input_pipeline, model, records
+    strategy = distribute.make_strategy(sys.argv[2])
+    meta = records.load_metadata(sys.argv[1])
+    stats = input_pipeline.ColorStats.from_metadata(sys.argv[1], meta, "image")
+    with strategy.scope():
+        net = model.build_alexnet(meta["num_classes"], seed=3, dtype="float32")
+    result = evaluation.Evaluator(net, strategy, sys.argv[1], meta, stats, 16).evaluate("validation")
+    print("RESULT", json.dumps(result))
+""")
+
+
+def _result(stdout: str) -> dict:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_evaluation_equals_one_worker_exactly(built):
+    out, meta = built
+    assert len(records.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
+    outputs = cluster.run_workers(lambda i: ["-c", EVALUATE, out, "multi_worker"])
+    sharded = [_result(stdout) for stdout, _ in outputs]
+    # One worker, the same weights (seeded), the same batch size: the whole split.
+    stats = input_pipeline.ColorStats.from_metadata(out, meta, "image")
+    net = model_lib.build_alexnet(meta["num_classes"], seed=3, dtype="float32")
+    whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    assert sharded[0] == sharded[1] == whole  # Bit for bit: integer sums, full-size batches.
+    assert 0 < whole["loss"] and 0 <= whole["top1_error"] <= 1
+
+
+def test_each_worker_evaluates_only_its_share(built):
+    out, meta = built
+    stats = input_pipeline.ColorStats.from_metadata(out, meta, "image")
+    counts = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=1)
+        counts.append(sum(int(y.shape[0]) for _, y in input_pipeline.eval_dataset(out, meta, stats, 16,
+                                                                                    context=context)))
+    assert counts == [20, 20] and sum(counts) == meta["splits"]["validation"]["num_examples"]
+
+
+def _checkpoint_at_step(data_dir: str, model_dir, step: int) -> None:
+    """A checkpoint of the trainer's own structure, as a run stopped at `step` leaves it."""
+    config = TrainConfig(data_dir=data_dir, batch_size=8, seed=0)
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = trainer.build_model_and_optimizer(config, 10, strategy, "float32")
+    state = trainer.LoopState(config.learning_rate)
+    state.global_step.assign(step)
+    state.step_in_epoch.assign(step)
+    trainer.open_checkpoints(str(model_dir), strategy, True, model, optimizer, state).save(step)
+
+
+def test_workers_that_see_different_runs_stop_naming_the_difference(built, tmp_path):
+    out, _ = built
+    chief_dir, other_dir = tmp_path / "shared", tmp_path / "elsewhere"
+    _checkpoint_at_step(out, chief_dir, 5)
+    # Worker 1 is given another (empty) model folder and another learning rate.
+    args = [["--model_dir", str(chief_dir), "--learning_rate=0.01"],
+            ["--model_dir", str(other_dir), "--learning_rate=0.02"]]
+    results = cluster.start_workers(lambda i: [
+        "-m", "alexnet_tf.train", "--strategy=multi_worker", "--data_dir", out, "--batch_size=8",
+        "--steps_per_epoch=2", "--epochs=1", "--seed=0", "--log_images=0", "--nohistograms", "--noexport",
+        *args[i]])
+    for i, (code, _, stderr) in enumerate(results):
+        assert code == 1, f"worker {i}: {stderr[-2000:]}"
+        assert "train: error: the workers do not see the same run" in stderr
+        for fact in ("--learning_rate", "restored checkpoint", "global step"):
+            assert f"{fact} (workers 1 differ from the chief" in stderr, (fact, stderr[-2000:])
+        assert "Traceback" not in stderr
+    assert "worker 1 has 0.02" in results[1][2] and "worker 0 has 'ckpt-5'" in results[0][2]
+    assert not (other_dir / "checkpoints").exists() or not tf.train.latest_checkpoint(str(other_dir / "checkpoints"))
+
+
+def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
+    strategy = tf.distribute.get_strategy()
+    state = trainer.LoopState(0.01)
+    config = TrainConfig(batch_size=8, seed=None)
+    seed = trainer.settle_stream(config, state, strategy, resumed=False)
+    assert 0 <= seed == int(state.stream_seed) and int(state.global_batch) == 8 and int(state.input_pipelines) == 1
+    # Resumed without --seed: the recorded one.
+    assert trainer.settle_stream(config, state, strategy, resumed=True) == seed
+    with pytest.raises(distribute.RunConflict, match="the checkpoint's run has --batch_size 8, this one 16"):
+        trainer.settle_stream(TrainConfig(batch_size=16), state, strategy, resumed=True)
+    with pytest.raises(distribute.RunConflict, match=f"has --seed {seed}, this one {seed + 1}"):
+        trainer.settle_stream(TrainConfig(batch_size=8, seed=seed + 1), state, strategy, resumed=True)
+
