@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-loop bench-gpu clean
+.PHONY: install demo test test-all bench bench-loop bench-gpu rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ bench-loop: $(STAMP)
 # Markdown table. Without a GPU it says so and stops.
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu
+
+# The whole chain at ImageNet's shape (1000 synsets, ImageNet's image sizes, the
+# default shard counts): sample -> build -> verify -> train -> evaluate -> export
+# -> serve, one table row per stage; benchmarks/results/rehearsal.json. About 10
+# minutes on 2 cores; REHEARSAL='--train_per_class=40 --steps=500' scales it up.
+REHEARSAL ?=
+rehearsal: $(STAMP)
+	$(PY) -m pip install --quiet psutil
+	$(PY) -m benchmarks.rehearsal $(REHEARSAL)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -32,18 +32,25 @@ LOSS_UNIT = 2.0**-32
 
 
 def exact_sums(per_example_loss, probs, labels):
-    """(loss in LOSS_UNITs, top-1 hits, top-5 hits, count) of a batch, int64 (4,)."""
-    loss = tf.cast(tf.round(tf.cast(per_example_loss, tf.float64) / LOSS_UNIT), tf.int64)
+    """(loss in LOSS_UNITs, top-1 hits, top-5 hits, count, non-finite losses) of a batch, int64 (5,).
+
+    A non-finite loss (a diverged network) is counted, not summed: `exact_rates`
+    then reports the loss as NaN, as a float sum would.
+    """
+    loss = tf.cast(per_example_loss, tf.float64)
+    finite = tf.math.is_finite(loss)
+    units = tf.cast(tf.round(tf.where(finite, loss, 0.0) / LOSS_UNIT), tf.int64)
     top1 = tf.cast(tf.math.in_top_k(labels, probs, 1), tf.int64)
     top5 = tf.cast(tf.math.in_top_k(labels, probs, min(5, probs.shape[-1])), tf.int64)
     count = tf.shape(labels, out_type=tf.int64)[0]
-    return tf.stack([tf.reduce_sum(loss), tf.reduce_sum(top1), tf.reduce_sum(top5), count])
+    return tf.stack([tf.reduce_sum(units), tf.reduce_sum(top1), tf.reduce_sum(top5), count,
+                     tf.reduce_sum(tf.cast(~finite, tf.int64))])
 
 
 def exact_rates(sums) -> dict:
     """`rates` of `exact_sums` added up."""
-    loss, top1, top5, count = (int(s) for s in sums)
-    return rates([loss * LOSS_UNIT, top1, top5, count])
+    loss, top1, top5, count, nonfinite = (int(s) for s in sums)
+    return rates([loss * LOSS_UNIT if not nonfinite else float("nan"), top1, top5, count])
 
 
 class Evaluator:
@@ -90,7 +97,7 @@ class Evaluator:
         def replica_eval(images, labels, size):
             # The last batch of a split leaves some replicas empty; skip the model there.
             return tf.cond(tf.shape(labels)[0] > 0, lambda: forward(images, labels, size),
-                           lambda: tf.zeros([4], tf.int64))
+                           lambda: tf.zeros([5], tf.int64))
 
         @tf.function
         def distributed_step(batch, size):
@@ -120,7 +127,7 @@ class Evaluator:
         else:
             ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop)
             step = lambda b: self._local(*b, batch)  # noqa: E731
-        sums = np.zeros(4, np.int64)
+        sums = np.zeros(5, np.int64)
         expected = self.meta["splits"][split]["num_examples"]
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
         for b in ds:

@@ -244,10 +244,16 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _render(class_index: int, rng: np.random.Generator) -> Image.Image:
-    """Draws one RGB image of the given class."""
-    h, w = _random_size(rng)
+    """Draws one RGB image of the given class at a random size."""
+    return _render_sized(class_index, rng, _random_size(rng))
+
+
+def _render_sized(class_index: int, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Draws one RGB image of the given class (its texture family: the class
+    modulo the families) at `size` (height, width)."""
+    h, w = size
     bg, fg = _two_colours(rng)
-    mask = _PATTERNS[class_index](rng, h, w).astype(np.float32)
+    mask = _PATTERNS[class_index % len(_PATTERNS)](rng, h, w).astype(np.float32)
     # In-place float32 arithmetic: this function dominates the run time.
     img = mask[..., None] * (fg - bg)
     img += bg + 0.5  # +0.5: round rather than truncate on the cast below.
@@ -469,6 +475,158 @@ def make_sample(
     return manifest
 
 
+# ---------------------------------------------------------------------------
+# The ImageNet-shaped sample: ILSVRC2012's full width, its archives' layout and
+# its image sizes, at any number of images.
+# ---------------------------------------------------------------------------
+
+ILSVRC_TRAIN_IMAGES = 1_281_167
+ILSVRC_VAL_IMAGES = 50_000
+# tensorflow-datasets' imagenet2012 builder lists the training set's odd files:
+# 22 CMYK JPEGs and one PNG under a .JPEG name.
+ILSVRC_CMYK, ILSVRC_PNG = 22, 1
+
+
+def _imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(height, width) in ILSVRC2012's mix: most 500 px on the long side at 4:3
+    or 3:2 (500x375, 500x333), some smaller, a few several times larger."""
+    r = rng.random()
+    if r < 0.8:
+        long_side, aspect = 500, float(rng.choice([0.75, 0.666, 0.75, 1.0, 0.8]))
+    elif r < 0.97:
+        long_side, aspect = int(rng.integers(200, 500)), float(rng.uniform(0.6, 1.0))
+    else:
+        long_side, aspect = int(rng.integers(800, 2600)), float(rng.uniform(0.6, 0.8))
+    short_side = max(_MIN_SIDE // 2, int(round(long_side * aspect)))
+    return (short_side, long_side) if rng.random() < 0.75 else (long_side, short_side)
+
+
+def ilsvrc_val_labels() -> list[str]:
+    """The 50,000 validation synsets tensorflow-datasets ships: line n is the
+    class of ILSVRC2012_val_{n:08d}.JPEG."""
+    from pipelines import imagenet_layout
+
+    with open(imagenet_layout.default_val_labels_path()) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def make_imagenet_sample(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    train_per_class: int = 8,
+    val_images: int = 1000,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Writes an ImageNet-shaped synthetic sample into ``output_dir``.
+
+    The shape of the real ILSVRC2012 archives at a chosen size: all 1000
+    synsets in the standard label order, ``ILSVRC2012_img_train.tar`` of
+    nested class tars, images in ImageNet's size mix (`_imagenet_size`),
+    CMYK and PNG files at ImageNet's rate (22 and 1 among 1,281,167, at least
+    one of each), and a flat ``ILSVRC2012_img_val.tar`` whose files carry real
+    ILSVRC2012 numbers (a sparse, unsorted subset of 1..50,000), each drawn
+    from the class the shipped 50,000-line label list gives its number. No
+    label file is written: the build reads the shipped list, as it does for
+    the real archives.
+
+    Args:
+        train_per_class: Training images per class (>= 1).
+        val_images: Validation images (1..50,000).
+        progress: Called with a line now and then (None: the module's logger).
+
+    Returns:
+        The manifest (also in ``manifest.json``), as `make_sample`'s, with
+        ``shape`` "imagenet", ``val_numbers`` and no ``val_labels``.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (got {seed})")
+    if train_per_class < 1:
+        raise ValueError(f"train_per_class must be >= 1 (got {train_per_class})")
+    if not 1 <= val_images <= ILSVRC_VAL_IMAGES:
+        raise ValueError(f"val_images must be between 1 and {ILSVRC_VAL_IMAGES} (got {val_images})")
+    from pipelines import imagenet_layout
+
+    say = progress or logger.info
+    start = time.perf_counter()
+    synsets = imagenet_layout.ilsvrc_synsets()
+    index = {s: i for i, s in enumerate(synsets)}
+    val_labels = ilsvrc_val_labels()
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+
+    layout = np.random.default_rng([seed, _STREAM_LAYOUT, 1000])
+    num_train = train_per_class * len(synsets)
+    odd = {}  # (class, position) -> quirk
+    for kind, count in (("cmyk", ILSVRC_CMYK), ("png", ILSVRC_PNG)):
+        for _ in range(max(1, round(count * num_train / ILSVRC_TRAIN_IMAGES))):
+            while True:
+                key = (int(layout.integers(len(synsets))), int(layout.integers(train_per_class)))
+                if key not in odd:
+                    odd[key] = kind
+                    break
+    # Real numbers: a sparse subset of 1..50,000, in an unsorted archive order.
+    val_numbers = [int(n) for n in layout.choice(ILSVRC_VAL_IMAGES, size=val_images, replace=False) + 1]
+
+    quirks, sizes = {}, []
+    tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
+    try:
+        with _open_tar(tmp / TRAIN_TAR) as outer:
+            for c, synset in enumerate(synsets):
+                numbers = layout.choice(max(15_000, 2 * train_per_class), size=train_per_class, replace=False) + 1
+                class_tar = tmp / f"{synset}.tar"
+                with _open_tar(class_tar) as inner:
+                    for k, n in enumerate(numbers):
+                        rng = np.random.default_rng([seed, _STREAM_TRAIN, 1000, c, k])
+                        size = _imagenet_size(rng)
+                        sizes.append(size)
+                        name = f"{synset}_{n}.JPEG"
+                        kind = odd.get((c, k))
+                        if kind:
+                            quirks.setdefault(kind, []).append(f"{synset}/{name}")
+                        _add_bytes(inner, name, _encode(_render_sized(c, rng, size), kind))
+                _add_file(outer, class_tar.name, class_tar)
+                class_tar.unlink()
+                if (c + 1) % 100 == 0:
+                    say(f"make_sample: {c + 1}/1000 classes, {(c + 1) * train_per_class} training images, "
+                        f"{time.perf_counter() - start:.0f} s")
+        with _open_tar(tmp / VAL_TAR) as tar:
+            for n in val_numbers:
+                rng = np.random.default_rng([seed, _STREAM_VAL, 1000, n])
+                size = _imagenet_size(rng)
+                sizes.append(size)
+                _add_bytes(tar, f"ILSVRC2012_val_{n:08d}.JPEG", _encode(_render_sized(index[val_labels[n - 1]], rng, size), None))
+        for name in (TRAIN_TAR, VAL_TAR):
+            os.replace(tmp / name, out / name)
+        (out / VAL_LABELS).unlink(missing_ok=True)  # The shipped list applies, as for the real archives.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    pixels = np.array([h * w for h, w in sizes])
+    params = {"version": FORMAT_VERSION, "shape": "imagenet", "seed": int(seed),
+              "train_per_class": int(train_per_class), "val_images": int(val_images)}
+    manifest = dict(
+        params,
+        synsets=synsets,
+        num_train=num_train,
+        num_val=val_images,
+        val_numbers=val_numbers,
+        quirks={k: sorted(v) for k, v in sorted(quirks.items())},
+        median_pixels=int(np.median(pixels)),
+        largest=list(max(sizes, key=lambda s: s[0] * s[1])),
+        output_dir=str(out),
+        train_tar=str(out / TRAIN_TAR),
+        val_tar=str(out / VAL_TAR),
+    )
+    _write_json(out / MANIFEST, manifest)
+    _write_json(out / MARKER, params)
+    say(f"make_sample: wrote {num_train} training images (1000 classes, "
+        f"{(out / TRAIN_TAR).stat().st_size / 2**20:.0f} MiB) and {val_images} validation images "
+        f"({(out / VAL_TAR).stat().st_size / 2**20:.0f} MiB) to {out} in {time.perf_counter() - start:.0f} s")
+    return manifest
+
+
 def default_cache_dir() -> Path:
     """Where :func:`ensure_sample` keeps the sample by default.
 
@@ -571,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train_per_class",
         type=int,
-        default=40,
-        help=f"Training images per class (>= {MIN_TRAIN_PER_CLASS}).",
+        default=None,
+        help=f"Training images per class (default 40, >= {MIN_TRAIN_PER_CLASS}; --shape=imagenet: 8, >= 1).",
     )
     parser.add_argument(
         "--val_per_class",
@@ -580,13 +738,33 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help=f"Validation images per class (>= {MIN_VAL_PER_CLASS}).",
     )
+    parser.add_argument(
+        "--shape",
+        choices=("small", "imagenet"),
+        default="small",
+        help="small: 10 classes (the embedded sample's shape); imagenet: all 1000 ILSVRC2012 "
+        "synsets, ImageNet's image sizes, real validation file numbers, no label file.",
+    )
+    parser.add_argument(
+        "--val_images",
+        type=int,
+        default=1000,
+        help="--shape=imagenet: validation images (1..50000).",
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.shape == "imagenet":
+        try:
+            make_imagenet_sample(args.output_dir, args.seed, args.train_per_class or 8, args.val_images)
+        except ValueError as e:
+            parser.error(f"--{e}")
+        return 0
+    train_per_class = 40 if args.train_per_class is None else args.train_per_class
     try:
-        _check_args(args.seed, args.train_per_class, args.val_per_class)
+        _check_args(args.seed, train_per_class, args.val_per_class)
     except ValueError as e:
         parser.error(f"--{e}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    make_sample(args.output_dir, args.seed, args.train_per_class, args.val_per_class)
+    make_sample(args.output_dir, args.seed, train_per_class, args.val_per_class)
     return 0
 
 

@@ -316,3 +316,67 @@ def test_cli_writes_sample(tmp_path):
     assert (manifest["num_train"], manifest["num_val"]) == (40, 10)
     assert (out / ms.MARKER).exists()
     assert str(out) in result.stderr  # Logged where it wrote.
+
+
+# -- the ImageNet-shaped sample ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagenet_shaped(tmp_path_factory):
+    """1000 classes of 2 images, 30 validation images; small pictures, to be quick."""
+    out = tmp_path_factory.mktemp("imagenet")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ms, "_imagenet_size", lambda rng: (int(rng.integers(40, 60)), int(rng.integers(40, 80))))
+        manifest = ms.make_imagenet_sample(out, seed=1, train_per_class=2, val_images=30)
+    return out, manifest
+
+
+def test_imagenet_shape_has_every_synset_in_order_nested(imagenet_shaped):
+    from pipelines import imagenet_layout
+
+    out, manifest = imagenet_shaped
+    train = read_train(out / ms.TRAIN_TAR)
+    synsets = imagenet_layout.ilsvrc_synsets()
+    assert len(synsets) == 1000 and list(train) == [f"{s}.tar" for s in synsets]
+    assert all(len(members) == 2 for members in train.values()) and manifest["num_train"] == 2000
+    for cls, members in list(train.items())[:5]:
+        assert all(re.fullmatch(cls[:-4] + r"_\d+\.JPEG", m.name) for m, _ in members)
+    # CMYK and PNG at ImageNet's rate: at least one of each, and what they claim.
+    by_path = train_by_path(train)
+    (cmyk,), (png,) = manifest["quirks"]["cmyk"], manifest["quirks"]["png"]
+    assert Image.open(io.BytesIO(by_path[cmyk])).mode == "CMYK"
+    assert by_path[png].startswith(b"\x89PNG")
+
+
+def test_imagenet_shape_validation_numbers_are_real_and_labels_need_no_file(imagenet_shaped):
+    out, manifest = imagenet_shaped
+    assert not (out / ms.VAL_LABELS).exists()
+    val = read_flat(out / ms.VAL_TAR)
+    numbers = [int(re.fullmatch(r"ILSVRC2012_val_(\d{8})\.JPEG", m.name).group(1)) for m, _ in val]
+    assert numbers == manifest["val_numbers"] and len(set(numbers)) == 30
+    assert numbers != sorted(numbers) and max(numbers) > 30  # Unsorted, sparse.
+    assert all(1 <= n <= 50_000 for n in numbers)
+    # Each image is drawn from the class the shipped list gives its number.
+    labels = ms.ilsvrc_val_labels()
+    index = {s: i for i, s in enumerate(manifest["synsets"])}
+    n = numbers[0]
+    rng = np.random.default_rng([1, ms._STREAM_VAL, 1000, n])
+    size = (int(rng.integers(40, 60)), int(rng.integers(40, 80)))
+    expected = ms._encode(ms._render_sized(index[labels[n - 1]], rng, size), None)
+    assert val[0][1] == expected
+
+
+def test_imagenet_sizes_follow_imagenets_mix():
+    rng = np.random.default_rng(0)
+    sizes = [ms._imagenet_size(rng) for _ in range(5000)]
+    long_sides = np.array([max(s) for s in sizes])
+    assert 0.75 < np.mean(long_sides == 500) < 0.85  # Most are 500 px on the long side ...
+    assert (np.array(sizes) == (375, 500)).all(axis=1).mean() > 0.2  # ... many 500x375 ...
+    assert 0.01 < np.mean(long_sides > 800) < 0.05 and long_sides.max() > 2000  # ... a few far larger.
+    assert np.mean([h > w for h, w in sizes]) > 0.15  # Portrait ones too.
+
+
+def test_imagenet_shape_cli_bad_input(tmp_path):
+    result = run_cli("--shape=imagenet", "--output_dir", str(tmp_path / "out"), "--val_images", "50001")
+    assert result.returncode == 2 and "val_images must be between 1 and 50000" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ when the workers of one run see different runs (two processes on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import pytest
@@ -43,6 +44,14 @@ def test_sharded_evaluation_equals_one_worker_exactly(built):
     whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
     assert sharded[0] == sharded[1] == whole  # Bit for bit: integer sums, full-size batches.
     assert 0 < whole["loss"] and 0 <= whole["top1_error"] <= 1
+
+
+def test_a_diverged_network_evaluates_to_a_nan_loss_not_a_number(built):
+    out, meta = built
+    stats = input_pipeline.ColorStats.from_metadata(out, meta, "image")
+    nan = lambda images, training: tf.fill([tf.shape(images)[0], 10], float("nan"))  # noqa: E731
+    result = evaluation.Evaluator(nan, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    assert math.isnan(result["loss"]) and result["top1_error"] == 1.0
 
 
 def test_each_worker_evaluates_only_its_share(built):
