@@ -350,9 +350,9 @@ def settle_stream(config: TrainConfig, state: LoopState, strategy, resumed: bool
                                (int(state.input_pipelines), pipelines, "workers (input pipelines)"),
                                (int(state.stream_seed), config.seed, "--seed")):
             if was >= 0 and now is not None and was != now:
-                raise distribute.RunConflict(f"the checkpoint's run has {what} {was}, this one {now}: a resumed run keeps "
-                                 f"them (the input position is counted in its records); use another --model_dir "
-                                 f"to start a new run")
+                raise distribute.RunConflict(
+                    f"the checkpoint's run has {what} {was}, this one {now}: a resumed run keeps them (the input "
+                    f"position is counted in its records); use another --model_dir to start a new run")
     seed = int(state.stream_seed)
     if seed < 0:
         seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
@@ -505,10 +505,10 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     def dataset_fn(context):
         # Each epoch's stream, from where this epoch's trained steps end.
         per_step = config.batch_size // context.num_input_pipelines
-        return input_pipeline.train_dataset(
-            config.data_dir, data.meta, data.stats, config.batch_size, context,
-            shuffle_buffer=config.shuffle_buffer, seed=stream_seed + int(state.epoch) * 1000 + context.input_pipeline_id,
-            skip=int(state.step_in_epoch) * per_step)
+        seed = stream_seed + int(state.epoch) * 1000 + context.input_pipeline_id
+        return input_pipeline.train_dataset(config.data_dir, data.meta, data.stats, config.batch_size, context,
+                                            shuffle_buffer=config.shuffle_buffer, seed=seed,
+                                            skip=int(state.step_in_epoch) * per_step)
 
     summaries = Summaries(model_dir, chief)
     preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
