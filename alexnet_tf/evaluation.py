@@ -84,7 +84,7 @@ class Evaluator:
 
         def forward(images, labels, size):
             n = tf.shape(labels)[0]
-            padded = tf.concat([images, tf.zeros([size - n, *images.shape[1:]], images.dtype)], axis=0)
+            padded = tf.pad(images, [[0, size - n]] + [[0, 0]] * (len(images.shape) - 1))  # Full batches: no copy.
             if len(images.shape) == 5:  # (batch, 10, h, w, 3): average the softmax of the patches.
                 logits = self.model(tf.reshape(padded, [-1, *images.shape[2:]]), training=False)
                 probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [size, 10, -1]), axis=1)
@@ -112,11 +112,13 @@ class Evaluator:
         batch = self.batch_size
         if ten_crop:
             batch = max(1, batch // 10)
-        if self.workers > 1:
-            context = tf.distribute.InputContext(self.workers, distribute.worker_index(self.strategy), 1)
+        if self.workers > 1 or self.strategy.num_replicas_in_sync == 1:
+            # One device per worker; each of several workers reads its own share.
+            context = (tf.distribute.InputContext(self.workers, distribute.worker_index(self.strategy), 1)
+                       if self.workers > 1 else None)
             ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop, context)
             step = lambda b: self._local(*b, batch)  # noqa: E731
-        elif self.strategy.num_replicas_in_sync > 1:
+        else:
             batch -= batch % self.strategy.num_replicas_in_sync
             batch = max(batch, self.strategy.num_replicas_in_sync)
             ds = self.strategy.distribute_datasets_from_function(
@@ -124,9 +126,6 @@ class Evaluator:
                                                         ten_crop, ctx))
             per_replica = batch // self.strategy.num_replicas_in_sync
             step = lambda b: self._distributed(b, per_replica)  # noqa: E731
-        else:
-            ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop)
-            step = lambda b: self._local(*b, batch)  # noqa: E731
         sums = np.zeros(5, np.int64)
         expected = self.meta["splits"][split]["num_examples"]
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
