@@ -55,15 +55,15 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     from alexnet_tf.evaluation import Evaluator
 
     meta = records.load_metadata(data_dir)
-    if split not in meta["splits"]:
+    if split not in meta.splits:
         raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
-                         f"(it has {sorted(meta['splits'])})")
+                         f"(it has {sorted(meta.splits)})")
     stats = input_pipeline.ColorStats.for_evaluation(
-        np.asarray(mean, np.float32), meta["image"]["size"] if meta["image"].get("resized") else None)
+        np.asarray(mean, np.float32), meta.image.size if meta.image.resized else None)
     evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size)
     result = {
         "split": split,
-        "num_examples": meta["splits"][split]["num_examples"],
+        "num_examples": meta.splits[split].num_examples,
         "central_crop": evaluator.evaluate(split, progress=progress),
     }
     if ten_crops:
@@ -105,8 +105,8 @@ def main(argv=None) -> None:
     try:
         model, mean, num_classes = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
-        if meta["num_classes"] != num_classes:
-            raise ValueError(f"the model has {num_classes} classes, {args.data_dir} has {meta['num_classes']}")
+        if meta.num_classes != num_classes:
+            raise ValueError(f"the model has {num_classes} classes, {args.data_dir} has {meta.num_classes}")
         result = evaluate(model, mean, args.data_dir, args.split, args.batch_size, ten_crops=args.ten_crops)
     except (FileNotFoundError, ValueError, records.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, input_pipeline
+from alexnet_tf import distribute, input_pipeline, records
 
 
 def metric_sums(per_example_loss, logits, labels):
@@ -74,7 +74,7 @@ class Evaluator:
       batch_size: Global evaluation batch size (per worker under multi_worker).
     """
 
-    def __init__(self, model, strategy, data_dir: str, meta: dict, stats: input_pipeline.ColorStats,
+    def __init__(self, model, strategy, data_dir: str, meta: records.Metadata, stats: input_pipeline.ColorStats,
                  batch_size: int):
         self.model, self.strategy, self.data_dir, self.meta, self.stats = model, strategy, data_dir, meta, stats
         self.batch_size = batch_size
@@ -127,7 +127,7 @@ class Evaluator:
             per_replica = batch // self.strategy.num_replicas_in_sync
             step = lambda b: self._distributed(b, per_replica)  # noqa: E731
         sums = np.zeros(5, np.int64)
-        expected = self.meta["splits"][split]["num_examples"]
+        expected = self.meta.split(split).num_examples
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
         for b in ds:
             sums += step(b).numpy()

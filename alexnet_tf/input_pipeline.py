@@ -54,35 +54,35 @@ class ColorStats:
                    record_size=record_size)
 
     @classmethod
-    def from_metadata(cls, data_dir: str, meta: dict, mean: str = "image") -> "ColorStats":
+    def from_metadata(cls, data_dir: str, meta: records.Metadata, mean: str = "image") -> "ColorStats":
         """Reads the statistics of a built dataset.
 
         Args:
           data_dir: The records folder.
-          meta: Its parsed metadata.json.
+          meta: Its metadata.json.
           mean: "image" (the paper: the mean image, cropped where the patch is)
             or "rgb" (one mean colour for every pixel).
         """
-        stats = meta.get("color_stats") or {}
-        if "eigenvalues" not in stats:
+        stats = meta.color_stats
+        if stats is None:
             raise records.MetadataError(
                 f"{records.metadata_path(data_dir)} has no training colour statistics "
                 "(was the training split built?)"
             )
-        size = meta["image"]["size"] if meta["image"].get("resized") else None
+        size = meta.image.size if meta.image.resized else None
         if mean == "image":
             if size is None:
                 raise ValueError("mean='image' needs records of one size; these were built with --noresize: "
                                  "use mean='rgb'")
             m = records.load_mean_image(data_dir, meta)
         elif mean == "rgb":
-            m = np.asarray(stats["mean_rgb"], np.float32)
+            m = np.asarray(stats.mean_rgb, np.float32)
         else:
             raise ValueError(f"mean must be 'image' or 'rgb', got {mean!r}")
         return cls(
             mean=np.asarray(m, np.float32),
-            eigenvalues=np.asarray(stats["eigenvalues"], np.float32),
-            eigenvectors=np.asarray(stats["eigenvectors"], np.float32),
+            eigenvalues=np.asarray(stats.eigenvalues, np.float32),
+            eigenvectors=np.asarray(stats.eigenvectors, np.float32),
             record_size=size,
         )
 
@@ -272,7 +272,7 @@ def _parse(serialized):
     return ex[records.ENCODED], tf.cast(ex[records.LABEL], tf.int32)
 
 
-def _files(data_dir: str, meta: dict, split: str, context: tf.distribute.InputContext | None):
+def _files(data_dir: str, meta: records.Metadata, split: str, context: tf.distribute.InputContext | None):
     files = records.shard_paths(data_dir, meta, split)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if context and context.num_input_pipelines > 1:
@@ -293,7 +293,7 @@ def record_seed(seed: int, index):
 
 def train_records(
     data_dir: str,
-    meta: dict,
+    meta: records.Metadata,
     seed: int,
     context: tf.distribute.InputContext | None = None,
     shuffle_buffer: int = 10_000,
@@ -321,7 +321,7 @@ def train_records(
 
 def train_dataset(
     data_dir: str,
-    meta: dict,
+    meta: records.Metadata,
     stats: ColorStats,
     global_batch_size: int,
     context: tf.distribute.InputContext | None = None,
@@ -367,7 +367,7 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def preview_images(data_dir: str, meta: dict, count: int):
+def preview_images(data_dir: str, meta: records.Metadata, count: int):
     """A small fixed set of training images for TensorBoard: the first `count` records
     of the first training shard, as JPEG bytes (count,)."""
     first = records.shard_paths(data_dir, meta, "train")[0]
@@ -386,7 +386,7 @@ def augment_preview(jpegs, stats: ColorStats, seed: int, crop: int = CROP):
 
 def eval_dataset(
     data_dir: str,
-    meta: dict,
+    meta: records.Metadata,
     stats: ColorStats,
     batch_size: int,
     split: str = "validation",

@@ -285,7 +285,7 @@ class TrainResult:
 class Data:
     """What the run takes from the records folder."""
 
-    meta: dict
+    meta: records.Metadata
     stats: input_pipeline.ColorStats
     num_classes: int
     steps_per_epoch: int
@@ -296,15 +296,15 @@ def read_data(config: TrainConfig, strategy) -> Data:
     """The records' metadata, checked against the batch size and the replicas."""
     meta = records.load_metadata(config.data_dir)
     stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
-    num_train = meta["splits"]["train"]["num_examples"]
+    num_train = meta.split("train").num_examples
     steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch size {config.batch_size} does not divide over "
                          f"{strategy.num_replicas_in_sync} replicas")
-    has_val = "validation" in meta["splits"] and meta["splits"]["validation"]["num_examples"] > 0
-    return Data(meta, stats, meta["num_classes"], steps_per_epoch, has_val)
+    has_val = "validation" in meta.splits and meta.splits["validation"].num_examples > 0
+    return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
 
 class _Checkpoints:
@@ -369,7 +369,7 @@ def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | N
     facts = {f"--{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)
              if f.name not in ("data_dir", "verbose")}
     facts["records (metadata.json classes and split sizes)"] = (
-        data.meta["classes"], {k: v["num_examples"] for k, v in sorted(data.meta["splits"].items())})
+        data.meta.classes, {k: v.num_examples for k, v in sorted(data.meta.splits.items())})
     facts["restored checkpoint"] = os.path.basename(latest) if latest else None
     facts["global step"] = int(state.global_step)
     facts["epoch"] = int(state.epoch)
@@ -484,8 +484,8 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     state = LoopState(config.learning_rate)
     if chief:  # What an export needs besides the weights, beside the checkpoints.
         run_dir.write_model_info(model_dir, num_classes=data.num_classes, grouped=config.grouped,
-                                 dropout=config.dropout, classes=data.meta["classes"], mean=data.stats.mean,
-                                 mean_kind=config.mean, square_size=data.stats.square_size)
+                                 dropout=config.dropout, classes=[c.to_json() for c in data.meta.classes],
+                                 mean=data.stats.mean, mean_kind=config.mean, square_size=data.stats.square_size)
 
     checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
     history = []

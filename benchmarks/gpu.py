@@ -203,7 +203,7 @@ def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int,
     return median_rate(lambda: float(loop.run(iterator, args.steps).numpy()[3]), args.runs)
 
 
-def stream_rate(args, data_dir: str, meta: dict, stats, global_batch: int) -> float:
+def stream_rate(args, data_dir: str, meta, stats, global_batch: int) -> float:
     """Median images/s of `input_pipeline.train_dataset` iterated on the host without a model."""
     from alexnet_tf import input_pipeline
 
@@ -234,13 +234,14 @@ def serve_rate(args, serve, images) -> float:
     return median_rate(run, args.runs)
 
 
-def serving_rates(args, data_dir: str, meta: dict, stats, work: str) -> dict:
+def serving_rates(args, data_dir: str, meta, stats, work: str) -> dict:
     """images/s of the exported SavedModel's serving_default on JPEG bytes, per batch size."""
     import tensorflow as tf
 
     from alexnet_tf import export, records
 
-    info = {"num_classes": args.num_classes, "classes": meta["classes"], "square_size": stats.square_size}
+    info = {"num_classes": args.num_classes, "classes": [c.to_json() for c in meta.classes],
+            "square_size": stats.square_size}
     say("exporting a float32 SavedModel")
     path = export.export(build_net(args.model, args.num_classes, "float32"), info, stats.mean,
                          os.path.join(work, "saved_model"))
@@ -358,8 +359,8 @@ def main(argv=None) -> int:
     try:
         data_dir = args.data_dir or make_records(work, args.images)
         meta = records.load_metadata(data_dir)
-        if meta["num_classes"] > args.num_classes:
-            parser.error(f"{data_dir} has {meta['num_classes']} classes, more than --num_classes={args.num_classes}")
+        if meta.num_classes > args.num_classes:
+            parser.error(f"{data_dir} has {meta.num_classes} classes, more than --num_classes={args.num_classes}")
         stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
             "per_replica_batches": args.batches, "steps": args.steps, "runs": args.runs,
             "warmup_steps": args.warmup_steps, "model": args.model, "num_classes": args.num_classes,
             "data": {"data_dir": args.data_dir or "generated",
-                     "train_images": meta["splits"]["train"]["num_examples"]},
+                     "train_images": meta.split("train").num_examples},
             "targets": TARGETS,
             "train_synthetic": {}, "train_records": {}, "input_stream": {}, "serving": {},
         }

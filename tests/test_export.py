@@ -32,12 +32,13 @@ def exported(built, tmp_path_factory):
     out, meta = built
     model_dir = tmp_path_factory.mktemp("model")
     stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    model = model_lib.build_alexnet(meta["num_classes"], seed=7)
+    model = model_lib.build_alexnet(meta.num_classes, seed=7)
     # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
     fc8 = model.get_layer("fc8")
     fc8.kernel.assign(fc8.kernel * 0.05)
-    run_dir.write_model_info(str(model_dir), num_classes=meta["num_classes"], grouped=True, dropout=0.5,
-                            classes=meta["classes"], mean=stats.mean, mean_kind="image", square_size=256)
+    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
+                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
+                            square_size=256)
     tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
     proc = _cli("alexnet_tf.export", "--model_dir", str(model_dir), "--export_dir", str(model_dir / "exported"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,8 +57,8 @@ def test_serving_signature_matches_the_keras_model(exported):
     np.testing.assert_array_equal(result["top5_labels"].numpy(), order)
     np.testing.assert_allclose(result["top5_probabilities"].numpy(), np.take_along_axis(expected, order, 1),
                                rtol=1e-4, atol=1e-6)
-    synsets = [[meta["classes"][i]["synset"].encode() for i in row] for row in order]
-    names = [[meta["classes"][i]["name"].encode() for i in row] for row in order]
+    synsets = [[meta.classes[i].synset.encode() for i in row] for row in order]
+    names = [[meta.classes[i].name.encode() for i in row] for row in order]
     assert result["top5_synsets"].numpy().tolist() == synsets
     assert result["top5_names"].numpy().tolist() == names
     # The preprocessed signature gives the logits of the same network.
@@ -76,7 +77,7 @@ def test_png_input_and_any_size(exported):
     Image.open(io.BytesIO(jpeg)).resize((400, 300)).save(big, format="JPEG")
     result = loaded.signatures["serving_default"](images=tf.constant([jpeg, png.getvalue(), big.getvalue()]))
     probs = result["probabilities"].numpy()
-    assert probs.shape == (3, meta["num_classes"])
+    assert probs.shape == (3, meta.num_classes)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # The PNG holds the JPEG's decoded pixels: the same answer.
     np.testing.assert_allclose(probs[1], probs[0], rtol=1e-4, atol=1e-6)
@@ -85,7 +86,7 @@ def test_png_input_and_any_size(exported):
 def test_class_list_is_an_asset(exported):
     path, _, _, _, meta = exported
     lines = open(os.path.join(path, "assets", export.CLASSES_ASSET)).read().splitlines()
-    assert lines == [f"{c['label']}\t{c['synset']}\t{c['name']}" for c in meta["classes"]]
+    assert lines == [f"{c.label}\t{c.synset}\t{c.name}" for c in meta.classes]
 
 
 def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
@@ -97,7 +98,7 @@ def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
     jpeg = read_split(out, meta, "validation")[0]["jpeg"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         serve(images=tf.constant([jpeg[:200]]))  # Truncated inside the header.
-    assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta["num_classes"])
+    assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta.num_classes)
 
 
 def test_fresh_process_with_only_tensorflow(exported, tmp_path):
@@ -114,7 +115,7 @@ def test_fresh_process_with_only_tensorflow(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() in {c["name"] for c in meta["classes"]}
+    assert proc.stdout.strip() in {c.name for c in meta.classes}
 
 
 def test_saved_model_cli_lists_and_runs_it(exported, tmp_path):
@@ -131,7 +132,7 @@ def test_saved_model_cli_lists_and_runs_it(exported, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Result for output key top5_names" in run.stdout
-    assert any(c["name"] in run.stdout for c in meta["classes"])
+    assert any(c.name in run.stdout for c in meta.classes)
 
 
 def test_keras_users_can_wrap_it_with_tfsmlayer(exported):
@@ -159,7 +160,7 @@ def test_evaluate_reports_central_and_ten_crop_errors(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "paper, 1 CNN (ILSVRC-2012 val)" in proc.stdout and "40.7%" in proc.stdout and "18.2%" in proc.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["num_examples"] == meta["splits"]["validation"]["num_examples"]
+    assert result["num_examples"] == meta.splits["validation"].num_examples
     # A direct computation over the records with the Keras model.
     rows = read_split(out, meta, "validation")
     central = tf.nn.softmax(model(tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
@@ -201,7 +202,7 @@ def test_predict_prints_top5_and_reports_bad_files_one_line_each(exported, tmp_p
     assert proc.returncode == 1
     blocks = proc.stdout.strip().split("\n")
     assert blocks[0] == f"{good[0]}:" and blocks[6] == f"{good[1]}:" and len(blocks) == 12
-    names = {c["name"] for c in meta["classes"]}
+    names = {c.name for c in meta.classes}
     for line in blocks[1:6] + blocks[7:12]:
         rank, rest = line.strip().split(". ", 1)
         assert rest.rsplit(" (", 1)[0] in names and line.endswith("%")

@@ -26,9 +26,9 @@ def _decoded(jpeg):
 def test_color_stats_come_from_metadata(data):
     out, meta, stats, _ = data
     assert stats.mean.shape == (256, 256, 3) and stats.record_size == 256
-    np.testing.assert_allclose(stats.eigenvalues, meta["color_stats"]["eigenvalues"], rtol=1e-6)
+    np.testing.assert_allclose(stats.eigenvalues, meta.color_stats.eigenvalues, rtol=1e-6)
     rgb = ip.ColorStats.from_metadata(out, meta, mean="rgb")
-    np.testing.assert_allclose(rgb.mean, meta["color_stats"]["mean_rgb"], rtol=1e-6)
+    np.testing.assert_allclose(rgb.mean, meta.color_stats.mean_rgb, rtol=1e-6)
     with pytest.raises(ValueError, match="mean must be"):
         ip.ColorStats.from_metadata(out, meta, mean="median")
 
@@ -169,7 +169,7 @@ def test_train_dataset_batches(data):
     assert params.alpha.shape == (8, 3) and params.flip.dtype == tf.bool
     for position in (params.top.numpy(), params.left.numpy()):
         assert position.min() >= 0 and position.max() <= 29
-    assert labels.dtype == tf.int32 and 0 <= labels.numpy().min() and labels.numpy().max() < meta["num_classes"]
+    assert labels.dtype == tf.int32 and 0 <= labels.numpy().min() and labels.numpy().max() < meta.num_classes
     images = ip.finish_batch(patches, params, stats)
     # Mean subtracted: centred near zero, within the pixel range.
     assert abs(float(tf.reduce_mean(images))) < 40 and float(tf.reduce_max(tf.abs(images))) < 300
@@ -202,7 +202,7 @@ def test_a_resumed_stream_continues_exactly_where_the_trained_steps_end(data):
 
 def test_each_pass_reads_every_record_once(data):
     out, meta, _, _ = data
-    n = meta["splits"]["train"]["num_examples"]
+    n = meta.splits["train"].num_examples
     stream = [r.numpy() for r in ip.train_records(out, meta, seed=2, shuffle_buffer=50).take(2 * n)]
     first, second = stream[:n], stream[n:]
     assert len(set(first)) == n and set(first) == set(second)

@@ -64,7 +64,7 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
 
     out, meta = built
     stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    model = model_lib.build_alexnet(meta["num_classes"], seed=3)
+    model = model_lib.build_alexnet(meta.num_classes, seed=3)
     strategy = tf.distribute.get_strategy()
     got = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation", ten_crop=True)
     top1 = top5 = loss = 0.0

@@ -144,11 +144,11 @@ def test_export_is_float32_whatever_precision_trained(precision, built, tmp_path
     out, meta = built
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     config = TrainConfig(data_dir=out, mixed_precision=precision, dropout=0.0, seed=1)
-    model, _ = trainer.build_model_and_optimizer(config, meta["num_classes"], strategy, precision)
+    model, _ = trainer.build_model_and_optimizer(config, meta.num_classes, strategy, precision)
     assert model.get_layer("conv1").compute_dtype == precision
     stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    run_dir.write_model_info(str(tmp_path), num_classes=meta["num_classes"], grouped=True, dropout=0.0,
-                             classes=meta["classes"], mean=stats.mean, mean_kind="image",
+    run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.0,
+                             classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
                              square_size=stats.square_size)
     path = export.export_trained(model, str(tmp_path))
     half = {tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum}

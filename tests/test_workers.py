@@ -22,7 +22,7 @@ EVALUATE = textwrap.dedent("""
     meta = records.load_metadata(sys.argv[1])
     stats = input_pipeline.ColorStats.from_metadata(sys.argv[1], meta, "image")
     with strategy.scope():
-        net = model.build_alexnet(meta["num_classes"], seed=3, dtype="float32")
+        net = model.build_alexnet(meta.num_classes, seed=3, dtype="float32")
     result = evaluation.Evaluator(net, strategy, sys.argv[1], meta, stats, 16).evaluate("validation")
     print("RESULT", json.dumps(result))
 """)
@@ -40,7 +40,7 @@ def test_sharded_evaluation_equals_one_worker_exactly(built):
     sharded = [_result(stdout) for stdout, _ in outputs]
     # One worker, the same weights (seeded), the same batch size: the whole split.
     stats = input_pipeline.ColorStats.from_metadata(out, meta, "image")
-    net = model_lib.build_alexnet(meta["num_classes"], seed=3, dtype="float32")
+    net = model_lib.build_alexnet(meta.num_classes, seed=3, dtype="float32")
     whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
     assert sharded[0] == sharded[1] == whole  # Bit for bit: integer sums, full-size batches.
     assert 0 < whole["loss"] and 0 <= whole["top1_error"] <= 1
@@ -62,7 +62,7 @@ def test_each_worker_evaluates_only_its_share(built):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=1)
         counts.append(sum(int(y.shape[0]) for _, y in input_pipeline.eval_dataset(out, meta, stats, 16,
                                                                                     context=context)))
-    assert counts == [20, 20] and sum(counts) == meta["splits"]["validation"]["num_examples"]
+    assert counts == [20, 20] and sum(counts) == meta.splits["validation"].num_examples
 
 
 def _checkpoint_at_step(data_dir: str, model_dir, step: int) -> None:
