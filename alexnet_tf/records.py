@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 import uuid
 from typing import Any, Mapping, NoReturn
 
@@ -57,6 +58,64 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
+def _example_class():
+    """`tf.train.Example` as a protobuf class, without importing TensorFlow.
+
+    Built once from the schema of TensorFlow's `example.proto`/`feature.proto`
+    (field numbers and types) in a private descriptor pool, so the bytes are
+    the same as `tf.train.Example(...).SerializeToString()` and Beam workers
+    write records without starting TensorFlow.
+    """
+    global _EXAMPLE
+    if _EXAMPLE is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        F = descriptor_pb2.FieldDescriptorProto
+        fdp = descriptor_pb2.FileDescriptorProto(name="alexnet_tf/example.proto", package="tensorflow",
+                                                 syntax="proto3")
+
+        def message(name, *fields, nested=()):
+            m = fdp.message_type.add(name=name)
+            for n in nested:
+                m.nested_type.append(n)
+            for field in fields:
+                m.field.append(field)
+            return m
+
+        def field(name, number, kind, label=F.LABEL_OPTIONAL, type_name="", oneof=None):
+            f = F(name=name, number=number, type=kind, label=label)
+            if type_name:
+                f.type_name = type_name
+            if oneof is not None:
+                f.oneof_index = oneof
+            return f
+
+        message("BytesList", field("value", 1, F.TYPE_BYTES, F.LABEL_REPEATED))
+        message("FloatList", field("value", 1, F.TYPE_FLOAT, F.LABEL_REPEATED))
+        message("Int64List", field("value", 1, F.TYPE_INT64, F.LABEL_REPEATED))
+        feature = message(
+            "Feature",
+            field("bytes_list", 1, F.TYPE_MESSAGE, type_name=".tensorflow.BytesList", oneof=0),
+            field("float_list", 2, F.TYPE_MESSAGE, type_name=".tensorflow.FloatList", oneof=0),
+            field("int64_list", 3, F.TYPE_MESSAGE, type_name=".tensorflow.Int64List", oneof=0),
+        )
+        feature.oneof_decl.add(name="kind")
+        entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
+        entry.field.append(field("key", 1, F.TYPE_STRING))
+        entry.field.append(field("value", 2, F.TYPE_MESSAGE, type_name=".tensorflow.Feature"))
+        entry.options.map_entry = True
+        message("Features", field("feature", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED,
+                                  ".tensorflow.Features.FeatureEntry"), nested=[entry])
+        message("Example", field("features", 1, F.TYPE_MESSAGE, type_name=".tensorflow.Features"))
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(fdp)
+        _EXAMPLE = message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
+    return _EXAMPLE
+
+
+_EXAMPLE = None
+
+
 def make_example(
     *,
     jpeg: bytes,
@@ -79,29 +138,40 @@ def make_example(
       filename: Name of the source file (archive member or file name).
 
     Returns:
-      The serialised example.
+      The serialised example (TensorFlow is not imported).
     """
-    import tensorflow as tf  # Deferred: the sample generator and CLIs start faster.
+    example = _example_class()()
+    feature = example.features.feature
+    for key, value in ((ENCODED, jpeg), (FORMAT, b"JPEG")):
+        feature[key].bytes_list.value.append(value)
+    for key, value in ((HEIGHT, height), (WIDTH, width), (CHANNELS, 3)):
+        feature[key].int64_list.value.append(int(value))
+    feature[COLORSPACE].bytes_list.value.append(b"RGB")
+    feature[LABEL].int64_list.value.append(int(label))
+    for key, value in ((SYNSET, synset), (TEXT, text), (FILENAME, filename)):
+        feature[key].bytes_list.value.append(value.encode())
+    return example.SerializeToString(deterministic=True)  # Map keys sorted: stable bytes.
 
-    def b(v: bytes):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
-    def i(v: int):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+def _masked_crc32c(data: bytes) -> int:
+    import google_crc32c
 
-    feature = {
-        ENCODED: b(jpeg),
-        FORMAT: b(b"JPEG"),
-        HEIGHT: i(height),
-        WIDTH: i(width),
-        CHANNELS: i(3),
-        COLORSPACE: b(b"RGB"),
-        LABEL: i(label),
-        SYNSET: b(synset.encode()),
-        TEXT: b(text.encode()),
-        FILENAME: b(filename.encode()),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_record(f, data: bytes) -> int:
+    """Appends one record to an open binary file in the TFRecord framing.
+
+    The framing `tf.data.TFRecordDataset` reads: little-endian uint64 length,
+    masked CRC-32C of the length, the data, masked CRC-32C of the data.
+    Returns the number of bytes written.
+    """
+    header = struct.pack("<Q", len(data))
+    f.write(header + struct.pack("<I", _masked_crc32c(header)))
+    f.write(data)
+    f.write(struct.pack("<I", _masked_crc32c(data)))
+    return len(data) + 16
 
 
 def feature_spec() -> dict:
@@ -143,12 +213,12 @@ def write_json_atomically(path: str, obj: Any) -> None:
     Readers see either the old file or the whole new one, never a torn write
     (on object stores, which have no rename, the copy is still all-or-nothing).
     """
-    import tensorflow as tf
+    from alexnet_tf import fileio
 
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
+    with fileio.open_file(tmp, "w") as f:
         f.write(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    fileio.rename(tmp, path)
 
 
 # ---------------------------------------------------------------------------

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import sys
 import time
-import uuid
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
@@ -43,288 +39,20 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from alexnet_tf import records
-from pipelines import color_stats, image_processing, imagenet_layout
+from alexnet_tf import fileio, records
+from pipelines import imagenet_layout, transforms
 
 log = logging.getLogger("pipelines.build_tfrecords")
 
 BUILD_DIR = "_build"  # Scratch folder inside the output folder; removed on success.
-# With few images, fewer shards than asked for: each holds at least this many
-# records (a shard of one or two images would also hold a single class).
-MIN_RECORDS_PER_SHARD = 32
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
+# The pipeline's pieces, re-exported: the driver below only plans and finishes.
+BuildConfig, BuildRecords = transforms.BuildConfig, transforms.BuildRecords
+MIN_RECORDS_PER_SHARD = transforms.MIN_RECORDS_PER_SHARD
 
 
 class BuildError(RuntimeError):
     """The build cannot go on; the message says why (one line)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildConfig:
-    """What every worker needs to know (pickled into the DoFns)."""
-
-    classes: tuple[str, ...]  # Synsets in label order.
-    names: tuple[str, ...]  # Human-readable names, same order.
-    image_size: int = 256
-    resize: bool = True
-    jpeg_quality: int = 90
-    seed: int = 0
-    num_shards: tuple[tuple[str, int], ...] = (("train", 1024), ("validation", 128))
-    progress: bool = True  # Print worker progress to stderr (local runs).
-
-
-def sort_key(seed: int, split: str, synset: str | None, name: str) -> int:
-    """A seeded 64-bit hash; its rank fixes a record's shard and position.
-
-    Independent of the layout (archive or folders): only the class and the file's
-    base name enter, so the same images give the same shards either way.
-    """
-    text = f"{seed}:{split}:{synset}:{os.path.basename(name)}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
-
-
-class _Progress:
-    """Periodic 'N images, R/s' lines from one worker."""
-
-    def __init__(self, enabled: bool, every_s: float = 10.0):
-        self.enabled, self.every_s = enabled, every_s
-        self.count = self.rejected = 0
-        self.start = self.last = time.monotonic()
-
-    def tick(self, rejected: bool) -> None:
-        self.count += 1
-        self.rejected += rejected
-        now = time.monotonic()
-        if self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            rate = self.count / max(now - self.start, 1e-9)
-            print(
-                f"build_tfrecords: worker {os.getpid()}: {self.count} images "
-                f"({rate:.1f} images/s), {self.rejected} rejected",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
-REJECTED = "rejected"
-MOMENTS = "moments"
-
-
-def _rejection(split: str, name: str, reason: str):
-    return beam.pvalue.TaggedOutput(REJECTED, {"split": split, "file": name, "reason": reason})
-
-
-class ListUnitFn(beam.DoFn):
-    """ReadUnit -> (split, key, Member) for each labelled image; tagged 'rejected'.
-
-    Only names and byte ranges travel from here to the shard writers: image
-    bytes are read once, by the writer, so no runner ever has to shuffle or
-    hold the dataset's pixels.
-    """
-
-    def __init__(self, config: BuildConfig):
-        self.config = config
-        self.known = frozenset(config.classes)
-
-    def process(self, unit: imagenet_layout.ReadUnit):
-        count = 0
-        try:
-            for m in imagenet_layout.list_unit(unit):
-                count += 1
-                if m.synset is None:
-                    yield _rejection(
-                        unit.split, m.name,
-                        "no validation number in the file name (expected ILSVRC2012_val_NNNNNNNN.JPEG)",
-                    )
-                elif m.synset not in self.known:
-                    yield _rejection(unit.split, m.name, f"synset {m.synset} has no training images")
-                else:
-                    yield unit.split, sort_key(self.config.seed, unit.split, m.synset, m.name), m
-        except imagenet_layout.UnitReadError as e:
-            # What follows the damage cannot be listed; it is reported as one
-            # rejected input so that read = written + rejected still holds.
-            yield _rejection(unit.split, unit.name, f"damaged after {count} images: {e}")
-
-
-def _sorted_keys(split_keys):
-    split, keys = split_keys
-    return split, np.sort(np.fromiter(keys, dtype=np.uint64))
-
-
-def effective_num_shards(requested: int, num_records: int) -> int:
-    """The requested count, or fewer so that each shard holds MIN_RECORDS_PER_SHARD."""
-    return max(1, min(requested, num_records // MIN_RECORDS_PER_SHARD))
-
-
-def assign_shard(item, sorted_keys, num_shards):
-    """(split, key, member) -> ((split, shard, shards), (key, member)).
-
-    Shards are contiguous ranges of the hash rank, so each holds floor or ceil of
-    N/shards records (none empty) and a random mix of classes.
-    """
-    split, key, member = item
-    keys = sorted_keys[split]
-    n = len(keys)
-    shards = effective_num_shards(num_shards[split], n)
-    rank = int(np.searchsorted(keys, np.uint64(key)))
-    return (split, rank * shards // n, shards), (key, member)
-
-
-class WriteShardFn(beam.DoFn):
-    """((split, shard, shards), [(key, Member)]) -> shard info dict.
-
-    Reads, checks and re-encodes each image in key order and streams it into the
-    shard, so memory does not grow with the shard or the dataset. Also outputs,
-    tagged, the rejected images and one `Moments` of the shard's training
-    pixels (the colour statistics, in the same pass).
-    """
-
-    def __init__(self, config: BuildConfig, output_dir: str):
-        self.config, self.output_dir = config, output_dir
-        self.label_of = {s: i for i, s in enumerate(config.classes)}
-        self.written = Metrics.counter("build_tfrecords", "images_written")
-        self.rejected = Metrics.counter("build_tfrecords", "images_rejected")
-
-    def setup(self):
-        self.progress = _Progress(self.config.progress)
-        self.reader = imagenet_layout.MemberReader()
-
-    def teardown(self):
-        self.reader.close()
-
-    def _record(self, member):
-        """Serialized example and processed image of one member; raises on bad data."""
-        c = self.config
-        out = image_processing.process_image(self.reader.read(member), c.image_size, c.resize, c.jpeg_quality)
-        label = self.label_of[member.synset]
-        example = records.make_example(
-            jpeg=out.jpeg,
-            height=out.height,
-            width=out.width,
-            label=label,
-            synset=member.synset,
-            text=c.names[label],
-            filename=os.path.basename(member.name),
-        )
-        return example, out
-
-    def process(self, element):
-        import tensorflow as tf
-
-        (split, shard, shards), items = element
-        name = records.shard_name(split, shard, shards)
-        final = os.path.join(self.output_dir, name)
-        moments = color_stats.Moments()
-        count = 0
-        # Write then rename: a retried or killed worker never leaves half a shard
-        # under the final name.
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        with tf.io.TFRecordWriter(tmp) as w:
-            for _, member in sorted(items, key=lambda kv: kv[0]):
-                try:
-                    example, out = self._record(member)
-                except (OSError, image_processing.BadImage) as e:
-                    self.rejected.inc()
-                    self.progress.tick(True)
-                    reason = str(e) if isinstance(e, image_processing.BadImage) else f"unreadable: {e}"
-                    yield _rejection(split, member.name, reason)
-                    continue
-                w.write(example)
-                count += 1
-                self.written.inc()
-                self.progress.tick(False)
-                if split == "train":
-                    moments.merge(color_stats.Moments.of_image(
-                        out.pixels, None if out.square is out.pixels else out.square))
-        tf.io.gfile.rename(tmp, final, overwrite=True)
-        if moments.num_images:
-            yield beam.pvalue.TaggedOutput(MOMENTS, moments)
-        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count}
-
-
-def _make_summary(_, shards, rejected, read, stats, build_dir):
-    """Writes the pipeline's findings for the driver; returns the summary path."""
-    import tensorflow as tf
-
-    summary, mean_image = color_stats.summarize(stats)
-    tf.io.gfile.makedirs(build_dir)
-    mean_file = None
-    if mean_image is not None:
-        mean_file = os.path.join(build_dir, records.MEAN_IMAGE_FILE)
-        with tf.io.gfile.GFile(mean_file, "wb") as f:
-            np.save(f, mean_image)
-    path = os.path.join(build_dir, "summary.json")
-    records.write_json_atomically(
-        path,
-        {
-            "shards": sorted(shards, key=lambda s: (s["split"], s["index"])),
-            "rejected": sorted(rejected, key=lambda r: (r["split"], r["file"])),
-            "read": dict(read),
-            "color_stats": summary,
-            "mean_image": mean_file,
-        },
-    )
-    return path
-
-
-class BuildRecords(beam.PTransform):
-    """ReadUnits -> shards written under `output_dir` and `<build_dir>/summary.json`."""
-
-    def __init__(self, config: BuildConfig, output_dir: str, build_dir: str):
-        super().__init__()
-        self.config, self.output_dir, self.build_dir = config, output_dir, build_dir
-
-    def expand(self, units):
-        # units: PCollection[ReadUnit]
-        listed = (
-            units
-            # Spread units over workers: listing a class archive is a few KB of I/O.
-            | "SpreadUnits" >> beam.Reshuffle()
-            | "ListMembers" >> beam.ParDo(ListUnitFn(self.config)).with_outputs(REJECTED, main="items")
-        )
-        items = listed.items  # PCollection[(split, key, Member)]: names and byte ranges only.
-        sorted_keys = (
-            items
-            | "SplitKey" >> beam.Map(lambda r: (r[0], r[1]))
-            | "GroupKeys" >> beam.GroupByKey()
-            | "SortKeys" >> beam.Map(_sorted_keys)
-        )  # PCollection[(split, np.ndarray[uint64])]
-        written = (
-            items
-            | "AssignShard" >> beam.Map(
-                assign_shard,
-                sorted_keys=beam.pvalue.AsDict(sorted_keys),
-                num_shards=dict(self.config.num_shards),
-            )  # PCollection[((split, shard, shards), (key, Member))]
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self.config, self.output_dir)).with_outputs(
-                REJECTED, MOMENTS, main="shards"
-            )
-        )
-        shards = written.shards  # PCollection[dict]: one per shard written.
-        rejected = (listed.rejected, written.rejected) | "AllRejected" >> beam.Flatten()  # PCollection[dict]
-        read = (
-            (
-                items | "SplitOfItem" >> beam.Map(lambda r: r[0]),
-                listed.rejected | "SplitOfListingReject" >> beam.Map(lambda r: r["split"]),
-            )
-            | "AllRead" >> beam.Flatten()
-            | "CountRead" >> beam.combiners.Count.PerElement()
-        )  # PCollection[(split, count)]: every image listed, labelled or not.
-        stats = written.moments | "ColorStats" >> beam.CombineGlobally(color_stats.ColorStatsFn())
-        # PCollection[Moments] (one element)
-        return (
-            units.pipeline
-            | "Once" >> beam.Create([None])
-            | "Summarize" >> beam.Map(
-                _make_summary,
-                shards=beam.pvalue.AsList(shards),
-                rejected=beam.pvalue.AsList(rejected),
-                read=beam.pvalue.AsList(read),
-                stats=beam.pvalue.AsSingleton(stats),
-                build_dir=self.build_dir,
-            )
-        )  # PCollection[str]: the summary path
 
 
 # ---------------------------------------------------------------------------
@@ -375,13 +103,10 @@ def _check_flags(args) -> None:
 
 
 def _existing_dataset(output_dir: str) -> list[str]:
-    import tensorflow as tf
-
-    if not tf.io.gfile.isdir(output_dir):
+    if not fileio.isdir(output_dir):
         return []
     ours = []
-    for name in tf.io.gfile.listdir(output_dir):
-        name = name.rstrip("/")
+    for name in fileio.listdir(output_dir):
         base = name.split(".tmp-")[0]
         if (
             base in (records.METADATA_FILE, records.MEAN_IMAGE_FILE, BUILD_DIR)
@@ -392,8 +117,6 @@ def _existing_dataset(output_dir: str) -> list[str]:
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> None:
-    import tensorflow as tf
-
     existing = _existing_dataset(output_dir)
     if existing and not overwrite:
         raise BuildError(
@@ -404,11 +127,11 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
     # that describes shards of which some are gone.
     for name in sorted(existing, key=lambda n: n != records.METADATA_FILE):
         path = os.path.join(output_dir, name)
-        if tf.io.gfile.isdir(path):
-            tf.io.gfile.rmtree(path)
+        if fileio.isdir(path):
+            fileio.rmtree(path)
         else:
-            tf.io.gfile.remove(path)
-    tf.io.gfile.makedirs(output_dir)
+            fileio.remove(path)
+    fileio.makedirs(output_dir)
 
 
 def _beam_options(beam_args: list[str]) -> PipelineOptions:
@@ -444,10 +167,7 @@ def _beam_options(beam_args: list[str]) -> PipelineOptions:
 def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
               started: float) -> records.Metadata:
     """Checks the pipeline's summary, writes mean_image.npy and metadata.json; returns the metadata."""
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(os.path.join(build_dir, "summary.json")) as f:
-        summary = json.load(f)
+    summary = transforms.read_summary(build_dir)
     splits, problems = {}, []
     rejected_by_split: dict[str, int] = {}
     for r in summary["rejected"]:
@@ -463,7 +183,7 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
         if read != written + rejected:
             problems.append(f"{split}: read {read} != written {written} + rejected {rejected}")
         for s in shard_list:
-            if s["num_examples"] == 0 or not tf.io.gfile.exists(os.path.join(output_dir, s["file"])):
+            if s["num_examples"] == 0 or not fileio.exists(os.path.join(output_dir, s["file"])):
                 problems.append(f"{split}: shard {s['file']} is missing or empty")
         if shard_list and sorted(s["index"] for s in shard_list) != list(range(shard_list[0]["num_shards"])):
             problems.append(f"{split}: shard indices are not 0..{shard_list[0]['num_shards'] - 1}")
@@ -487,9 +207,11 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
     stats = None
     if summary["color_stats"]:  # {} without training images.
         stats = records.ColorStatsInfo(**summary["color_stats"])
-        if summary["mean_image"]:
-            tf.io.gfile.rename(summary["mean_image"], os.path.join(output_dir, records.MEAN_IMAGE_FILE),
-                               overwrite=True)
+        if summary["mean_image"] is not None:
+            tmp = os.path.join(build_dir, records.MEAN_IMAGE_FILE)
+            with fileio.open_file(tmp, "wb") as f:
+                np.save(f, summary["mean_image"])
+            fileio.rename(tmp, os.path.join(output_dir, records.MEAN_IMAGE_FILE))
             stats = dataclasses.replace(stats, mean_image_file=records.MEAN_IMAGE_FILE,
                                         mean_image_shape=(args.image_size, args.image_size, 3))
     meta = records.Metadata(
@@ -520,7 +242,7 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
         ),
     )
     records.write_metadata(output_dir, meta)
-    tf.io.gfile.rmtree(build_dir)
+    fileio.rmtree(build_dir)
     return meta
 
 
@@ -538,7 +260,7 @@ def _report(meta: records.Metadata, output_dir: str) -> str:
     return "\n".join(lines)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> records.Metadata:
     """Runs the whole build; returns the metadata written.
 
     Raises:

@@ -30,7 +30,8 @@ class Processed:
     Attributes:
       jpeg: RGB JPEG bytes to store.
       height, width: Size of the stored image.
-      pixels: The stored image decoded, (height, width, 3) uint8.
+      pixels: The stored image's pixels before JPEG encoding, (height, width,
+        3) uint8 (the colour statistics' input).
       square: The image at `image_size` x `image_size` (shorter side scaled,
         central crop), for the mean image; the same array as `pixels` unless
         the original size is kept.
@@ -122,18 +123,17 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
             Image.DecompressionBombWarning) as e:
         raise BadImage(f"corrupt or truncated {fmt}: {e}") from None
     rgb = _to_rgb(img)
+    # The statistics take the pixels as they are before encoding: decoding the
+    # JPEG just written would cost a third of the work, for a difference far
+    # below the lighting noise these statistics scale.
     if resize:
         out = _scale_and_crop(rgb, image_size)
         jpeg = _encode(out, quality)
-        pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-        square = pixels
+        pixels = square = np.asarray(out)
     else:
-        if fmt == "JPEG" and mode == "RGB":
-            jpeg, pixels = data, np.asarray(rgb)
-        else:
-            jpeg = _encode(rgb, quality)
-            pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-        square = np.asarray(_scale_and_crop(Image.fromarray(pixels), image_size))
+        jpeg = data if fmt == "JPEG" and mode == "RGB" else _encode(rgb, quality)
+        pixels = np.asarray(rgb)
+        square = np.asarray(_scale_and_crop(rgb, image_size))
     return Processed(
         jpeg=jpeg,
         height=pixels.shape[0],

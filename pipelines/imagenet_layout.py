@@ -7,22 +7,24 @@ Two layouts are recognised per split, independently:
 * extracted folders: `train/<synset>/*.JPEG`, and `val/*.JPEG` (flat) or
   `val/<synset>/*.JPEG`.
 
-The driver lists only what is cheap to list (the outer archives' headers,
-folder names) and turns it into `ReadUnit`s; workers list the members of each
-unit (headers and file names only) and later read each image by its byte range.
-Archives are never extracted and never held in memory whole; all I/O goes
-through TensorFlow's file systems, so `gs://` paths work.
+This module is the driver's side: it lists only what is cheap to list (the
+outer archives' headers, folder names) and turns it into `ReadUnit`s. Workers
+list the members of each unit and read each image by its byte range
+(`pipelines.members`). Files are opened through `alexnet_tf.fileio`, so
+`gs://` paths work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import os
 import re
 import tarfile
-from typing import Iterator, Sequence
+from typing import Sequence
+
+from alexnet_tf import fileio
+from pipelines.members import Member, ReadUnit  # noqa: F401 (the plan is made of these)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -38,41 +40,6 @@ VAL_CHUNK = 500
 
 class LayoutError(ValueError):
     """The input is not a usable ImageNet layout; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """Where one image's bytes are: a byte range of an archive, or a whole file."""
-
-    name: str  # Locator relative to the ImageNet folder, used in reports.
-    synset: str | None  # None when it cannot be known (reported as a rejection).
-    path: str = ""  # The archive, or the file itself.
-    offset: int = 0  # Archives: start of the member's data in the archive.
-    size: int = -1  # Archives: length of the data; -1 for a whole file.
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadUnit:
-    """A piece of input one worker reads sequentially.
-
-    kind is one of:
-      `class_tar`: a class archive inside the training archive, the bytes
-        [offset, offset + size) of `path`; all its images belong to `synset`.
-      `class_dir`: a folder of one class's images.
-      `tar_members`: listed members of the archive `path`, each with its own
-        synset and byte range.
-      `files`: listed files (`members`, named relative to the folder `path`),
-        each with its own synset.
-    """
-
-    split: str
-    kind: str
-    path: str
-    name: str
-    synset: str | None = None
-    offset: int = 0
-    size: int = 0
-    members: tuple[Member, ...] = ()
 
 
 @dataclasses.dataclass
@@ -108,12 +75,6 @@ class Layout:
             lines.append(f"  validation labels: {self.val_labels}")
         lines.append(f"  classes: {len(self.classes)}")
         return "\n".join(lines)
-
-
-def _gfile():
-    import tensorflow as tf  # Deferred: heavy, and only the file-system layer is needed.
-
-    return tf.io.gfile
 
 
 def _tfds_imagenet_file(name: str) -> str:
@@ -159,9 +120,8 @@ def class_names(synsets: Sequence[str]) -> list[str]:
 
 
 def _list_tar(path: str) -> list[tarfile.TarInfo]:
-    gfile = _gfile()
     try:
-        with gfile.GFile(path, "rb") as f:
+        with fileio.open_file(path, "rb") as f:
             # Seekable mode: headers are read and member data skipped by seeking.
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 return tar.getmembers()
@@ -173,7 +133,7 @@ def _check_inner_tar(path: str, info: tarfile.TarInfo) -> None:
     """Reads the first header of a class archive, so a non-tar fails before any output."""
     if info.size == 0:
         raise LayoutError(f"{path}: member {info.name} is empty, expected a class archive")
-    with _gfile().GFile(path, "rb") as f:
+    with fileio.open_file(path, "rb") as f:
         f.seek(info.offset_data)
         block = f.read(tarfile.BLOCKSIZE)
     try:
@@ -220,11 +180,9 @@ def _train_from_tar(path: str) -> SplitSource:
 
 
 def _subdirs_and_files(path: str) -> tuple[list[str], list[str]]:
-    gfile = _gfile()
     dirs, files = [], []
-    for entry in sorted(gfile.listdir(path)):
-        entry = entry.rstrip("/")
-        (dirs if gfile.isdir(os.path.join(path, entry)) else files).append(entry)
+    for entry in sorted(fileio.listdir(path)):
+        (dirs if fileio.isdir(os.path.join(path, entry)) else files).append(entry)
     return dirs, files
 
 
@@ -261,10 +219,9 @@ def read_val_labels(path: str) -> list[str]:
     Raises:
       LayoutError: if the file is missing, empty, or has a line that is not a synset.
     """
-    gfile = _gfile()
-    if not gfile.exists(path):
+    if not fileio.exists(path):
         raise LayoutError(f"validation label file {path} not found")
-    with gfile.GFile(path, "r") as f:
+    with fileio.open_file(path, "r") as f:
         lines = [line.strip() for line in f.read().splitlines()]
     while lines and not lines[-1]:
         lines.pop()
@@ -326,12 +283,11 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     Raises:
       LayoutError: with a one-line reason when the input cannot be used.
     """
-    gfile = _gfile()
     if not imagenet_dir:
         raise LayoutError("--imagenet_dir is empty")
-    if not gfile.exists(imagenet_dir):
+    if not fileio.exists(imagenet_dir):
         raise LayoutError(f"--imagenet_dir {imagenet_dir} does not exist")
-    if not gfile.isdir(imagenet_dir):
+    if not fileio.isdir(imagenet_dir):
         raise LayoutError(f"--imagenet_dir {imagenet_dir} is not a folder")
     dirs, files = _subdirs_and_files(imagenet_dir)
     if not dirs and not files:
@@ -372,7 +328,7 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     if flat is not None:
         if val_labels is None:
             local = os.path.join(imagenet_dir, "validation_labels.txt")
-            val_labels = local if gfile.exists(local) else default_val_labels_path()
+            val_labels = local if fileio.exists(local) else default_val_labels_path()
         labels = read_val_labels(val_labels)
         labels_path = val_labels
         flat = _label_flat_members(flat, labels, val_labels)
@@ -396,124 +352,3 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     source = splits["train"] if "train" in splits else splits["validation"]
     classes = sorted(source.synsets)
     return Layout(imagenet_dir, splits, classes, labels_path)
-
-
-# ---------------------------------------------------------------------------
-# Worker side: listing the members of a unit, reading one member.
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of bytes [start, start + size) of a file."""
-
-    def __init__(self, f, start: int, size: int):
-        self._f, self._start, self._size, self._pos = f, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, min(self._size, base + pos))
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        left = self._size - self._pos
-        n = left if n is None or n < 0 else min(n, left)
-        if n <= 0:
-            return b""
-        self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-class UnitReadError(Exception):
-    """Part of a unit could not be listed; the message says which and why."""
-
-
-def list_unit(unit: ReadUnit) -> Iterator[Member]:
-    """Yields the members of a unit: names and byte ranges, not image bytes.
-
-    A class archive is listed by reading its 512-byte headers and seeking over
-    the data, so listing costs a few KB of I/O per class.
-
-    Raises:
-      UnitReadError: when the rest of the unit cannot be listed (a damaged
-        archive, an unreadable folder); members yielded before stay valid.
-    """
-    gfile = _gfile()
-    try:
-        if unit.kind == "class_tar":
-            with gfile.GFile(unit.path, "rb") as f:
-                window = _Window(f, unit.offset, unit.size)
-                with tarfile.open(fileobj=window, mode="r:") as tar:
-                    for info in tar:
-                        if info.isfile():
-                            yield Member(
-                                f"{unit.name}/{info.name}", unit.synset, unit.path,
-                                unit.offset + info.offset_data, info.size,
-                            )
-        elif unit.kind == "class_dir":
-            for entry in sorted(gfile.listdir(unit.path)):
-                full = os.path.join(unit.path, entry)
-                if not gfile.isdir(full):
-                    yield Member(f"{unit.name}/{entry}", unit.synset, full)
-        elif unit.kind in ("tar_members", "files"):
-            yield from unit.members
-        else:
-            raise ValueError(f"unknown unit kind {unit.kind!r}")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UnitReadError(f"{unit.name}: {type(e).__name__}: {e}") from e
-    except Exception as e:  # tf.errors.OpError and friends from the file system.
-        if type(e).__module__.startswith("tensorflow"):
-            raise UnitReadError(f"{unit.name}: {e}") from e
-        raise
-
-
-class MemberReader:
-    """Reads members' bytes, keeping the last archive open between reads."""
-
-    def __init__(self):
-        self._path, self._file = None, None
-
-    def read(self, m: Member) -> bytes:
-        """Returns the member's bytes.
-
-        Raises:
-          OSError: the bytes cannot be read (missing file, archive cut short).
-        """
-        gfile = _gfile()
-        try:
-            if m.size < 0:
-                with gfile.GFile(m.path, "rb") as f:
-                    return f.read()
-            if self._path != m.path:
-                self.close()
-                self._file, self._path = gfile.GFile(m.path, "rb"), m.path
-            self._file.seek(m.offset)
-            data = self._file.read(m.size)
-        except OSError:
-            raise
-        except Exception as e:  # tf.errors.OpError from the file system.
-            if type(e).__module__.startswith("tensorflow"):
-                raise OSError(str(e).splitlines()[0]) from e
-            raise
-        if len(data) != m.size:
-            raise OSError(f"archive ends inside this member ({len(data)} of {m.size} bytes)")
-        return data
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._path, self._file = None, None

@@ -1,0 +1,206 @@
+r"""The build against its own limit and against tensorflow-datasets, as ratios from one run.
+
+    python -m benchmarks.build                  # part of `make bench`; ~8 minutes on 2 cores
+    python -m benchmarks.build --images 500     # a quick look
+
+Three measurements, each the wall time of a whole command (interpreter start
+to exit) on the same input, run one after the other on an otherwise idle
+machine:
+
+1. **limit** (target >= 0.9): `build_tfrecords` with default flags against
+   `benchmarks.bare_build` (the same per-image work in one process per core:
+   read, decode, convert, scale and crop to 256, encode, colour statistics; no
+   Beam, no TensorFlow, no writes) on an ImageNet-shaped sample of 4N images
+   (`make_sample --shape=imagenet`: 1000 classes, ImageNet's size mix).
+2. **tfds** (target >= 1.5): `build_tfrecords --noresize` (check every image,
+   keep the bytes) against tensorflow-datasets' `imagenet2012` builder, which
+   also keeps the bytes, on the ImageNet-shaped sample of N images.
+3. **memory** (target <= 1.1): peak resident memory of the whole process tree
+   of `build_tfrecords` at 16M images against M images (the small sample, so
+   that 16M stays quick; memory does not depend on the image size).
+
+Writes `benchmarks/results/build.json` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Runs cmd to completion; its wall seconds, peak tree memory (MiB) and last stdout line."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            procs = [root] + root.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {err[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mib": peak, "stdout": out.strip().splitlines()[-1:] or [""]}
+
+
+def _build(src: str, out: str, *flags: str) -> dict:
+    r = run_measured([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
+                      "--output_dir", out, "--overwrite", *flags])
+    with open(os.path.join(out, "metadata.json")) as f:
+        meta = json.load(f)
+    images = sum(s["num_read"] for s in meta["splits"].values())
+    return {"images": images, "seconds": r["seconds"], "images_per_second": images / r["seconds"],
+            "peak_rss_mib": r["peak_rss_mib"]}
+
+
+def _imagenet_sample(path: str, images: int) -> dict:
+    from pipelines import make_sample
+
+    per_class = max(1, round(images / 1000))
+    return make_sample.make_imagenet_sample(path, train_per_class=per_class,
+                                            val_images=max(1, per_class * 1000 // 20), progress=lambda _: None)
+
+
+def limit(work: str, images: int) -> dict:
+    """The pipeline against the bare per-image loop at 4N ImageNet-shaped images."""
+    src = os.path.join(work, "imagenet-4N")
+    sample = _imagenet_sample(src, 4 * images)
+    total = sample["num_train"] + sample["num_val"]
+    bare = run_measured([sys.executable, "-m", "benchmarks.bare_build", src])
+    bare_info = json.loads(bare["stdout"][0])
+    if bare_info["images"] != total:
+        raise RuntimeError(f"bare loop read {bare_info['images']} images of {total}")
+    ours = _build(src, os.path.join(work, "records-4N"))
+    shutil.rmtree(os.path.join(work, "records-4N"), ignore_errors=True)
+    return {
+        "images": total,
+        "bare_loop": {"seconds": bare["seconds"], "images_per_second": total / bare["seconds"],
+                      "peak_rss_mib": bare["peak_rss_mib"]},
+        "pipeline": ours,
+        "ratio": ours["images_per_second"] / (total / bare["seconds"]),
+    }
+
+
+def versus_tfds(work: str, images: int) -> dict:
+    """`--noresize` and the default build against the tfds imagenet2012 builder at N images."""
+    src = os.path.join(work, "imagenet-N")
+    _imagenet_sample(src, images)
+    noresize = _build(src, os.path.join(work, "records-noresize"), "--noresize")
+    default = _build(src, os.path.join(work, "records-default"))
+    code = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "b = tfds.builder('imagenet2012', data_dir=sys.argv[2])\n"
+        "b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[1]))\n"
+    )
+    tfds = run_measured([sys.executable, "-c", code, src, os.path.join(work, "tfds")])
+    tfds_rate = noresize["images"] / tfds["seconds"]
+    for name in ("records-noresize", "records-default", "tfds"):
+        shutil.rmtree(os.path.join(work, name), ignore_errors=True)
+    return {
+        "images": noresize["images"],
+        "noresize": noresize,
+        "default": default,
+        "tfds": {"seconds": tfds["seconds"], "images_per_second": tfds_rate, "peak_rss_mib": tfds["peak_rss_mib"]},
+        "ratio_noresize": noresize["images_per_second"] / tfds_rate,
+        "ratio_default": default["images_per_second"] / tfds_rate,
+    }
+
+
+def memory(work: str, images: int, keep_records: str | None = None) -> dict:
+    """Peak memory of the build at 16M against M images of the small sample."""
+    from pipelines import make_sample
+
+    runs = {}
+    for label, n in (("M", images), ("16M", 16 * images)):
+        src = os.path.join(work, f"small-{label}")
+        make_sample.make_sample(src, train_per_class=max(4, n // 10), val_per_class=max(1, n // 100), quirks=False)
+        out = os.path.join(work, f"records-{label}")
+        runs[label] = _build(src, out)
+        shutil.rmtree(src, ignore_errors=True)
+        if label == "M" and keep_records:
+            shutil.rmtree(keep_records, ignore_errors=True)
+            shutil.move(out, keep_records)
+        shutil.rmtree(out, ignore_errors=True)
+    return {**runs, "ratio": runs["16M"]["peak_rss_mib"] / runs["M"]["peak_rss_mib"]}
+
+
+def bench(work: str, images: int, memory_images: int, only: set[str], keep_records: str | None = None) -> dict:
+    result = {}
+    if "limit" in only:
+        result["limit"] = limit(work, images)
+        print(json.dumps({"limit": result["limit"]}), flush=True)
+    if "tfds" in only:
+        result["tfds"] = versus_tfds(work, images)
+        print(json.dumps({"tfds": result["tfds"]}), flush=True)
+    if "memory" in only:
+        result["memory"] = memory(work, memory_images, keep_records)
+        print(json.dumps({"memory": result["memory"]}), flush=True)
+    return result
+
+
+def table(r: dict) -> str:
+    rows = []
+    if "limit" in r:
+        x = r["limit"]
+        rows.append((f"build, 4N={x['images']} ImageNet-shaped: pipeline vs bare loop (img/s)",
+                     x["pipeline"]["images_per_second"], x["bare_loop"]["images_per_second"], x["ratio"], ">= 0.9"))
+    if "tfds" in r:
+        x = r["tfds"]
+        rows.append((f"build --noresize, N={x['images']}: vs tfds imagenet2012 (img/s)",
+                     x["noresize"]["images_per_second"], x["tfds"]["images_per_second"], x["ratio_noresize"],
+                     ">= 1.5"))
+        rows.append((f"build (resize to 256), N={x['images']}: vs tfds (img/s)",
+                     x["default"]["images_per_second"], x["tfds"]["images_per_second"], x["ratio_default"], ""))
+    if "memory" in r:
+        x = r["memory"]
+        rows.append((f"build peak memory, 16M={x['16M']['images']} vs M={x['M']['images']} (MiB)",
+                     x["16M"]["peak_rss_mib"], x["M"]["peak_rss_mib"], x["ratio"], "<= 1.1"))
+    lines = ["| measure | ours | peer | ratio | target |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {a:.1f} | {p:.1f} | {q:.2f} | {t} |" for n, a, p, q, t in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.build", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000, help="N: ImageNet-shaped images (the limit uses 4N).")
+    p.add_argument("--memory_images", type=int, default=1000, help="M: small-sample images (and 16M).")
+    p.add_argument("--only", default="limit,tfds,memory", help="Comma-separated: limit, tfds, memory.")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.memory_images < 10:
+        p.error("--images must be >= 1 and --memory_images >= 10")
+    import psutil
+
+    work = tempfile.mkdtemp(prefix="alexnet-bench-build-")
+    try:
+        result = bench(work, args.images, args.memory_images, set(args.only.split(",")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"machine": {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
+                          "platform": platform.platform()},
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "images": args.images, "memory_images": args.memory_images, **result}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "build.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
