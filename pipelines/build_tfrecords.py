@@ -9,15 +9,11 @@ Flags below are this pipeline's; every other argument goes to Beam's
 `PipelineOptions` (runner, workers, cloud options). On the default local runner
 all cores are used (multi-processing).
 
-The flow (element types in comments in `BuildRecords`):
-  plan (driver: layout, classes, read units) -> list members (workers: names and
-  byte ranges) -> shard by a seeded hash rank -> per shard, read, decode, check,
-  re-encode and write (workers, streaming) + colour statistics of the same pixels
-  -> summary -> metadata.json (driver, last, atomically, after checking
-  read = written + rejected per split).
-
-Only names and byte ranges are shuffled, never pixels: memory stays flat as
-the dataset grows, on the local runner as on a cluster.
+This module is the driver: it plans the reading (`imagenet_layout`), runs
+`transforms.BuildRecords` (list members -> assign shards -> write shards, with
+colour statistics and counts; each step a named composite transform), then
+checks read = written + rejected per split and writes mean_image.npy and
+metadata.json (typed: `records.Metadata`) last, atomically.
 """
 
 from __future__ import annotations
@@ -297,7 +293,8 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     with beam.Pipeline(options=options) as p:
         _ = (
             p
-            | "Units" >> beam.Create(units)  # PCollection[ReadUnit]
+            # ListMembers spreads the units itself.
+            | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
             | "Build" >> BuildRecords(config, args.output_dir, build_dir)
         )
     meta = _finalize(args.output_dir, build_dir, layout, args, config, started)

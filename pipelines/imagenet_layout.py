@@ -251,7 +251,7 @@ def _label_flat_members(
             f"validation set has file number {top}: wrong label file for this data"
         )
     return [
-        dataclasses.replace(m, synset=labels[n - 1] if n else None)
+        m._replace(synset=labels[n - 1] if n else None)
         for m, n in zip(members, numbers)
     ]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import io
 import os
 
@@ -292,7 +291,7 @@ def test_class_archive_is_listed_by_headers_and_read_by_byte_range(tmp_path):
     reader = members.MemberReader()
     assert [reader.read(m) for m in listed] == [f"image {i}".encode() * (i + 1) * 300 for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [imagenet_layout.TRAIN_TAR]  # Nothing extracted.
-    short = dataclasses.replace(listed[0], size=listed[0].size + 10**6)
+    short = listed[0]._replace(size=listed[0].size + 10**6)
     with pytest.raises(OSError, match="archive ends inside this member"):
         reader.read(short)
 
