@@ -10,7 +10,8 @@ statistics, with the same functions the pipeline calls
 the records' framing and the file writes are the pipeline's extra work.
 
 Prints one JSON line: images, rejected, seconds (from the first import to the
-end), and the colour statistics' mean (a check that the work was done).
+end), the colour statistics' mean (a check that the work was done) and which
+of TensorFlow and Beam were loaded (none).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import tarfile
 import time
 
@@ -96,7 +98,8 @@ def main(argv=None) -> None:
             images += n
             rejected += bad
     print(json.dumps({"images": images, "rejected": rejected, "seconds": time.perf_counter() - _START,
-                      "mean_rgb": total.mean.tolist(), "processes": args.processes}))
+                      "mean_rgb": total.mean.tolist(), "processes": args.processes,
+                      "frameworks_loaded": sorted({m.split(".")[0] for m in sys.modules} & {"tensorflow", "apache_beam"})}))
 
 
 if __name__ == "__main__":

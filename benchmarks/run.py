@@ -3,9 +3,10 @@ r"""Side-by-side measurements against peers, each figure a ratio from one run.
     make bench                                   # installs the bench extras, then:
     python -m benchmarks.run --images 2000       # ~10 minutes on 2 cores
 
-1. build: images/s of `pipelines.build_tfrecords` vs tensorflow-datasets'
-   `imagenet2012` builder on the same archives; peak memory (all processes) at
-   N and 4N images.
+1. build (`benchmarks.build`): `pipelines.build_tfrecords` at 4N ImageNet-shaped
+   images vs the same per-image work in a bare loop; `--noresize` vs
+   tensorflow-datasets' `imagenet2012` builder at N; peak memory (all
+   processes) at 16M vs M small images (M = N/2).
 2. input: training images/s of the input stream vs a decode-only tf.data
    stream and a PyTorch DataLoader (PIL decoding, same augmentations, float
    output). The stream hands uint8 patches and their augmentation parameters to
@@ -38,55 +39,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
-def _peak_rss_of(cmd: list[str], env=None) -> tuple[float, float]:
-    """Runs cmd; returns (seconds, peak resident MiB summed over the process tree)."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0.0
-    root = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            procs = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.read()[-2000:]}")
-    return seconds, peak
-
-
 def bench_build(work: str, images: int) -> dict:
-    from pipelines import make_sample
+    """`benchmarks.build`: the build against its bare per-image loop, tfds, and its own memory at 16M."""
+    from benchmarks import build
 
-    results = {}
-    for label, n in (("N", images), ("4N", 4 * images)):
-        src = os.path.join(work, f"raw-{label}")
-        make_sample.make_sample(src, train_per_class=n // 10, val_per_class=max(1, n // 100), quirks=False)
-        total = n + 10 * max(1, n // 100)
-        out = os.path.join(work, f"records-{label}")
-        seconds, peak = _peak_rss_of([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
-                                      "--output_dir", out, "--overwrite"])
-        results[label] = {"images": total, "seconds": seconds, "images_per_second": total / seconds,
-                          "peak_rss_mib": peak}
-        if label == "N":
-            code = (
-                "import sys, tensorflow_datasets as tfds\n"
-                "b = tfds.builder('imagenet2012', data_dir=sys.argv[2])\n"
-                "b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[1]))\n"
-            )
-            tfds_dir = os.path.join(work, "tfds")
-            seconds, peak = _peak_rss_of([sys.executable, "-c", code, src, tfds_dir])
-            results["tfds_N"] = {"images": total, "seconds": seconds, "images_per_second": total / seconds,
-                                 "peak_rss_mib": peak}
-    return {
-        **results,
-        "ratio_vs_tfds": results["N"]["images_per_second"] / results["tfds_N"]["images_per_second"],
-        "memory_ratio_4N_vs_N": results["4N"]["peak_rss_mib"] / results["N"]["peak_rss_mib"],
-    }
+    return build.bench(work, images, max(10, images // 2), {"limit", "tfds", "memory"},
+                       keep_records=os.path.join(work, "records-N"))
 
 
 # -- input stream ---------------------------------------------------------------
@@ -330,10 +288,14 @@ def bench_export(data_dir: str, work: str) -> dict:
 def table(r: dict) -> str:
     b, i, t, e = r["build"], r["input"], r["train"], r["export"]
     rows = [
-        ("build: ours vs tfds imagenet2012 builder (img/s)", b["N"]["images_per_second"],
-         b["tfds_N"]["images_per_second"], b["ratio_vs_tfds"], ">= 1.5"),
-        ("build: peak memory 4N vs N (MiB)", b["4N"]["peak_rss_mib"], b["N"]["peak_rss_mib"],
-         b["memory_ratio_4N_vs_N"], "~1 (flat)"),
+        ("build, 4N ImageNet-shaped: pipeline vs bare loop (img/s)", b["limit"]["pipeline"]["images_per_second"],
+         b["limit"]["bare_loop"]["images_per_second"], b["limit"]["ratio"], ">= 0.9"),
+        ("build --noresize, N: vs tfds imagenet2012 (img/s)", b["tfds"]["noresize"]["images_per_second"],
+         b["tfds"]["tfds"]["images_per_second"], b["tfds"]["ratio_noresize"], ">= 1.5"),
+        ("build (resize to 256), N: vs tfds (img/s)", b["tfds"]["default"]["images_per_second"],
+         b["tfds"]["tfds"]["images_per_second"], b["tfds"]["ratio_default"], ""),
+        ("build: peak memory 16M vs M (MiB)", b["memory"]["16M"]["peak_rss_mib"], b["memory"]["M"]["peak_rss_mib"],
+         b["memory"]["ratio"], "<= 1.1"),
         ("input: ours vs decode-only tf.data (img/s)", i["ours_images_per_second"],
          i["decode_only_images_per_second"], i["ratio_vs_decode_only"], ">= 0.8"),
         ("input: ours vs PyTorch DataLoader (img/s)", i["ours_images_per_second"], i["torch_images_per_second"],
