@@ -78,7 +78,7 @@ def _work(args):
             rejected += 1
             continue
         if split == "train":
-            sums.add(out.pixels, None if out.square is out.pixels else out.square)
+            sums.add(out.pixels, out.square)
     return sums.moments(), len(chunk), rejected
 
 

@@ -5,7 +5,7 @@ r"""Side-by-side measurements against peers, each figure a ratio from one run.
 
 1. build (`benchmarks.build`): `pipelines.build_tfrecords` at 4N ImageNet-shaped
    images vs the same per-image work in a bare loop; `--noresize` vs
-   tensorflow-datasets' `imagenet2012` builder at N; peak memory (all
+   tensorflow-datasets' `imagenet2012` builder on the same images; peak memory (all
    processes) at 16M vs M small images (M = N/2).
 2. input: training images/s of the input stream vs a decode-only tf.data
    stream and a PyTorch DataLoader (PIL decoding, same augmentations, float
@@ -290,9 +290,9 @@ def table(r: dict) -> str:
     rows = [
         ("build, 4N ImageNet-shaped: pipeline vs bare loop (img/s)", b["limit"]["pipeline"]["images_per_second"],
          b["limit"]["bare_loop"]["images_per_second"], b["limit"]["ratio"], ">= 0.9"),
-        ("build --noresize, N: vs tfds imagenet2012 (img/s)", b["tfds"]["noresize"]["images_per_second"],
+        ("build --noresize, 4N: vs tfds imagenet2012 (img/s)", b["tfds"]["noresize"]["images_per_second"],
          b["tfds"]["tfds"]["images_per_second"], b["tfds"]["ratio_noresize"], ">= 1.5"),
-        ("build (resize to 256), N: vs tfds (img/s)", b["tfds"]["default"]["images_per_second"],
+        ("build (resize to 256), 4N: vs tfds (img/s)", b["tfds"]["default"]["images_per_second"],
          b["tfds"]["tfds"]["images_per_second"], b["tfds"]["ratio_default"], ""),
         ("build: peak memory 16M vs M (MiB)", b["memory"]["16M"]["peak_rss_mib"], b["memory"]["M"]["peak_rss_mib"],
          b["memory"]["ratio"], "<= 1.1"),

@@ -41,7 +41,7 @@ class Moments:
 
     @classmethod
     def of_image(cls, pixels: np.ndarray, square: np.ndarray | None = None) -> "Moments":
-        """Moments of one (H, W, 3) uint8 image; `square` feeds the mean image."""
+        """Moments of one (H, W, 3) uint8 image; `square` (if any) feeds the mean image."""
         sums = PixelSums()
         sums.add(pixels, square)
         return sums.moments()
@@ -121,7 +121,7 @@ class PixelSums:
         self._done = Moments()  # What was folded in before the sums could overflow.
 
     def add(self, pixels: np.ndarray, square: np.ndarray | None = None) -> None:
-        """Adds one (H, W, 3) uint8 image; `square` (default: pixels) feeds the mean image."""
+        """Adds one (H, W, 3) uint8 image; `square` (if any) feeds the mean image."""
         x = pixels.reshape(-1, 3).astype(np.int64)
         if self.num_pixels + len(x) > _MAX_PIXELS:
             self._fold()
@@ -130,13 +130,14 @@ class PixelSums:
         # Per channel: far faster than an axis-0 reduction of the (pixels, 3) matrix.
         self.sum += [int(pixels[..., c].sum(dtype=np.uint64)) for c in range(3)]
         self.products += x.T @ x
-        sq = pixels if square is None else square
+        if square is None:
+            return
         if self.image_sum is None:
-            self.image_sum = sq.astype(np.int64)
-        elif self.image_sum.shape != sq.shape:
-            raise ValueError(f"mean image shapes differ: {self.image_sum.shape} vs {sq.shape}")
+            self.image_sum = square.astype(np.int64)
+        elif self.image_sum.shape != square.shape:
+            raise ValueError(f"mean image shapes differ: {self.image_sum.shape} vs {square.shape}")
         else:
-            self.image_sum += sq
+            self.image_sum += square
 
     def _exact_moments(self) -> Moments:
         n = self.num_pixels

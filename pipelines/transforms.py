@@ -259,7 +259,7 @@ class WriteShardFn(beam.DoFn):
                 self.written.inc()
                 self.progress.tick(False)
                 if split == "train":
-                    sums.add(out.pixels, None if out.square is out.pixels else out.square)
+                    sums.add(out.pixels, out.square)
         fileio.rename(tmp, final)
         if sums.num_images:
             yield beam.pvalue.TaggedOutput(MOMENTS, sums.moments())

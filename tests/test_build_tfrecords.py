@@ -250,8 +250,11 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             originals.update({m.name: tar.extractfile(m).read() for m in tar})
     kept = converted = 0
+    blocks = []
     for r in read_split(str(tmp_path), meta, "train"):
         src = Image.open(io.BytesIO(originals[r["filename"]]))
+        assert (r["width"], r["height"]) == src.size
+        blocks.append(image_processing.process_image(originals[r["filename"]], resize=False).pixels)
         if src.format == "JPEG" and src.mode == "RGB":
             assert r["jpeg"] == originals[r["filename"]]
             kept += 1
@@ -261,7 +264,13 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
             converted += 1
     assert kept > 100 and converted == 3  # CMYK, PNG and grayscale.
     assert meta.image.size is None and not meta.image.resized
-    assert meta.color_stats.mean_image_shape == (256, 256, 3)
+    # Images of many sizes: no mean image (readers take the mean colour); the
+    # statistics are those of each image at 1/8 scale, exactly.
+    assert meta.color_stats.mean_image_file is None and not os.path.exists(tmp_path / records.MEAN_IMAGE_FILE)
+    x = np.concatenate([b.reshape(-1, 3) for b in blocks]).astype(np.float64)
+    assert meta.color_stats.num_pixels == len(x)
+    np.testing.assert_allclose(meta.color_stats.mean_rgb, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(meta.color_stats.covariance, np.cov(x, rowvar=False, bias=True), rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------

@@ -99,9 +99,16 @@ def test_undecodable_inputs_are_rejected_with_a_reason(data, reason):
 def test_noresize_keeps_rgb_jpeg_bytes_and_converts_others():
     jpeg = _encode(_image(200, 300))
     out = image_processing.process_image(jpeg, resize=False)
-    assert out.jpeg == jpeg and out.pixels.shape == (200, 300, 3) and out.square.shape == (256, 256, 3)
+    # Kept bytes; the statistics see the image at 1/8 scale (8x8 block means); no mean-image square.
+    assert out.jpeg == jpeg and (out.height, out.width) == (200, 300) and out.square is None
+    assert out.pixels.shape == (25, 38, 3)
+    full = np.asarray(Image.open(io.BytesIO(jpeg))).astype(float)
+    np.testing.assert_allclose(out.pixels.reshape(-1, 3).mean(axis=0), full.reshape(-1, 3).mean(axis=0), atol=1.5)
     gray = image_processing.process_image(_encode(_image(200, 300), mode="L"), resize=False)
-    assert Image.open(io.BytesIO(gray.jpeg)).mode == "RGB" and gray.pixels.shape == (200, 300, 3)
+    assert Image.open(io.BytesIO(gray.jpeg)).mode == "RGB" and (gray.height, gray.width) == (200, 300)
+    assert gray.pixels.shape == (25, 38, 3)
+    with pytest.raises(image_processing.BadImage, match="truncated"):
+        image_processing.process_image(jpeg[: len(jpeg) // 2], resize=False)  # Checked though kept.
 
 
 # -- colour statistics --------------------------------------------------------
@@ -366,7 +373,7 @@ def test_pixel_sums_are_exact_and_fold_before_overflow(monkeypatch):
     sums = color_stats.PixelSums()
     sums.add(images[0], squares[0])
     with pytest.raises(ValueError, match="mean image shapes differ"):
-        sums.add(images[1])  # Its own pixels as the square: another shape.
+        sums.add(images[1], images[1])  # Its own pixels as the square: another shape.
     whole = moments()
     monkeypatch.setattr(color_stats, "_MAX_PIXELS", 1500)  # Fold into Moments every image or two.
     folded = moments()
