@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
+    PortableOptions,
     WorkerOptions,
     SetupOptions,
     StandardOptions,
@@ -42,6 +44,8 @@ log = logging.getLogger("pipelines.build_tfrecords")
 
 BUILD_DIR = "_build"  # Scratch folder inside the output folder; removed on success.
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
+# Portable environments whose workers run a Python environment the user provides.
+SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
 # The pipeline's pieces, re-exported: the driver below only plans and finishes.
 BuildConfig, BuildRecords = transforms.BuildConfig, transforms.BuildRecords
 MIN_RECORDS_PER_SHARD = transforms.MIN_RECORDS_PER_SHARD
@@ -145,18 +149,31 @@ def _beam_options(beam_args: list[str]) -> PipelineOptions:
             direct.direct_running_mode = "multi_processing"
     else:
         setup = options.view_as(SetupOptions)
-        if not (setup.setup_file or setup.extra_packages or setup.requirements_file):
+        environment = (options.view_as(PortableOptions).environment_type or "").upper()
+        if setup.setup_file or setup.extra_packages or setup.requirements_file:
+            pass  # The user's own staging.
+        elif environment in SHARED_ENVIRONMENTS:
+            # LOOPBACK, EXTERNAL and PROCESS workers run a Python the user set up;
+            # Beam installs nothing staged into it, so nothing is built or staged.
+            log.info("runner %s with --environment_type=%s: workers import alexnet-tf from their own "
+                     "Python environment (it must be installed there)", runner, environment)
+        else:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             pyproject = os.path.join(here, "pyproject.toml")
-            if os.path.exists(pyproject):
-                # Workers install this project (and its dependencies) from source.
-                setup.setup_file = pyproject
-                log.info("remote runner %s: staging this project with --setup_file=%s", runner, pyproject)
-            else:
+            if not os.path.exists(pyproject):
                 log.warning(
-                    "remote runner %s and no --setup_file/--extra_package: workers must already "
+                    "runner %s and no --setup_file/--extra_package: workers must already "
                     "have alexnet-tf installed (e.g. --extra_package=dist/alexnet_tf-*.whl)", runner
                 )
+            elif importlib.util.find_spec("build") is None:
+                raise BuildError(
+                    f"runner {runner} stages this project for its workers with --setup_file={pyproject}, "
+                    "which needs the 'build' package: pip install build (or pass --extra_package=WHEEL)"
+                )
+            else:
+                # Workers (Dataflow, Docker environments) install this project and its dependencies.
+                setup.setup_file = pyproject
+                log.info("runner %s: staging this project with --setup_file=%s", runner, pyproject)
     return options
 
 
