@@ -62,7 +62,9 @@ class Evaluator:
     the batch size, not on the other images. So the result depends only on the
     weights and the batch size, not on how the split is divided: a multi-worker
     evaluation, where each worker evaluates its own shards and the sums are
-    added up once at the end, equals a single-worker one exactly.
+    added up once at the end, gives the same hit counts as a single-worker one
+    and the same loss to float32 precision (a multi-worker process's float32
+    losses can differ from a one-device process's in the last bit).
 
     Args:
       model: A callable (images, training=False) -> logits: a Keras model or

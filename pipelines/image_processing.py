@@ -73,14 +73,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _scale_and_crop(img: Image.Image, size: int) -> Image.Image:
-    """§2: rescale so the shorter side is `size`, then crop the central size x size."""
+    """§2: the central size x size of the image rescaled so its shorter side is `size`.
+
+    Cropped in source coordinates, then scaled (one resampling of the central
+    square, the filter reading past its edges as a full rescale would): work
+    and memory are bounded by size², whatever the shape. A 20000x1 image would
+    otherwise be scaled to 5,120,000x256 (about 4 GB) before the crop.
+    """
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def _encode(img: Image.Image, quality: int) -> bytes:

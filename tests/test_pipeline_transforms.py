@@ -444,3 +444,28 @@ def test_fileio_local_paths(tmp_path):
     fileio.rmtree(str(tmp_path / "a"))
     assert not fileio.exists(d)
     assert fileio.is_remote("gs://bucket/x") and not fileio.is_remote("/data/x")
+
+
+def test_long_thin_images_take_bounded_memory():
+    # Cropped in source coordinates before scaling: a 20000x1 PNG (about 100 bytes)
+    # would otherwise be scaled to 5,120,000x256 first (about 4 GB).
+    import subprocess
+    import sys
+
+    code = (
+        "import io, re, numpy as np\n"
+        "from PIL import Image\n"
+        "from pipelines import image_processing\n"
+        "buf = io.BytesIO()\n"
+        "Image.fromarray(np.full((1, 20000, 3), 200, np.uint8)).save(buf, format='PNG')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # Resets the peak (VmHWM) to the current size.\n"
+        "out = image_processing.process_image(buf.getvalue())\n"
+        "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024\n"
+        "print(out.pixels.shape, int(out.pixels.mean()), peak)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape, mean, peak_mib = proc.stdout.rsplit(" ", 2)
+    assert shape == "(256, 256, 3)" and int(mean) in (199, 200, 201)
+    assert int(peak_mib) < 300, f"peak {peak_mib} MiB"

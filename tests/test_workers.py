@@ -42,7 +42,11 @@ def test_sharded_evaluation_equals_one_worker_exactly(built):
     stats = input_pipeline.ColorStats.from_metadata(out, meta, "image")
     net = model_lib.build_alexnet(meta.num_classes, seed=3, dtype="float32")
     whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
-    assert sharded[0] == sharded[1] == whole  # Bit for bit: integer sums, full-size batches.
+    assert sharded[0] == sharded[1]  # Integer sums: the workers agree bit for bit.
+    # Hit counts exactly; the loss to float32 precision (a multi-worker process's
+    # float32 per-image losses can be one bit away from this process's).
+    assert {k: v for k, v in sharded[0].items() if k != "loss"} == {k: v for k, v in whole.items() if k != "loss"}
+    assert math.isclose(sharded[0]["loss"], whole["loss"], rel_tol=1e-7)
     assert 0 < whole["loss"] and 0 <= whole["top1_error"] <= 1
 
 
