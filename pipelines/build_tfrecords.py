@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import logging
 import os
@@ -134,8 +135,34 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
     fileio.makedirs(output_dir)
 
 
+def _check_beam_flags(options: PipelineOptions, beam_args: list[str]) -> None:
+    """Stops on a flag that is neither this pipeline's nor any Beam option's.
+
+    Beam itself only logs such flags and drops them, so `--train-shards=4`
+    would build with the default shard count and exit 0.
+    """
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # Its "Discarding unparseable args" would precede ours.
+    try:
+        known = set(options.get_all_options())
+        unknown = set(options.get_all_options(retain_unknown_options=True)) - known
+    finally:
+        beam_log.setLevel(level)
+    bad = [a for a in beam_args if a.startswith("-") and a.split("=")[0].lstrip("-").replace("-", "_") in unknown]
+    if bad:
+        ours = [a.option_strings[-1] for a in _parser()._actions if a.option_strings]
+        hints = []
+        for a in bad:
+            close = difflib.get_close_matches(a.split("=")[0], ours, n=1, cutoff=0.8)
+            hints.append(f"{a} (did you mean {close[0]}?)" if close else a)
+        raise BuildError(f"unknown flag(s): {', '.join(hints)}; neither this pipeline's nor Beam's "
+                         "(see --help, and Beam's PipelineOptions)")
+
+
 def _beam_options(beam_args: list[str]) -> PipelineOptions:
     options = PipelineOptions(beam_args)
+    _check_beam_flags(options, beam_args)
     runner = options.view_as(StandardOptions).runner
     direct = options.view_as(DirectOptions)
     if runner in LOCAL_RUNNERS:

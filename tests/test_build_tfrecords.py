@@ -338,7 +338,10 @@ def test_missing_label_file(sample, tmp_path):
 
 @pytest.mark.parametrize(
     "flag, match",
-    [("--train_shards=0", "at least 1"), ("--jpeg_quality=0", "1..100"), ("--max_reject_fraction=2", r"\[0, 1\]")],
+    [("--train_shards=0", "at least 1"), ("--jpeg_quality=0", "1..100"), ("--max_reject_fraction=2", r"\[0, 1\]"),
+     # Beam only logs flags it does not know and drops them: a typo would build with the defaults.
+     ("--train-shards=4", r"unknown flag\(s\): --train-shards=4 \(did you mean --train_shards\?\)"),
+     ("--no_such_option", r"unknown flag\(s\): --no_such_option;")],
 )
 def test_bad_flags(sample, tmp_path, flag, match):
     _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], flag)
