@@ -51,9 +51,12 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     def one(image_bytes):
         known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in MAGIC])
         # A clear error for the request; the serving process carries on.
-        tf.debugging.Assert(known, ["input is not a JPEG, PNG, GIF or BMP image; it starts with",
-                                    tf.strings.substr(image_bytes, 0, 8)])
-        return input_pipeline.preprocess_for_eval(image_bytes, stats, crop)
+        check = tf.debugging.Assert(known, ["input is not a JPEG, PNG, GIF or BMP image; it starts with",
+                                            tf.strings.substr(image_bytes, 0, 8)])
+        # Decoding waits for the check: otherwise the two race, and a non-image
+        # sometimes fails first in the decoder with a less telling message.
+        with tf.control_dependencies([check]):
+            return input_pipeline.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
 
     def predict(images):
         logits = tf.cast(model(images, training=False), tf.float32)
