@@ -227,27 +227,28 @@ def write_json_atomically(path: str, obj: Any) -> None:
 # file and builds the objects.
 
 
+class _Flat:
+    """`to_json` of a dataclass whose fields are all JSON values: its fields, in order."""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class ClassInfo:
+class ClassInfo(_Flat):
     """One class: its 0-based label (position in `classes`), WordNet id and name."""
 
     label: int
     synset: str
     name: str
 
-    def to_json(self) -> dict:
-        return {"label": self.label, "synset": self.synset, "name": self.name}
-
 
 @dataclasses.dataclass(frozen=True)
-class ShardInfo:
+class ShardInfo(_Flat):
     """One shard: its file name (relative to the records folder) and record count."""
 
     file: str
     num_examples: int
-
-    def to_json(self) -> dict:
-        return {"file": self.file, "num_examples": self.num_examples}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +281,7 @@ class SplitInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(_Flat):
     """How the images are stored.
 
     `size` is the side of the stored square images when `resized`, None when
@@ -292,10 +293,6 @@ class ImageInfo:
     jpeg_quality: int
     colorspace: str = "RGB"
     note: str = ""
-
-    def to_json(self) -> dict:
-        return {"size": self.size, "resized": self.resized, "jpeg_quality": self.jpeg_quality,
-                "colorspace": self.colorspace, "note": self.note}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,15 +351,12 @@ class ColorStatsInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rejection:
+class Rejection(_Flat):
     """One input that was read but not written, and why."""
 
     split: str
     file: str
     reason: str
-
-    def to_json(self) -> dict:
-        return {"split": self.split, "file": self.file, "reason": self.reason}
 
 
 @dataclasses.dataclass(frozen=True)

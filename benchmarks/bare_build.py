@@ -3,7 +3,8 @@
     python -m benchmarks.bare_build RAW_DIR [--processes N] [--noresize]
 
 One process per core (multiprocessing), no Beam, no TensorFlow: list the
-archives' members with `tarfile`, then for every image read its bytes, decode,
+images with the pipeline's own planning and listing (`imagenet_layout`,
+`members`: headers and names only), then for every image read its bytes, decode,
 convert, scale and crop to 256, encode, and add its pixels to the colour
 statistics, with the same functions the pipeline calls
 (`image_processing.process_image`, `color_stats.PixelSums`). Nothing is written:
@@ -21,64 +22,32 @@ import json
 import multiprocessing
 import os
 import sys
-import tarfile
 import time
 
 _START = time.perf_counter()
 
-from pipelines import color_stats, image_processing  # noqa: E402
-
-TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+from pipelines import color_stats, image_processing, imagenet_layout, members  # noqa: E402
 
 
-def list_members(raw_dir: str) -> list[tuple[str, str, int, int]]:
-    """(split, archive, offset, size) of every image in the two archives, by headers only."""
-    out = []
-    train = os.path.join(raw_dir, TRAIN_TAR)
-    with open(train, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
-        for info in outer:
-            with tarfile.open(fileobj=_Slice(f, info.offset_data, info.size), mode="r:") as inner:
-                out += [("train", train, info.offset_data + m.offset_data, m.size) for m in inner if m.isfile()]
-    val = os.path.join(raw_dir, VAL_TAR)
-    with tarfile.open(val, mode="r:") as tar:
-        out += [("validation", val, m.offset_data, m.size) for m in tar if m.isfile()]
-    return out
-
-
-class _Slice:
-    """Bytes [start, start + size) of an open file, as a seekable file for tarfile."""
-
-    def __init__(self, f, start, size):
-        self.f, self.start, self.size, self.pos = f, start, size, 0
-
-    def seek(self, pos, whence=0):
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
-        return self.pos
-
-    def tell(self):
-        return self.pos
-
-    def read(self, n=-1):
-        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(max(n, 0))
-        self.pos += len(data)
-        return data
+def list_members(raw_dir: str) -> list[tuple[str, members.Member]]:
+    """(split, member) of every image, listed by headers and names only: the pipeline's own
+    planning and listing, here in this one process."""
+    layout = imagenet_layout.plan(raw_dir)
+    return [(unit.split, m) for s in layout.splits.values() for unit in s.units for m in members.list_unit(unit)]
 
 
 def _work(args):
     chunk, resize = args
-    sums, rejected, files = color_stats.PixelSums(), 0, {}
-    for split, path, offset, size in chunk:
-        f = files.get(path) or files.setdefault(path, open(path, "rb"))
-        f.seek(offset)
+    sums, rejected, reader = color_stats.PixelSums(), 0, members.MemberReader()
+    for split, member in chunk:
         try:
-            out = image_processing.process_image(f.read(size), 256, resize, 90)
+            out = image_processing.process_image(reader.read(member), 256, resize, 90)
         except image_processing.BadImage:
             rejected += 1
             continue
         if split == "train":
             sums.add(out.pixels, out.square)
+    reader.close()
     return sums.moments(), len(chunk), rejected
 
 

@@ -30,43 +30,27 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from alexnet_tf import records
+from benchmarks.measure import REPO, run_stage
+
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
-def run_measured(cmd: list[str]) -> dict:
-    """Runs cmd to completion; its wall seconds, peak tree memory (MiB) and last stdout line."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0.0
-    root = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            procs = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {err[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mib": peak, "stdout": out.strip().splitlines()[-1:] or [""]}
+def _last_line(r: dict) -> str:
+    with open(r["log"]) as f:
+        return f.read().strip().splitlines()[-1]
 
 
 def _build(src: str, out: str, *flags: str) -> dict:
-    r = run_measured([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
-                      "--output_dir", out, "--overwrite", *flags])
-    with open(os.path.join(out, "metadata.json")) as f:
-        meta = json.load(f)
-    images = sum(s["num_read"] for s in meta["splits"].values())
+    r = run_stage("build", [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
+                            "--output_dir", out, "--overwrite", *flags], os.path.dirname(out))
+    with open(os.path.join(out, records.METADATA_FILE)) as f:
+        meta = records.Metadata.from_json(json.load(f))
+    images = sum(s.num_read for s in meta.splits.values())
     return {"images": images, "seconds": r["seconds"], "images_per_second": images / r["seconds"],
             "peak_rss_mib": r["peak_rss_mib"]}
 
@@ -87,9 +71,9 @@ def limit(src: str, total: int, work: str, repeats: int = 3) -> dict:
     """
     bare_runs, ours_runs = [], []
     for _ in range(repeats):
-        bare = run_measured([sys.executable, "-m", "benchmarks.bare_build", src])
-        if json.loads(bare["stdout"][0])["images"] != total:
-            raise RuntimeError(f"bare loop read {bare['stdout'][0]}, expected {total} images")
+        bare = run_stage("bare", [sys.executable, "-m", "benchmarks.bare_build", src], work)
+        if json.loads(_last_line(bare))["images"] != total:
+            raise RuntimeError(f"bare loop read {_last_line(bare)}, expected {total} images")
         bare_runs.append(bare)
         ours_runs.append(_build(src, os.path.join(work, "records-4N")))
         shutil.rmtree(os.path.join(work, "records-4N"), ignore_errors=True)
@@ -116,7 +100,7 @@ def versus_tfds(src: str, work: str) -> dict:
         "b = tfds.builder('imagenet2012', data_dir=sys.argv[2])\n"
         "b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[1]))\n"
     )
-    tfds = run_measured([sys.executable, "-c", code, src, os.path.join(work, "tfds")])
+    tfds = run_stage("tfds", [sys.executable, "-c", code, src, os.path.join(work, "tfds")], work)
     tfds_rate = noresize["images"] / tfds["seconds"]
     for name in ("records-noresize", "records-default", "tfds"):
         shutil.rmtree(os.path.join(work, name), ignore_errors=True)

@@ -28,41 +28,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.measure import REPO, run_stage
+
 ILSVRC_IMAGES = 1_281_167 + 50_000
-
-
-def run_stage(name: str, cmd: list[str], log_dir: str) -> dict:
-    """Runs one stage's command; returns its wall seconds and peak tree memory (MiB).
-
-    Raises:
-      RuntimeError: The command failed (the tail of its log in the message).
-    """
-    import psutil
-
-    log = os.path.join(log_dir, f"{name}.log")
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(proc.pid), 0.0
-        while proc.poll() is None:
-            try:
-                tree = [root] + root.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in tree) / 2**20)
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"stage {name} failed ({' '.join(cmd[2:4])}), exit {proc.returncode}:\n{tail}")
-    return {"seconds": seconds, "peak_rss_mib": peak, "log": log}
 
 
 def main(argv=None) -> int:

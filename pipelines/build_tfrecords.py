@@ -49,7 +49,6 @@ LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDire
 SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
 # The pipeline's pieces, re-exported: the driver below only plans and finishes.
 BuildConfig, BuildRecords = transforms.BuildConfig, transforms.BuildRecords
-MIN_RECORDS_PER_SHARD = transforms.MIN_RECORDS_PER_SHARD
 
 
 class BuildError(RuntimeError):

@@ -59,8 +59,7 @@ def _dataset(folder) -> tuple[dict, dict]:
                 files[name] = f.read()
     with open(os.path.join(folder, "metadata.json")) as f:
         meta = json.load(f)
-    for key in ("created",):
-        meta.pop(key)
+    meta.pop("created")
     meta["build"].pop("seconds")
     return files, meta
 

@@ -1,0 +1,40 @@
+"""Running a benchmark's command and measuring it: wall time and peak memory of its process tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_stage(name: str, cmd: list[str], log_dir: str) -> dict:
+    """Runs one command; returns its wall seconds, peak tree memory (MiB) and log path.
+
+    Its output (stdout and stderr) goes to `<log_dir>/<name>.log`, never to a
+    pipe that could fill and stall it.
+
+    Raises:
+      RuntimeError: The command failed (the tail of its log in the message).
+    """
+    import psutil
+
+    log = os.path.join(log_dir, f"{name}.log")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        root, peak = psutil.Process(proc.pid), 0.0
+        while proc.poll() is None:
+            try:
+                tree = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in tree) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"stage {name} failed ({' '.join(cmd[2:4])}), exit {proc.returncode}:\n{tail}")
+    return {"seconds": seconds, "peak_rss_mib": peak, "log": log}
