@@ -51,6 +51,9 @@ class TrainConfig:
     deterministic: bool = _field(False, "With --seed: the same run, or one killed and resumed, gives the same "
                                  "weights and metrics, bit for bit (deterministic kernels, float sums in a fixed "
                                  "order).")
+    data_service: str = _field("", "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
+                                "alexnet_tf.data_service): its workers read, decode and crop the training records, "
+                                "each at most once per epoch; empty: this host's own input stream.")
     steps_per_epoch: int = _field(0, "Steps per epoch (0: training examples // batch size).")
     profile_steps: tuple[int, ...] = _field((), "first,last global step to trace with the TensorFlow profiler.")
     log_images: int = _field(16, "Augmented training images per epoch in TensorBoard (0: none).")
@@ -69,6 +72,9 @@ class TrainConfig:
             raise ValueError(f"steps_per_loop must be at least 1, got {self.steps_per_loop}")
         if self.deterministic and self.seed is None:
             raise ValueError("deterministic needs a seed: give --seed")
+        if self.deterministic and self.data_service:
+            raise ValueError("deterministic cannot use data_service: the service's workers hand on batches in "
+                             "the order they finish them; drop --data_service for a reproducible run")
         if self.profile_steps and len(self.profile_steps) != 2:
             raise ValueError(f"profile_steps takes two numbers (first, last), got {self.profile_steps}")
 

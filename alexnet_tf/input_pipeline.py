@@ -291,6 +291,18 @@ def record_seed(seed: int, index):
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
 
 
+def _one_pass(files: tf.data.Dataset, num_files: int, seed: int, shuffle_buffer: int,
+              deterministic: bool) -> tf.data.Dataset:
+    """Every record of `files` once: the files in a shuffled order, read
+    interleaved in parallel, the records shuffled through a buffer."""
+    ds = files.shuffle(num_files, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=16, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
+    )
+    return ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+
 def train_records(
     data_dir: str,
     meta: records.Metadata,
@@ -310,13 +322,76 @@ def train_records(
     resumed run skip exactly the records it has already trained on.
     """
     files = _files(data_dir, meta, "train", context)
-    ds = files.shuffle(len(records.shard_paths(data_dir, meta, "train")), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(
-        tf.data.TFRecordDataset, cycle_length=16, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
-    )
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return ds.repeat()
+    num_files = len(records.shard_paths(data_dir, meta, "train"))
+    return _one_pass(files, num_files, seed, shuffle_buffer, deterministic).repeat()
+
+
+def epoch_records(data_dir: str, meta: records.Metadata, seed: int, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+    """One epoch of serialized training records, each once, for the tf.data service.
+
+    The same reading as `train_records`' passes, over all shards and without
+    repeat: under `ShardingPolicy.DYNAMIC` the dispatcher hands the shards
+    (the splits of the shard list) to the service workers one at a time, each
+    worker reads and shuffles what it was given, and the job ends when every
+    shard has been handed out and read.
+    """
+    files = records.shard_paths(data_dir, meta, "train")
+    return _one_pass(tf.data.Dataset.from_tensor_slices(files), len(files), seed, shuffle_buffer, False)
+
+
+def record_fingerprint(serialized):
+    """A record's own int64 identity (farmhash of its bytes): the same on every worker."""
+    return tf.bitcast(tf.fingerprint(serialized[None])[0], tf.int64)
+
+
+def distribute_epoch(dataset: tf.data.Dataset, service: str, job_name: str) -> tf.data.Dataset:
+    """`dataset` (one finite epoch) produced by the tf.data service at `service`.
+
+    Every reader of the same `job_name` reads one shared job: between them
+    they get each element at most once (`ShardingPolicy.DYNAMIC`), whichever
+    worker made it. A job name read again after its end gives nothing.
+    """
+    svc = tf.data.experimental.service
+    return dataset.apply(svc.distribute(processing_mode=svc.ShardingPolicy.DYNAMIC, service=service,
+                                        job_name=job_name))
+
+
+def service_train_dataset(
+    data_dir: str,
+    meta: records.Metadata,
+    stats: ColorStats,
+    global_batch_size: int,
+    service: str,
+    job_name: str,
+    seed: int,
+    context: tf.distribute.InputContext | None = None,
+    shuffle_buffer: int = 10_000,
+    crop: int = CROP,
+) -> tf.data.Dataset:
+    """One epoch of ((patches, Augment), labels) batches made by the tf.data service's workers.
+
+    The service's counterpart of `train_dataset`: the workers read the shards
+    they are handed (`epoch_records`), crop and reflect each record
+    (`crop_for_train`) and batch per replica with drop_remainder; the trainer
+    only receives batches. Each record's randomness is drawn from (seed, its
+    fingerprint), so it does not depend on which worker took it. The stream
+    ends with the epoch: each worker's last partial batch is dropped, so an
+    epoch trains on slightly fewer records than the split holds (less than a
+    batch per service worker), and never on one twice.
+
+    Every input pipeline of every trainer must pass the same arguments (the
+    job is shared); `context` only sets the per-replica batch size.
+    """
+    batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
+
+    def crop_record(serialized):
+        image, label = _parse(serialized)
+        return crop_for_train(image, stats, crop, record_seed(seed, record_fingerprint(serialized))), label
+
+    ds = epoch_records(data_dir, meta, seed, shuffle_buffer)
+    ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.batch(batch, drop_remainder=True)
+    return distribute_epoch(ds, service, job_name).prefetch(tf.data.AUTOTUNE)
 
 
 def train_dataset(

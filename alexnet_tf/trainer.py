@@ -108,6 +108,10 @@ class LoopState:
         self.stream_seed = var(-1, tf.int64)
         self.global_batch = var(-1, tf.int64)
         self.input_pipelines = var(-1, tf.int64)
+        # The run's identity, drawn at its first start: it names the tf.data
+        # service's job of each epoch, which every trainer process shares and a
+        # resumed run reads on from. -1: not drawn yet.
+        self.run_id = var(-1, tf.int64)
 
     def trackables(self) -> dict:
         return dict(vars(self))
@@ -146,11 +150,17 @@ class TrainLoop:
       jit_compile: XLA for each replica's forward and backward pass.
       state: Where `run` adds the metric sums and the steps (optional).
       warmup_steps: Linear learning-rate ramp over the first steps (0: none).
+      finite: The input stream ends with the epoch (the tf.data service's): a
+        call stops early when any replica's stream has ended, and returns how
+        many steps it ran. Otherwise the stream is endless and every call
+        runs all its steps.
     """
 
     def __init__(self, model, optimizer, strategy, global_batch: int, weight_decay: float = 0.0,
-                 finish=None, jit_compile: bool = False, state: LoopState | None = None, warmup_steps: float = 0.0):
+                 finish=None, jit_compile: bool = False, state: LoopState | None = None, warmup_steps: float = 0.0,
+                 finite: bool = False):
         self.model, self.optimizer, self.strategy, self.state = model, optimizer, strategy, state
+        self.finite = finite
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
         finish = finish or (lambda inputs, labels: (inputs, labels))
@@ -191,27 +201,51 @@ class TrainLoop:
         self.replica_step = replica_step
         ramp = float(warmup_steps)
 
+        def one_step(inputs, sums):
+            if ramp and state is not None:
+                done = tf.cast(state.global_step + 1, tf.float64) / ramp
+                lr = state.learning_rate * tf.minimum(done, 1.0)
+                optimizer.learning_rate.assign(tf.cast(lr, optimizer.learning_rate.dtype))
+            per_replica = strategy.run(replica_step, args=inputs)
+            if state is not None:
+                state.global_step.assign_add(1)
+            return sums + tf.cast(strategy.reduce("SUM", per_replica, axis=None), tf.float64)
+
+        def record(sums, ran):
+            if state is not None:
+                state.sums.assign_add(sums)
+                state.step_in_epoch.assign_add(ran)
+            return sums, ran
+
         @tf.function
         def run(iterator, steps):
             sums = tf.zeros([4], tf.float64)
             for _ in tf.range(steps):
-                if ramp and state is not None:
-                    done = tf.cast(state.global_step + 1, tf.float64) / ramp
-                    lr = state.learning_rate * tf.minimum(done, 1.0)
-                    optimizer.learning_rate.assign(tf.cast(lr, optimizer.learning_rate.dtype))
-                per_replica = strategy.run(replica_step, args=next(iterator))
-                sums += tf.cast(strategy.reduce("SUM", per_replica, axis=None), tf.float64)
-                if state is not None:
-                    state.global_step.assign_add(1)
-            if state is not None:
-                state.sums.assign_add(sums)
-                state.step_in_epoch.assign_add(tf.cast(steps, tf.int64))
-            return sums
+                sums = one_step(next(iterator), sums)
+            return record(sums, steps)
 
-        self._run = run
+        @tf.function
+        def run_finite(iterator, steps):
+            sums = tf.zeros([4], tf.float64)
+            ran = tf.constant(0, tf.int64)
+            for _ in tf.range(steps):
+                # Has a value only if every replica of every worker has a batch
+                # (one all-reduce across workers): all stop at the same step.
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                sums = one_step(batch.get_value(), sums)
+                ran += 1
+            return record(sums, ran)
+
+        self._run = run_finite if finite else run
 
     def run(self, iterator, steps: int):
-        """Runs `steps` training steps on the device; returns the summed (loss, top-1, top-5, count) tensor."""
+        """Runs `steps` training steps on the device (fewer where a finite stream ends).
+
+        Returns:
+          The summed (loss, top-1, top-5, count) tensor and the number of steps run.
+        """
         return self._run(iterator, tf.constant(steps, tf.int64))
 
 
@@ -358,9 +392,17 @@ def settle_stream(config: TrainConfig, state: LoopState, strategy, resumed: bool
         seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
         seed = int(distribute.all_workers(strategy, [seed])[0, 0])  # The chief's.
     state.stream_seed.assign(seed)
+    if int(state.run_id) < 0:  # Independent of --seed: two runs with one seed are still two runs.
+        drawn = int(np.random.default_rng().integers(2**62))
+        state.run_id.assign(int(distribute.all_workers(strategy, [drawn])[0, 0]))
     state.global_batch.assign(config.batch_size)
     state.input_pipelines.assign(pipelines)
     return seed
+
+
+def service_job_name(state: LoopState) -> str:
+    """The tf.data service job of the run's current epoch."""
+    return f"alexnet-{int(state.run_id):016x}-epoch{int(state.epoch) + 1}"
 
 
 def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | None) -> dict:
@@ -391,7 +433,8 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
 
     The host reads the metric sums once per loop, for the progress bar, and
     saves a checkpoint (`save(global_step)`) at every `checkpoint_every_steps`
-    boundary.
+    boundary. A finite stream (`loop.finite`) may end the epoch before
+    `steps_per_epoch`.
     """
     tick = time.monotonic()
     step_in_epoch, global_step = int(state.step_in_epoch), int(state.global_step)
@@ -400,8 +443,9 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
                         config.checkpoint_every_steps if save else 0, config.profile_steps if profile_dir else ())
         if profile_dir and global_step == config.profile_steps[0]:
             tf.profiler.experimental.start(profile_dir)
-        loop.run(iterator, n)
-        step_in_epoch, global_step = step_in_epoch + n, global_step + n
+        _, ran = loop.run(iterator, n)
+        ran = int(ran) if loop.finite else n  # An endless stream runs every step: no wait for the device.
+        step_in_epoch, global_step = step_in_epoch + ran, global_step + ran
         if profile_dir and global_step - 1 == config.profile_steps[-1]:
             tf.profiler.experimental.stop()
         if bar is not None:
@@ -412,6 +456,8 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
             state.train_seconds.assign_add(time.monotonic() - tick)
             tick = time.monotonic()
             save(global_step)
+        if ran < n:  # The stream's epoch has ended.
+            break
     state.train_seconds.assign_add(time.monotonic() - tick)
 
 
@@ -426,6 +472,8 @@ def epoch_result(state: LoopState) -> dict:
         "train_top1_error": r["top1_error"],
         "train_top5_error": r["top5_error"],
         "images_per_second": float(sums[3]) / max(float(state.train_seconds.numpy()), 1e-9),
+        "train_images": int(sums[3]),
+        "steps": int(state.step_in_epoch),
     }
 
 
@@ -496,13 +544,25 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         optimizer.learning_rate.assign(float(state.learning_rate.numpy()))
         say(chief, f"resumed from {checkpoints.latest}: epoch {int(state.epoch) + 1}, step {int(state.step_in_epoch)}")
         history = [h for h in run_dir.read_history(model_dir) if h["epoch"] <= int(state.epoch)]
+    if config.data_service:
+        say(chief, f"input stream: the tf.data service at {config.data_service}, one job per epoch "
+                   f"({service_job_name(state)} first); evaluation reads the records here")
 
     loop = TrainLoop(
         model, optimizer, strategy, config.batch_size, config.weight_decay,
         finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, data.stats), labels),
-        jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch)
+        jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch,
+        finite=bool(config.data_service))
 
     def dataset_fn(context):
+        if config.data_service:
+            # The epoch's job, shared by every trainer process; a resumed run reads
+            # on from where the job is (the dispatcher keeps it for its
+            # --job_gc_timeout), records already handed out are not produced again.
+            return input_pipeline.service_train_dataset(
+                config.data_dir, data.meta, data.stats, config.batch_size, config.data_service,
+                service_job_name(state), seed=stream_seed + int(state.epoch) * 1000, context=context,
+                shuffle_buffer=config.shuffle_buffer)
         # Each epoch's stream, from where this epoch's trained steps end.
         per_step = config.batch_size // context.num_input_pipelines
         seed = stream_seed + int(state.epoch) * 1000 + context.input_pipeline_id
@@ -518,6 +578,11 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))
                    if config.profile_steps and chief else None)
 
+    # The service's epoch ends when its job does: the trainers take batches from
+    # one job as they come, so one may get more than another, and a step where
+    # only some have a batch trains on those (the others' are empty). Capping
+    # the epoch at records // batch steps would drop the rest of the job.
+    epoch_steps = sys.maxsize if config.data_service and not config.steps_per_epoch else data.steps_per_epoch
     if int(state.epoch) >= config.epochs:
         say(chief, f"training already finished ({config.epochs} epochs)")
     iterator = None
@@ -528,12 +593,16 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         if verbose:
             print(f"Epoch {int(state.epoch) + 1}/{config.epochs} (learning rate "
                   f"{float(state.learning_rate.numpy()):g})", flush=True)
-        bar = keras.utils.Progbar(data.steps_per_epoch, verbose=1 if verbose else 0,
+        bar = keras.utils.Progbar(epoch_steps if epoch_steps < sys.maxsize else None, verbose=1 if verbose else 0,
                                   stateful_metrics=["loss", "top1_err", "top5_err"])
         bar.update(int(state.step_in_epoch))
-        run_epoch(loop, iterator, state, config, data.steps_per_epoch, checkpoints.save, profile_dir, bar)
+        run_epoch(loop, iterator, state, config, epoch_steps, checkpoints.save, profile_dir, bar)
 
         result = epoch_result(state)
+        if config.data_service:
+            say(chief, f"epoch {result['epoch']}: the service's epoch gave {result['steps']} steps, "
+                       f"{result['train_images']} of {data.meta.split('train').num_examples} training images "
+                       "(each service worker's last partial batch is dropped, a lost worker's shards skipped)")
         if data.has_validation:
             result.update({f"val_{k}": v for k, v in evaluator.evaluate("validation").items()})
         summaries.epoch(result["epoch"], result, model, preview, data.stats, config)

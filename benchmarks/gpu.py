@@ -198,9 +198,9 @@ def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int,
                              finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, stats), labels),
                              jit_compile=jit)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    loop.run(iterator, args.warmup_steps).numpy()
+    loop.run(iterator, args.warmup_steps)[0].numpy()
     # The device's own count of the images it trained on (index 3 of the metric sums).
-    return median_rate(lambda: float(loop.run(iterator, args.steps).numpy()[3]), args.runs)
+    return median_rate(lambda: float(loop.run(iterator, args.steps)[0].numpy()[3]), args.runs)
 
 
 def stream_rate(args, data_dir: str, meta, stats, global_batch: int) -> float:

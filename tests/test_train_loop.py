@@ -63,7 +63,7 @@ def test_one_loop_of_four_steps_trains_as_four_loops_of_one():
         state = trainer.LoopState(0.01)
         model, loop = _alexnet_loop(state)
         iterator = iter(data)
-        sums = [loop.run(iterator, n).numpy() for n in lengths]
+        sums = [loop.run(iterator, n)[0].numpy() for n in lengths]
         results.append((model.get_weights(), np.sum(sums, axis=0), state))
     (w_one, sums_one, state_one), (w_four, sums_four, state_four) = results
     for a, b in zip(w_one, w_four):

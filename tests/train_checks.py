@@ -50,7 +50,7 @@ def _train(strategy, jit: bool):
     model, optimizer = trainer.build_model_and_optimizer(config, CLASSES, strategy, "float32")
     before = model.get_weights()
     loop = trainer.TrainLoop(model, optimizer, strategy, GLOBAL_BATCH, config.weight_decay, jit_compile=jit)
-    sums = loop.run(_synthetic(strategy), STEPS).numpy()
+    sums = loop.run(_synthetic(strategy), STEPS)[0].numpy()
     replicas_agree = all(
         all(np.array_equal(r.numpy(), strategy.experimental_local_results(v)[0].numpy())
             for r in strategy.experimental_local_results(v))

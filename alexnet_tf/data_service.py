@@ -1,0 +1,250 @@
+r"""The tf.data service: the input stream's decoding and augmentation on other hosts.
+
+    python -m alexnet_tf.data_service dispatcher --port=5050 --work_dir=/shared/dispatcher
+    python -m alexnet_tf.data_service worker --dispatcher=head:5050 --port=5051     # on each input host
+    python -m alexnet_tf.train --data_service=grpc://head:5050 ...                  # any strategy
+
+One dispatcher hands each epoch's training shards to the service workers as
+they ask for them (`ShardingPolicy.DYNAMIC`); each worker reads, decodes and
+crops its shards and sends batches to whichever trainer asks next. Every
+trainer process of a run reads the same job, named after the run and the
+epoch, so each training record is produced at most once per epoch however
+many trainers and workers there are (`alexnet_tf.input_pipeline.service_train_dataset`).
+
+A worker that dies loses the shards it was reading (their records are not
+trained on that epoch: at most once, never twice); the trainers wait for it
+to come back at the same address, so run workers under a supervisor that
+restarts them (systemd, a Kubernetes Deployment) with a fixed `--port`. With
+`--work_dir` the dispatcher writes a journal there and a restarted dispatcher
+continues every job where it was. Workers read the records themselves: the
+trainers' `--data_dir` must mean the same files on every worker (gs://, a
+shared file system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+DEFAULT_DISPATCHER_PORT = 5050
+DEFAULT_WORKER_PORT = 5051
+# A trainer restarted within this time continues its epoch's job; after it the
+# dispatcher forgets the job and the resumed epoch starts a new one.
+DEFAULT_JOB_GC_TIMEOUT_S = 3600
+# How long the dispatcher waits for a worker's heartbeat before it counts it lost.
+DEFAULT_WORKER_TIMEOUT_S = 60
+HEARTBEAT_S = 5
+
+
+class ServiceError(Exception):
+    """The service address is malformed or nothing listens there."""
+
+
+def address(target: str) -> tuple[str, int]:
+    """(host, port) of `grpc://host:port` or `host:port`.
+
+    Raises:
+      ServiceError: Another protocol, no port, or a port that is not a number.
+    """
+    rest = target
+    if "://" in target:
+        protocol, rest = target.split("://", 1)
+        if protocol != "grpc":
+            raise ServiceError(f"{target!r}: the tf.data service speaks grpc:// only")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ServiceError(f"{target!r} is not grpc://HOST:PORT")
+    return host, int(port)
+
+
+def target(service: str) -> str:
+    """The `grpc://host:port` form of a service address."""
+    host, port = address(service)
+    return f"grpc://{host}:{port}"
+
+
+def check_reachable(service: str, timeout: float = 10.0) -> None:
+    """Raises `ServiceError` naming the address if no dispatcher accepts connections there.
+
+    (tf.data's own client would retry for a long time before it says anything.)
+    """
+    host, port = address(service)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ServiceError(f"no tf.data service dispatcher at {target(service)} ({e.strerror or e}); start one "
+                           "with `python -m alexnet_tf.data_service dispatcher`") from e
+
+
+def check_port_free(port: int) -> None:
+    """Raises `ServiceError` if something listens on `port` already.
+
+    (gRPC servers bind with SO_REUSEPORT: a second dispatcher or worker on a
+    taken port would start without a word and share the port's connections.)
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+        # SO_REUSEADDR as the server itself: connections of a killed server still in
+        # TIME_WAIT do not count, a listening socket does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ServiceError(f"port {port} is in use ({e.strerror or e}); is a dispatcher or worker "
+                               "already running there?") from e
+
+
+def start_dispatcher(port: int = DEFAULT_DISPATCHER_PORT, work_dir: str | None = None,
+                     job_gc_timeout_s: float = DEFAULT_JOB_GC_TIMEOUT_S,
+                     worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S):
+    """A started `tf.data.experimental.service.DispatchServer` (fault tolerant with `work_dir`)."""
+    import tensorflow as tf
+
+    svc = tf.data.experimental.service
+    return svc.DispatchServer(svc.DispatcherConfig(
+        port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir),
+        job_gc_timeout_ms=int(job_gc_timeout_s * 1000), worker_timeout_ms=int(worker_timeout_s * 1000),
+        # Lost workers and unused jobs are looked for this often.
+        job_gc_check_interval_ms=int(min(job_gc_timeout_s, worker_timeout_s) * 1000 / 2)))
+
+
+def start_worker(dispatcher: str, port: int = DEFAULT_WORKER_PORT, host: str | None = None):
+    """A started `WorkerServer` registered with `dispatcher` (host:port), reachable at host:port."""
+    import tensorflow as tf
+
+    dhost, dport = address(dispatcher)
+    svc = tf.data.experimental.service
+    return svc.WorkerServer(svc.WorkerConfig(
+        dispatcher_address=f"{dhost}:{dport}", port=port,
+        worker_address=f"{host or socket.gethostname()}:%port%", heartbeat_interval_ms=HEARTBEAT_S * 1000))
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports free on 127.0.0.1 now (for local servers and test clusters)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LocalService:
+    """A service of local processes on 127.0.0.1: one dispatcher, `workers` workers.
+
+    For trying the service on one host, tests and benchmarks. Each is a
+    `python -m alexnet_tf.data_service` process on a free port; use as a
+    context manager (every process is killed at the end). Logs go to files
+    in `log_dir`, never to an unread pipe.
+    """
+
+    def __init__(self, log_dir: str, workers: int = 2, dispatcher_flags: tuple[str, ...] = ()):
+        self.log_dir = log_dir
+        ports = free_ports(workers + 1)
+        self.port, self.worker_ports = ports[0], ports[1:]
+        self.address = f"grpc://127.0.0.1:{self.port}"
+        self.dispatcher = self._start(f"dispatcher-{self.port}", "dispatcher", "--port", str(self.port),
+                                      *dispatcher_flags)
+        self.workers = [self.start_worker(i) for i in range(workers)]
+
+    def _start(self, name: str, *argv: str) -> subprocess.Popen:
+        log = os.path.join(self.log_dir, f"{name}.log")
+        started = self._started(log)
+        with open(log, "a") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "alexnet_tf.data_service", *argv], cwd=_REPO,
+                                    stdout=f, stderr=subprocess.STDOUT)
+        proc.log = log
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # Each prints one line once it serves.
+            if self._started(log) > started:
+                return proc
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{open(log).read()[-2000:]}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not start:\n{open(log).read()[-2000:]}")
+
+    @staticmethod
+    def _started(log: str) -> int:
+        if not os.path.exists(log):
+            return 0
+        with open(log) as f:
+            return sum(line.startswith("data_service: ") for line in f)
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        """Starts worker i (again, after a kill: at the same port, as a supervisor would)."""
+        port = self.worker_ports[i]
+        return self._start(f"worker-{port}", "worker", "--dispatcher", f"127.0.0.1:{self.port}",
+                           "--port", str(port), "--host", "127.0.0.1")
+
+    def kill_worker(self, i: int) -> None:
+        self.workers[i].kill()
+        self.workers[i].wait()
+
+    def __enter__(self) -> "LocalService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in [*self.workers, self.dispatcher]:
+            p.kill()
+            p.wait()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m alexnet_tf.data_service", description=__doc__.splitlines()[0])
+    roles = p.add_subparsers(dest="role", required=True, metavar="{dispatcher,worker}")
+    d = roles.add_parser("dispatcher", help="the one dispatcher of a service")
+    d.add_argument("--port", type=int, default=DEFAULT_DISPATCHER_PORT, help="port to listen on")
+    d.add_argument("--work_dir", default=None,
+                   help="journal folder: a restarted dispatcher continues its jobs (fault tolerant)")
+    d.add_argument("--job_gc_timeout", type=float, default=DEFAULT_JOB_GC_TIMEOUT_S, metavar="SECONDS",
+                   help="forget a job nobody has read for this long (a trainer restarted sooner continues "
+                        "its epoch's job)")
+    d.add_argument("--worker_timeout", type=float, default=DEFAULT_WORKER_TIMEOUT_S, metavar="SECONDS",
+                   help="count a worker lost after this long without a heartbeat")
+    w = roles.add_parser("worker", help="one worker (run one per input host)")
+    w.add_argument("--dispatcher", required=True, metavar="HOST:PORT", help="the dispatcher's address")
+    w.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT,
+                   help="port to listen on (fixed, so that a restarted worker is found at the same address)")
+    w.add_argument("--host", default=None,
+                   help=f"the name trainers reach this worker by (default: this host's name, {socket.gethostname()})")
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.role == "dispatcher":
+            if args.job_gc_timeout <= 0 or args.worker_timeout <= 0:
+                raise ServiceError("--job_gc_timeout and --worker_timeout must be positive")
+            check_port_free(args.port)
+            server = start_dispatcher(args.port, args.work_dir, args.job_gc_timeout, args.worker_timeout)
+            where = f"journal in {args.work_dir}" if args.work_dir else "no --work_dir: a restart forgets its jobs"
+            print(f"data_service: dispatcher at grpc://{socket.gethostname()}:{args.port} ({where})", flush=True)
+        else:
+            check_reachable(args.dispatcher)
+            check_port_free(args.port)
+            server = start_worker(args.dispatcher, args.port, args.host)
+            print(f"data_service: worker at {args.host or socket.gethostname()}:{args.port} for dispatcher "
+                  f"{target(args.dispatcher)}", flush=True)
+    except (ServiceError, ValueError) as e:
+        print(f"data_service: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # The servers' own start-up errors (a port in use, a bad work dir).
+        if type(e).__module__.startswith("tensorflow"):
+            print(f"data_service: error: {args.role} did not start: {getattr(e, 'message', e)}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    server.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+r"""The input stream through the tf.data service against the local stream, as ratios from one run.
+
+    python -m benchmarks.data_service                     # part of `make bench`; ~2 minutes on 2 cores
+    python -m benchmarks.data_service --data_dir=tfrecords
+
+Three streams of the same training batches (`crop_for_train` on every record,
+batches of --batch), read as fast as this process can take them, no model:
+
+1. local: `input_pipeline.train_dataset`, the trainer's own stream, on this host;
+2. service, 1 worker and 2 workers: the same per-record work done by
+   `python -m alexnet_tf.data_service worker` processes on this host, sent
+   over gRPC on loopback (`service_train_dataset`'s pieces, over --passes
+   passes of the records so that one job is long enough to time).
+
+Each figure is the median of --runs timed windows of --batches batches after
+--warmup batches. For the service, the worker processes' CPU time over the
+window gives images per worker CPU-second, i.e. images/s per service core:
+what sizes a service cluster (cores per GPU = a GPU's training images/s /
+images/s per core). Writes benchmarks/results/data-service.json and prints a
+Markdown table. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from benchmarks.measure import REPO
+
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def _sample_records(work: str, per_class: int) -> str:
+    from pipelines import build_tfrecords, make_sample
+
+    src = make_sample.make_sample(os.path.join(work, "raw"), train_per_class=per_class, val_per_class=1)
+    out = os.path.join(work, "records")
+    build_tfrecords.run(["--imagenet_dir", src["output_dir"], "--output_dir", out,
+                         "--direct_running_mode=multi_processing", f"--direct_num_workers={os.cpu_count()}"])
+    return out
+
+
+def _window(iterator, batch: int, batches: int, procs) -> dict:
+    """Images/s of `batches` batches, and the CPU seconds `procs` spent meanwhile."""
+    cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in procs)  # noqa: E731 (user + system)
+    c0, t0 = cpu(), time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+    return {"images_per_second": batch * batches / seconds, "worker_cpu_seconds": cpu_seconds,
+            "images": batch * batches}
+
+
+def _measure(make_iterator, batch: int, args, procs=()) -> dict:
+    iterator = make_iterator()
+    for _ in range(args.warmup):
+        next(iterator)
+    windows = [_window(iterator, batch, args.batches, procs) for _ in range(args.runs)]
+    rate = statistics.median(w["images_per_second"] for w in windows)
+    out = {"images_per_second": rate, "windows": windows}
+    if procs:
+        cpu = sum(w["worker_cpu_seconds"] for w in windows)
+        out["images_per_worker_cpu_second"] = sum(w["images"] for w in windows) / max(cpu, 1e-9)
+    return out
+
+
+def bench(data_dir: str, work: str, batch: int, args) -> dict:
+    import psutil
+    import tensorflow as tf
+
+    from alexnet_tf import data_service, input_pipeline as ip, records
+
+    meta = records.load_metadata(data_dir)
+    stats = ip.ColorStats.from_metadata(data_dir, meta)
+    result = {"batch": batch, "train_records": meta.split("train").num_examples,
+              "local": _measure(lambda: iter(ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)),
+                                batch, args)}
+
+    def service_stream(address: str, job: str):
+        def crop(serialized):
+            image, label = ip._parse(serialized)
+            return ip.crop_for_train(image, stats, seed=ip.record_seed(1, ip.record_fingerprint(serialized))), label
+
+        ds = ip.epoch_records(data_dir, meta, seed=1, shuffle_buffer=1000).repeat(args.passes)
+        ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).batch(batch, drop_remainder=True)
+        return iter(ip.distribute_epoch(ds, address, job).prefetch(tf.data.AUTOTUNE))
+
+    for n in (1, 2):
+        with data_service.LocalService(work, workers=n) as svc:
+            procs = [psutil.Process(p.pid) for p in svc.workers]
+            result[f"service_{n}_workers"] = _measure(lambda: service_stream(svc.address, f"bench-{n}"), batch,
+                                                      args, procs)
+        result[f"ratio_service_{n}_workers_vs_local"] = (
+            result[f"service_{n}_workers"]["images_per_second"] / result["local"]["images_per_second"])
+    result["images_per_second_per_service_core"] = max(
+        result[f"service_{n}_workers"]["images_per_worker_cpu_second"] for n in (1, 2))
+    result["cores_per_gpu"] = _cores_per_gpu(result["images_per_second_per_service_core"])
+    return result
+
+
+def _cores_per_gpu(per_core: float) -> list[dict]:
+    """Service cores to feed one GPU at the training rates `make bench-gpu` has recorded
+    (its synthetic-input step: the GPU's own limit), the best batch of each precision."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "gpu-*.json"))):
+        with open(path) as f:
+            gpu = json.load(f)
+        count = max(int(gpu.get("device", {}).get("count") or 1), 1)
+        for precision, by_batch in (gpu.get("train_synthetic") or {}).items():
+            rates = [r["images_per_second"] for r in by_batch.values() if r.get("images_per_second")]
+            if rates:
+                rate = max(rates) / count
+                rows.append({"source": os.path.basename(path), "precision": precision,
+                             "gpu_images_per_second": rate, "service_cores": rate / per_core})
+    return rows
+
+
+def table(r: dict) -> str:
+    local = r["local"]["images_per_second"]
+    lines = ["| stream | images/s | vs local | images/s per worker core |", "|---|---:|---:|---:|",
+             f"| local (`train_dataset`, this process) | {local:.0f} | 1.00 | |"]
+    for n in (1, 2):
+        s = r[f"service_{n}_workers"]
+        lines.append(f"| tf.data service, {n} worker{'s' if n > 1 else ''} | {s['images_per_second']:.0f} | "
+                     f"{r[f'ratio_service_{n}_workers_vs_local']:.2f} | {s['images_per_worker_cpu_second']:.0f} |")
+    per_core = r["images_per_second_per_service_core"]
+    lines.append(f"\nservice cores per GPU = the GPU's training images/s / {per_core:.0f}")
+    for row in r["cores_per_gpu"]:
+        lines.append(f"- {row['source']} {row['precision']}: {row['gpu_images_per_second']:.0f} images/s per GPU "
+                     f"-> {row['service_cores']:.1f} cores")
+    m = r["machine"]
+    lines.append(f"\nmachine: {m['cores']} cores, {m['platform']}; batch {r['batch']}, "
+                 f"{r['train_records']} training records")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_service", description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=None, help="Records to read (default: a generated sample is built).")
+    p.add_argument("--per_class", type=int, default=60, help="Generated sample: training images per class.")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=20, help="Batches per timed window.")
+    p.add_argument("--warmup", type=int, default=5, help="Batches before the first window.")
+    p.add_argument("--runs", type=int, default=3, help="Timed windows; the median counts.")
+    p.add_argument("--passes", type=int, default=20, help="Passes over the records in the service's one job.")
+    p.add_argument("--output", default=os.path.join(RESULTS, "data-service.json"))
+    args = p.parse_args(argv)
+    need = (args.warmup + args.batches * args.runs) * args.batch
+    work = tempfile.mkdtemp(prefix="bench-service-")
+    try:
+        data_dir = args.data_dir or _sample_records(work, args.per_class)
+        from alexnet_tf import records
+
+        available = records.load_metadata(data_dir).split("train").num_examples * args.passes
+        if available < need * 1.2:
+            sys.exit(f"benchmarks.data_service: the service's job holds {available} images, the windows need "
+                     f"{need}: raise --passes")
+        result = {"machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  **bench(data_dir, work, args.batch, args)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The tf.data service on loopback: each record at most once per epoch, a lost worker,
+training through the service (one trainer and two), and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+
+import cluster
+from alexnet_tf import data_service, input_pipeline, records
+from alexnet_tf.config import TrainConfig
+
+
+
+def _cli(*argv, timeout=60):
+    return subprocess.run([sys.executable, "-m", "alexnet_tf.data_service", *argv], cwd=cluster.REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _fingerprints(data_dir, meta) -> list[int]:
+    files = records.shard_paths(data_dir, meta, "train")
+    return [int(input_pipeline.record_fingerprint(s)) for s in tf.data.TFRecordDataset(files)]
+
+
+def _read(dataset, out: list, each=None) -> None:
+    for i, batch in enumerate(dataset):
+        out.extend(batch.numpy().tolist())
+        if each:
+            each(i)
+
+
+# -- addresses and errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, expected", [("grpc://head:5050", ("head", 5050)), ("10.0.0.2:7", ("10.0.0.2", 7))])
+def test_addresses(given, expected):
+    assert data_service.address(given) == expected
+    assert data_service.target(given) == f"grpc://{expected[0]}:{expected[1]}"
+
+
+@pytest.mark.parametrize("bad, says", [("http://head:5050", "grpc:// only"), ("head", "not grpc://HOST:PORT"),
+                                       ("head:port", "not grpc://HOST:PORT"), ("grpc://:5050", "not grpc://")])
+def test_bad_addresses_are_named(bad, says):
+    with pytest.raises(data_service.ServiceError, match=says):
+        data_service.address(bad)
+
+
+def test_cli_refuses_a_taken_port_and_a_missing_dispatcher(tmp_path):
+    (nobody,) = cluster.free_ports(1)
+    r = _cli("worker", "--dispatcher", f"127.0.0.1:{nobody}")
+    assert r.returncode == 1
+    assert f"no tf.data service dispatcher at grpc://127.0.0.1:{nobody}" in r.stderr
+    with data_service.LocalService(str(tmp_path), workers=0) as svc:  # A dispatcher holds the port.
+        r = _cli("dispatcher", "--port", str(svc.port))
+        assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
+        r = _cli("worker", "--dispatcher", f"127.0.0.1:{svc.port}", "--port", str(svc.port))
+        assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
+    r = _cli("dispatcher", "--port", "0", "--job_gc_timeout", "0")
+    assert r.returncode == 1 and "must be positive" in r.stderr
+
+
+def test_deterministic_runs_refuse_the_service():
+    with pytest.raises(ValueError, match="deterministic cannot use data_service"):
+        TrainConfig(seed=1, deterministic=True, data_service="grpc://head:5050")
+
+
+def test_train_names_an_unreachable_dispatcher(built, tmp_path):
+    out, _ = built
+    (nobody,) = cluster.free_ports(1)
+    r = subprocess.run([sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}",
+                        f"--model_dir={tmp_path / 'run'}", f"--data_service=127.0.0.1:{nobody}"],
+                       cwd=cluster.REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert f"train: error: no tf.data service dispatcher at grpc://127.0.0.1:{nobody}" in r.stderr
+    assert not (tmp_path / "run").exists()  # Stopped before it wrote anything.
+
+
+# -- at most once ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def in_process_service():
+    """A dispatcher and two workers in this process (quick to start)."""
+    dispatcher = data_service.start_dispatcher(port=0)
+    address = dispatcher.target.split("://")[1]
+    workers = [data_service.start_worker(address, port=0, host="localhost") for _ in range(2)]
+    yield dispatcher.target
+    for w in workers:
+        w.stop()
+    dispatcher.stop()
+
+
+def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_process_service):
+    out, meta = built
+    assert len(records.shard_paths(out, meta, "train")) >= 2  # Something to share between the workers.
+    epoch = input_pipeline.epoch_records(out, meta, seed=7, shuffle_buffer=50).map(input_pipeline.record_fingerprint)
+    readers = [[], []]
+    threads = [threading.Thread(target=_read, args=(input_pipeline.distribute_epoch(epoch.batch(4),
+                                                                                     in_process_service, "e1"), r))
+               for r in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    everything = _fingerprints(out, meta)
+    got = readers[0] + readers[1]
+    assert len(set(everything)) == len(everything) == meta.split("train").num_examples
+    assert sorted(got) == sorted(everything)  # Each once: nothing twice, nothing missed.
+    assert readers[0] and readers[1]  # Both readers shared the job.
+    again = []
+    _read(input_pipeline.distribute_epoch(epoch.batch(4), in_process_service, "e1"), again)
+    assert again == []  # A finished epoch's job gives nothing more.
+
+
+def test_service_batches_are_training_batches(built, in_process_service):
+    out, meta = built
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    ds = input_pipeline.service_train_dataset(out, meta, stats, 8, in_process_service, "batches", seed=3,
+                                              shuffle_buffer=50)
+    batches = list(ds)
+    n = meta.split("train").num_examples
+    # Each worker drops its own last partial batch: less than a batch per worker is lost.
+    assert n - 2 * 7 <= 8 * len(batches) <= n
+    (patches, aug), labels = batches[0]
+    assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
+    assert aug.alpha.shape == (8, 3) and set(labels.numpy()) <= set(range(meta.num_classes))
+    # A record's crop comes from (seed, its fingerprint), not from the worker that made it.
+    first = next(iter(tf.data.TFRecordDataset(records.shard_paths(out, meta, "train")[0])))
+    image, _ = input_pipeline._parse(first)
+    seed = input_pipeline.record_seed(3, input_pipeline.record_fingerprint(first))
+    a = input_pipeline.crop_for_train(image, stats, seed=seed)[1]
+    b = input_pipeline.crop_for_train(image, stats, seed=seed)[1]
+    assert int(a.top) == int(b.top) and int(a.left) == int(b.left)
+
+
+def test_a_killed_worker_loses_only_its_own_shards(built, tmp_path):
+    """Killed mid-epoch and restarted at its address (as a supervisor would): the
+    epoch goes on, and no record comes twice (the shards it held are skipped)."""
+    out, meta = built
+    epoch = input_pipeline.epoch_records(out, meta, seed=1, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
+    got = []
+    with data_service.LocalService(str(tmp_path), workers=2) as svc:
+        def kill_then_restart(i):
+            if i == 3:
+                svc.kill_worker(0)
+                svc.workers[0] = svc.start_worker(0)
+
+        def slowly(i):
+            time.sleep(0.05)
+            kill_then_restart(i)
+
+        _read(input_pipeline.distribute_epoch(epoch.batch(2), svc.address, "killed"), got, slowly)
+    everything = _fingerprints(out, meta)
+    assert len(got) == len(set(got))  # At most once.
+    assert set(got) <= set(everything)
+    assert len(got) >= 8  # It went on after the kill at the fourth batch.
+
+
+# -- training through the service -----------------------------------------------
+
+
+def _train(out, model_dir, address, *flags, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}", f"--model_dir={model_dir}",
+         "--epochs=2", "--batch_size=16", "--steps_per_loop=2", "--log_images=0", "--nohistograms", "--noexport",
+         f"--data_service={address}", *flags],
+        cwd=cluster.REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_epochs(model_dir, meta, batch=16, replicas=2, epochs=2, complete=True):
+    with open(os.path.join(model_dir, "history.json")) as f:
+        history = json.load(f)
+    n = meta.split("train").num_examples
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    for h in history:
+        # Whole replica batches; in a step where only some replicas still had one,
+        # the others trained on an empty batch (as tf.distribute does).
+        assert h["train_images"] % (batch // replicas) == 0
+        assert (h["steps"] - 1) * batch // replicas < h["train_images"] <= h["steps"] * batch
+        assert h["train_images"] <= n  # No record twice in an epoch.
+        # The whole job, less each service worker's last partial batch (and, with
+        # two replicas, a batch with no partner when the job ended).
+        assert not complete or h["train_images"] >= n - 2 * (batch // replicas - 1) - (batch // replicas) * (replicas - 1)
+        assert "val_top1_error" in h
+    return history
+
+
+def test_training_through_two_service_workers(built, tmp_path):
+    out, meta = built
+    with data_service.LocalService(str(tmp_path), workers=2) as svc:
+        r = _train(out, tmp_path / "run", svc.address, "--strategy=mirrored", "--cpu_devices=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "input stream: the tf.data service at" in r.stderr
+    _check_epochs(str(tmp_path / "run"), meta)
+
+
+@pytest.mark.slow  # A training run killed in the middle: about a minute and a half on 2 cores.
+def test_training_goes_on_when_a_service_worker_is_killed(built, tmp_path):
+    out, meta = built
+    model_dir = tmp_path / "run"
+    with data_service.LocalService(str(tmp_path), workers=2) as svc:
+        log = open(tmp_path / "train.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}",
+             f"--model_dir={model_dir}", "--epochs=2", "--batch_size=8", "--steps_per_loop=1", "--log_images=0",
+             "--nohistograms", "--noexport", "--strategy=one_device", f"--data_service={svc.address}"],
+            cwd=cluster.REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not re.search(r"\b4/\d+", open(tmp_path / "train.log").read()):  # Four steps into epoch 1.
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "train.log").read()[-3000:]
+            time.sleep(0.2)
+        svc.kill_worker(1)
+        time.sleep(3)
+        svc.workers[1] = svc.start_worker(1)
+        assert proc.wait(600) == 0, open(tmp_path / "train.log").read()[-3000:]
+    _check_epochs(str(model_dir), meta, batch=8, replicas=1, complete=False)  # Its shards may be lost.
+
+
+@pytest.mark.slow  # Two trainer processes compiling AlexNet: about two minutes on 2 cores.
+def test_two_trainers_share_two_service_workers(built, tmp_path):
+    out, meta = built
+    with data_service.LocalService(str(tmp_path), workers=2) as svc:
+        results = cluster.run_workers(lambda i: [
+            "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}", f"--model_dir={tmp_path / 'run'}",
+            "--epochs=2", "--batch_size=16", "--steps_per_loop=2", "--log_images=0", "--nohistograms", "--noexport",
+            "--strategy=multi_worker", f"--data_service={svc.address}"])
+    # One shared job per epoch: the two trainers' steps together cover the epoch once.
+    _check_epochs(str(tmp_path / "run"), meta)
+    assert "alexnet-" in results[0][1]
