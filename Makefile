@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-loop bench-gpu rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-loop bench-gpu rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 bench-build: $(STAMP)
 	$(PY) -m pip install --quiet psutil
 	$(PY) -m benchmarks.build $(BENCH_BUILD)
+
+# The input stream through the tf.data service (1 and 2 local workers) against the
+# local stream, and images/s per service core; benchmarks/results/data-service.json.
+bench-service: $(STAMP)
+	$(PY) -m pip install --quiet psutil
+	$(PY) -m benchmarks.data_service $(BENCH_SERVICE)
 
 # The training loop's own overhead on CPU: ours against a bare tf.function loop.
 bench-loop: $(STAMP)

@@ -16,6 +16,9 @@ r"""Side-by-side measurements against peers, each figure a ratio from one run.
    here vs the same network in PyTorch; the ungrouped variants too; and Keras'
    own `Conv2D(groups=2)` for reference.
 4. export: latency and images/s of the SavedModel's `serving_default` on JPEG bytes.
+5. service (`benchmarks.data_service`): the input stream through the tf.data
+   service with 1 and 2 local service workers against the local stream, and
+   images/s per service worker core.
 
 Prints one table and writes JSON to benchmarks/results/ (with the machine's
 cores and memory). Not a test: nothing here asserts a speed.
@@ -323,7 +326,7 @@ def table(r: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000, help="N: training images of the generated sample.")
-    p.add_argument("--only", default="build,input,train,export", help="Comma-separated sections.")
+    p.add_argument("--only", default="build,input,train,export,service", help="Comma-separated sections.")
     args = p.parse_args(argv)
 
     import psutil
@@ -334,7 +337,7 @@ def main(argv=None) -> None:
                           "platform": platform.platform(), "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "images": args.images}
     try:
-        if sections & {"build", "input", "export"}:
+        if sections & {"build", "input", "export", "service"}:
             result["build"] = bench_build(work, args.images)
             print(json.dumps({"build": result["build"]}), flush=True)
         data = os.path.join(work, "records-N")
@@ -347,6 +350,11 @@ def main(argv=None) -> None:
         if "export" in sections:
             result["export"] = bench_export(data, work)
             print(json.dumps({"export": result["export"]}), flush=True)
+        if "service" in sections:
+            from benchmarks import data_service as service_bench
+
+            result["service"] = service_bench.run(["--data_dir", data])
+            print(service_bench.table(result["service"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(_TMP, ignore_errors=True)
