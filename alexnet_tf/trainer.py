@@ -341,6 +341,10 @@ def read_data(config: TrainConfig, strategy) -> Data:
     return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
 
+# LoopState fields that checkpoints of earlier versions lack.
+NEWER_FIELDS = ("run_id",)
+
+
 class _Checkpoints:
     """The chief writes <model_dir>/checkpoints; other workers must save too
     (collectives), into a scratch folder they remove at the end."""
@@ -350,13 +354,21 @@ class _Checkpoints:
         task_type, task_id = distribute.task(strategy)
         self.save_dir = ckpt_dir if chief else os.path.join(model_dir, f".{run_dir.CHECKPOINTS}-{task_type}-{task_id}")
         self.chief = chief
+        self.trackables = trackables
         self.checkpoint = tf.train.Checkpoint(**trackables)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir, max_to_keep=3)
         self.latest = tf.train.latest_checkpoint(ckpt_dir)
 
     def restore(self) -> str | None:
+        """Restores the latest checkpoint; every object it should hold must be there,
+        except the loop-state fields added after it was written (`NEWER_FIELDS`),
+        which keep their start values."""
         if self.latest:
-            self.checkpoint.restore(self.latest).assert_existing_objects_matched()
+            saved = {name.split("/")[0] for name, _ in tf.train.list_variables(self.latest)}
+            older = [k for k in NEWER_FIELDS if k in self.trackables and k not in saved]
+            checkpoint = (tf.train.Checkpoint(**{k: v for k, v in self.trackables.items() if k not in older})
+                          if older else self.checkpoint)
+            checkpoint.restore(self.latest).assert_existing_objects_matched()
         return self.latest
 
     def save(self, step: int) -> None:

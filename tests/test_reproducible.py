@@ -84,8 +84,10 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(built, 
     assert h1 == h2 and [h["epoch"] for h in h1] == [1, 2]
     assert s1.keys() == s2.keys() and sum("_trainable_variables" in k for k in s1) == 16  # The weights.
     assert any(k.startswith("model_state/") for k in s1)  # The dropout masks' seed state travels too.
+    assert s1["run_id/.ATTRIBUTES/VARIABLE_VALUE"] != s2["run_id/.ATTRIBUTES/VARIABLE_VALUE"]  # Two runs.
     for name in s1:
-        np.testing.assert_array_equal(s1[name], s2[name], err_msg=f"{name} (killed after step {killed_at})")
+        if not name.startswith("run_id/"):
+            np.testing.assert_array_equal(s1[name], s2[name], err_msg=f"{name} (killed after step {killed_at})")
     assert int(s1["global_step/.ATTRIBUTES/VARIABLE_VALUE"]) == 6
 
 

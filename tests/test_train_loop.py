@@ -214,3 +214,21 @@ def test_every_hyperparameter_is_a_flag_and_bad_values_are_clear_errors(tmp_path
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_without_the_run_id_still_restores(tmp_path):
+    """Checkpoints written before the loop state had `run_id` resume; it is drawn afresh."""
+    state = trainer.LoopState(0.01)
+    state.global_step.assign(7)
+    older = {k: v for k, v in state.trackables().items() if k != "run_id"}
+    tf.train.Checkpoint(**older).save(str(tmp_path / "checkpoints" / "ckpt"))
+    fresh = trainer.LoopState(0.01)
+    checkpoints = trainer._Checkpoints(str(tmp_path), tf.distribute.get_strategy(), True, **fresh.trackables())
+    assert checkpoints.restore() and int(fresh.global_step) == 7 and int(fresh.run_id) == -1
+    # Anything else missing still fails.
+    del older["global_step"]
+    tf.train.Checkpoint(**older).save(str(tmp_path / "other" / "checkpoints" / "ckpt"))
+    broken = trainer._Checkpoints(str(tmp_path / "other"), tf.distribute.get_strategy(), True,
+                                  **trainer.LoopState(0.01).trackables())
+    with pytest.raises(AssertionError, match="not bound to checkpointed values"):
+        broken.restore()
