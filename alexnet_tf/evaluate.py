@@ -29,20 +29,19 @@ class _SavedModelAdapter:
 
 
 def load(saved_model: str | None, model_dir: str | None):
-    """(model-like callable, mean, number of classes) from a SavedModel or a model folder."""
+    """(model-like callable, mean, its classes' synsets in label order) from a SavedModel or a model folder."""
     import tensorflow as tf
 
-    from alexnet_tf import run_dir
+    from alexnet_tf import export, run_dir
 
     if saved_model:
         if not tf.io.gfile.exists(os.path.join(saved_model, "saved_model.pb")):
             raise FileNotFoundError(f"{saved_model} is not a SavedModel (no saved_model.pb)")
         loaded = tf.saved_model.load(saved_model)
         mean = loaded.mean[0].numpy()
-        num_classes = int(loaded.signatures["preprocessed"].structured_outputs["logits"].shape[-1])
-        return _SavedModelAdapter(loaded), mean, num_classes
+        return _SavedModelAdapter(loaded), mean, export.read_class_synsets(saved_model)
     model, info, mean = run_dir.load_trained_model(model_dir)
-    return model, mean, info["num_classes"]
+    return model, mean, [c["synset"] for c in info["classes"]]
 
 
 def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: int = 100,
@@ -103,10 +102,9 @@ def main(argv=None) -> None:
     from alexnet_tf import records
 
     try:
-        model, mean, num_classes = load(args.saved_model, args.model_dir)
+        model, mean, synsets = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
-        if meta.num_classes != num_classes:
-            raise ValueError(f"the model has {num_classes} classes, {args.data_dir} has {meta.num_classes}")
+        records.check_same_classes(synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
         result = evaluate(model, mean, args.data_dir, args.split, args.batch_size, ten_crops=args.ten_crops)
     except (FileNotFoundError, ValueError, records.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

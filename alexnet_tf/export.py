@@ -34,6 +34,19 @@ import tensorflow as tf
 from alexnet_tf import input_pipeline, run_dir
 
 CLASSES_ASSET = "classes.tsv"
+
+
+def read_class_synsets(saved_model: str) -> list[str]:
+    """The synsets, in label order, of an exported model (its `assets/classes.tsv`)."""
+    path = os.path.join(saved_model, "assets", CLASSES_ASSET)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: {saved_model} was not exported by alexnet_tf.export "
+                                "(its class list is missing)")
+    with tf.io.gfile.GFile(path) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if any(len(r) < 2 or not r[0].isdigit() or int(r[0]) != i for i, r in enumerate(rows)):
+        raise ValueError(f"{path}: expected lines 'label<TAB>synset<TAB>name' with labels 0, 1, 2, ...")
+    return [r[1] for r in rows]
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
 
 

@@ -243,6 +243,33 @@ class ClassInfo(_Flat):
     name: str
 
 
+class ClassMismatch(ValueError):
+    """A model and a set of records (or two runs) have different class lists."""
+
+
+def check_same_classes(model_synsets, records_synsets, model: str, data: str) -> None:
+    """Raises `ClassMismatch` unless the two class lists are the same synsets in the same order.
+
+    Labels are positions in the list: the same count of other classes, or the
+    same classes in another order, would pair every output with the wrong
+    class without any other error.
+
+    Args:
+      model_synsets, records_synsets: Synsets in label order.
+      model, data: How to name each side in the message.
+    """
+    model_synsets, records_synsets = list(model_synsets), list(records_synsets)
+    if model_synsets == records_synsets:
+        return
+    if len(model_synsets) != len(records_synsets):
+        raise ClassMismatch(f"{model} has {len(model_synsets)} classes, {data} has {len(records_synsets)}")
+    differ = [i for i, (a, b) in enumerate(zip(model_synsets, records_synsets)) if a != b]
+    i = differ[0]
+    more = f" (and {len(differ) - 1} more labels differ)" if len(differ) > 1 else ""
+    raise ClassMismatch(f"{model} and {data} have different classes: label {i} is {model_synsets[i]} in "
+                        f"{model}, {records_synsets[i]} in {data}{more}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardInfo(_Flat):
     """One shard: its file name (relative to the records folder) and record count."""

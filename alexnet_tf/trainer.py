@@ -539,6 +539,15 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         # then add in different orders and differ in the last bits.
         tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     data = read_data(config, strategy)
+    # A run continued on records of other classes would pair every output with
+    # the wrong class: refuse before anything in the folder is written.
+    if tf.io.gfile.exists(run_dir.path(model_dir, run_dir.MODEL_INFO)):
+        info, _ = run_dir.read_model_info(model_dir)
+        try:
+            records.check_same_classes([c["synset"] for c in info["classes"]], [c.synset for c in data.meta.classes],
+                                       f"the run in {model_dir}", config.data_dir)
+        except records.ClassMismatch as e:
+            raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
     state = LoopState(config.learning_rate)

@@ -211,3 +211,43 @@ def test_predict_prints_top5_and_reports_bad_files_one_line_each(exported, tmp_p
         f"predict: error: {tmp_path / 'missing.jpg'}: no such file",
         f"predict: error: {tmp_path / 'page.jpg'}: cannot be decoded (not a JPEG, PNG, GIF or BMP image)",
     ]
+
+
+def _records_of_other_classes(out, meta, dest):
+    """A copy of the records whose metadata.json names the first two classes the other way round."""
+    import dataclasses
+    import shutil
+
+    from alexnet_tf import records
+
+    shutil.copytree(out, dest)
+    c = list(meta.classes)
+    c[0], c[1] = (dataclasses.replace(c[0], synset=c[1].synset, name=c[1].name),
+                  dataclasses.replace(c[1], synset=c[0].synset, name=c[0].name))
+    records.write_metadata(str(dest), dataclasses.replace(meta, classes=tuple(c)))
+    return str(dest), c
+
+
+@pytest.mark.parametrize("source", ["--saved_model", "--model_dir"])
+def test_evaluate_refuses_records_of_other_classes(exported, tmp_path, source):
+    path, _, _, out, meta = exported
+    other, classes = _records_of_other_classes(out, meta, tmp_path / "other")
+    model = path if source == "--saved_model" else os.path.dirname(path)
+    r = _cli("alexnet_tf.evaluate", source, model, "--data_dir", other, "--noten_crops")
+    assert r.returncode == 1
+    assert (f"evaluate: error: the model and {other} have different classes: label 0 is {meta.classes[0].synset} "
+            f"in the model, {classes[0].synset} in {other} (and 1 more labels differ)") in r.stderr
+
+
+def test_training_refuses_to_continue_a_run_on_other_classes(exported, tmp_path):
+    path, _, _, out, meta = exported
+    other, classes = _records_of_other_classes(out, meta, tmp_path / "other")
+    model_dir = os.path.dirname(path)  # A run folder of the original classes.
+    info = os.path.join(model_dir, run_dir.MODEL_INFO)
+    before = open(info, "rb").read()
+    r = _cli("alexnet_tf.train", "--preset=sample", f"--data_dir={other}", f"--model_dir={model_dir}",
+             "--strategy=one_device")
+    assert r.returncode == 1
+    assert (f"train: error: the run in {model_dir} and {other} have different classes: label 0 is "
+            f"{meta.classes[0].synset}") in r.stderr
+    assert open(info, "rb").read() == before  # Nothing of the run was overwritten.

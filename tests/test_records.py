@@ -226,3 +226,11 @@ def test_edits_do_not_reach_the_built_copy(raw, built):
     raw["splits"]["train"]["shards"].clear()
     raw["build"]["seed"] = 99
     assert parsed == meta and meta.to_json() == before
+
+
+def test_class_lists_must_be_the_same_synsets_in_the_same_order():
+    records.check_same_classes(["n1", "n2"], ("n1", "n2"), "the model", "recs")
+    with pytest.raises(records.ClassMismatch, match=r"^the model has 2 classes, recs has 3$"):
+        records.check_same_classes(["n1", "n2"], ["n1", "n2", "n3"], "the model", "recs")
+    with pytest.raises(records.ClassMismatch, match=r"label 1 is n2 in the model, n9 in recs$"):
+        records.check_same_classes(["n1", "n2"], ["n1", "n9"], "the model", "recs")
