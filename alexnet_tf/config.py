@@ -68,6 +68,14 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
                              f"got {self.mixed_precision!r}")
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_batch_size", "steps_per_epoch", "checkpoint_every_steps", "log_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be 0 or more, got {self.learning_rate}")
         if self.steps_per_loop < 1:
             raise ValueError(f"steps_per_loop must be at least 1, got {self.steps_per_loop}")
         if self.deterministic and self.seed is None:

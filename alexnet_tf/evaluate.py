@@ -57,6 +57,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     if split not in meta.splits:
         raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
                          f"(it has {sorted(meta.splits)})")
+    records.check_shards_exist(data_dir, meta, [split])
     stats = input_pipeline.ColorStats.for_evaluation(
         np.asarray(mean, np.float32), meta.image.size if meta.image.resized else None)
     evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size)
@@ -101,6 +102,8 @@ def main(argv=None) -> None:
 
     from alexnet_tf import records
 
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     try:
         model, mean, synsets = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)

@@ -709,5 +709,31 @@ def load_mean_image(data_dir: str, meta: Metadata) -> np.ndarray:
 
     if meta.color_stats is None or meta.color_stats.mean_image_file is None:
         raise MetadataError(f"{metadata_path(data_dir)} names no mean image (was the training split built?)")
-    with tf.io.gfile.GFile(os.path.join(data_dir, meta.color_stats.mean_image_file), "rb") as f:
-        return np.load(f)
+    path = os.path.join(data_dir, meta.color_stats.mean_image_file)
+    if not tf.io.gfile.exists(path):
+        raise MetadataError(f"{path} is missing (named by {metadata_path(data_dir)})")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            mean = np.load(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise MetadataError(f"{path} is not a NumPy array file ({e}): the records folder is damaged") from e
+    size = meta.image.size if meta.image.resized else None
+    if mean.dtype.kind != "f" or (size and mean.shape != (size, size, 3)):
+        raise MetadataError(f"{path} holds a {mean.dtype} array of shape {mean.shape}, not the "
+                            f"{size}x{size}x3 float mean image {metadata_path(data_dir)} describes")
+    return mean
+
+
+def check_shards_exist(data_dir: str, meta: Metadata, splits=None) -> None:
+    """Raises `MetadataError` naming the shards `metadata.json` lists but the folder lacks.
+
+    (Found at start, not when the input stream reaches them an epoch later.)
+    """
+    import tensorflow as tf
+
+    missing = [p for split in (splits or sorted(meta.splits)) if split in meta.splits
+               for p in shard_paths(data_dir, meta, split) if not tf.io.gfile.exists(p)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MetadataError(f"{len(missing)} shard(s) listed in {metadata_path(data_dir)} are missing: "
+                            f"{', '.join(missing[:3])}{more}")

@@ -82,14 +82,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_from_flags()
     # The strategy first: logical devices can only be made before TensorFlow initialises.
-    from alexnet_tf import data_service, distribute, records, trainer
+    from alexnet_tf import data_service, distribute, input_pipeline, records, trainer
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
-        records.load_metadata(config.data_dir)
+        meta = records.load_metadata(config.data_dir)
+        records.check_shards_exist(config.data_dir, meta)  # Not an epoch later.
+        input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)  # The mean image is sound.
         if config.data_service:
             data_service.check_reachable(config.data_service)
-    except (records.MetadataError, data_service.ServiceError) as e:
+    except (records.MetadataError, data_service.ServiceError, ValueError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)

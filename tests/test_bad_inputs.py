@@ -1,0 +1,99 @@
+"""Bad input to training and evaluation: each case one clear line, a non-zero exit,
+and nothing written (table-driven)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import cluster
+from alexnet_tf import records
+
+
+def _remove_validation_shard(d, meta):
+    os.remove(records.shard_paths(d, meta, "validation")[0])
+    return f"1 shard(s) listed in {records.metadata_path(d)} are missing: {records.shard_paths(d, meta, 'validation')[0]}"
+
+
+def _empty_mean_image(d, meta):
+    path = os.path.join(d, meta.color_stats.mean_image_file)
+    open(path, "wb").close()
+    return f"{path} is not a NumPy array file"
+
+
+def _missing_mean_image(d, meta):
+    path = os.path.join(d, meta.color_stats.mean_image_file)
+    os.remove(path)
+    return f"{path} is missing"
+
+
+def _wrong_mean_image(d, meta):
+    import numpy as np
+
+    path = os.path.join(d, meta.color_stats.mean_image_file)
+    np.save(path, np.zeros((4, 4, 3), np.float32))
+    return f"{path} holds a float32 array of shape (4, 4, 3), not the 256x256x3 float mean image"
+
+
+def _untouched(d, meta):
+    return None
+
+
+TRAIN = "alexnet_tf.train"
+EVALUATE = "alexnet_tf.evaluate"
+
+CASES = {
+    "missing validation shard (train)": (TRAIN, _remove_validation_shard, [], 1, None),
+    "missing validation shard (evaluate)": (EVALUATE, _remove_validation_shard, [], 1, None),
+    "empty mean_image.npy": (TRAIN, _empty_mean_image, [], 1, None),
+    "missing mean_image.npy": (TRAIN, _missing_mean_image, [], 1, None),
+    "mean image of another size": (TRAIN, _wrong_mean_image, [], 1, None),
+    "--batch_size=0": (TRAIN, _untouched, ["--batch_size=0"], 1, "batch_size must be at least 1, got 0"),
+    "--batch_size=-8": (TRAIN, _untouched, ["--batch_size=-8"], 1, "batch_size must be at least 1, got -8"),
+    "--epochs=0": (TRAIN, _untouched, ["--epochs=0"], 1, "epochs must be at least 1, got 0"),
+    "--learning_rate=-0.01": (TRAIN, _untouched, ["--learning_rate=-0.01"], 1,
+                              "learning_rate must be 0 or more, got -0.01"),
+    "evaluate --batch_size=0": (EVALUATE, _untouched, ["--batch_size=0"], 2, "--batch_size must be at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(built, exported_model_dir, tmp_path, case):
+    module, damage, flags, code, says = CASES[case]
+    out, meta = built
+    data = str(tmp_path / "records")
+    shutil.copytree(out, data)
+    says = damage(data, meta) or says
+    model_dir = tmp_path / "run"
+    if module == TRAIN:
+        argv = ["--preset=sample", f"--data_dir={data}", f"--model_dir={model_dir}", "--strategy=one_device", *flags]
+    else:
+        argv = ["--model_dir", exported_model_dir, "--data_dir", data, "--noten_crops", *flags]
+    r = subprocess.run([sys.executable, "-m", module, *argv], cwd=cluster.REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == code, r.stderr[-2000:]
+    assert says in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not model_dir.exists()  # Nothing written.
+
+
+@pytest.fixture(scope="module")
+def exported_model_dir(built, tmp_path_factory):
+    """A model folder of the records' classes (seeded weights), for evaluate."""
+    import tensorflow as tf
+
+    from alexnet_tf import input_pipeline, model as model_lib, run_dir
+
+    out, meta = built
+    model_dir = tmp_path_factory.mktemp("model")
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
+                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
+                            square_size=256)
+    tf.train.Checkpoint(model=model_lib.build_alexnet(meta.num_classes, seed=1)).save(
+        str(model_dir / "checkpoints" / "ckpt"))
+    return str(model_dir)
