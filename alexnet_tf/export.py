@@ -61,11 +61,15 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
     stats = input_pipeline.ColorStats.for_evaluation(mean_var, info["square_size"])
 
-    def one(image_bytes):
+    def one(args):
+        image_bytes, index = args
         known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in MAGIC])
-        # A clear error for the request; the serving process carries on.
-        check = tf.debugging.Assert(known, ["input is not a JPEG, PNG, GIF or BMP image; it starts with",
-                                            tf.strings.substr(image_bytes, 0, 8)])
+        # A clear error for the request, naming the batch element; the serving
+        # process carries on. The first bytes go in as numbers: raw binary in an
+        # error message is not valid UTF-8 for the client that decodes it.
+        check = tf.debugging.Assert(known, ["input is not a JPEG, PNG, GIF or BMP image: element", index,
+                                            "of the batch starts with bytes",
+                                            tf.io.decode_raw(tf.strings.substr(image_bytes, 0, 8), tf.uint8)])
         # Decoding waits for the check: otherwise the two race, and a non-image
         # sometimes fails first in the decoder with a less telling message.
         with tf.control_dependencies([check]):
@@ -76,7 +80,8 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         return logits, tf.nn.softmax(logits)
 
     def serve(images):
-        batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([crop, crop, 3], tf.float32))
+        batch = tf.map_fn(one, (images, tf.range(tf.size(images))),
+                          fn_output_signature=tf.TensorSpec([crop, crop, 3], tf.float32))
         _, probs = predict(batch)
         top = tf.math.top_k(probs, k=k)
         return {

@@ -31,7 +31,10 @@ def predict_files(loaded, paths: list[str]):
             continue
         try:
             out = serve(images=tf.constant([data]))
-        except tf.errors.InvalidArgumentError as e:
+        except UnicodeDecodeError:  # Models exported before the check's message was made ASCII.
+            yield path, "cannot be decoded (not a JPEG, PNG, GIF or BMP image)"
+            continue
+        except tf.errors.OpError as e:  # One bad file: say so and go on with the others.
             reason = e.message.strip().splitlines()[0]
             if "not a JPEG, PNG" in e.message:
                 reason = "not a JPEG, PNG, GIF or BMP image"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -98,7 +100,39 @@ def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
     jpeg = read_split(out, meta, "validation")[0]["jpeg"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         serve(images=tf.constant([jpeg[:200]]))  # Truncated inside the header.
+    # Binary non-images: the same error (not a UnicodeDecodeError), naming the batch element.
+    for binary, first in ((gzip.compress(b"x" * 100), [31, 139]), (bytes(range(250, 256)) + b"\0\1", [250, 251])):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"not a JPEG, PNG, GIF or BMP image: element\] \[1\] \[of the batch starts with "
+                                 rf"bytes\] \[{first[0]} {first[1]}"):
+            serve(images=tf.constant([jpeg, binary]))
     assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta.num_classes)
+
+
+THIN = textwrap.dedent("""
+    import io, resource, sys
+    import numpy as np, tensorflow as tf
+    from PIL import Image
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    def png(w, h):
+        b = io.BytesIO(); Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(b, format="PNG"); return b.getvalue()
+    serve(images=tf.constant([png(400, 300)]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = serve(images=tf.constant([png(20000, 1), png(1, 20000)]))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(out["probabilities"].shape[0], before // 1024, after // 1024)
+""")
+
+
+def test_long_thin_images_take_bounded_memory_in_serving(exported):
+    path = exported[0]
+    r = subprocess.run([sys.executable, "-c", THIN, path], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, before_mib, after_mib = map(int, r.stdout.split())
+    assert n == 2
+    # Cropped to 1x1 before scaling: no more than noise. Scaled whole first, a
+    # 20000x1 image became 5,120,000x256 pixels (several GB).
+    assert after_mib - before_mib < 100, (before_mib, after_mib)
 
 
 def test_fresh_process_with_only_tensorflow(exported, tmp_path):
@@ -197,8 +231,9 @@ def test_predict_prints_top5_and_reports_bad_files_one_line_each(exported, tmp_p
         good.append(tmp_path / f"good{i}.jpg")
         good[-1].write_bytes(r["jpeg"])
     (tmp_path / "page.jpg").write_bytes(b"<html>not an image</html>")
+    (tmp_path / "archive.jpg").write_bytes(gzip.compress(b"not an image either"))
     proc = _cli("alexnet_tf.predict", "--saved_model", path, str(good[0]), str(tmp_path / "missing.jpg"),
-                str(tmp_path / "page.jpg"), str(good[1]))
+                str(tmp_path / "page.jpg"), str(tmp_path / "archive.jpg"), str(good[1]))
     assert proc.returncode == 1
     blocks = proc.stdout.strip().split("\n")
     assert blocks[0] == f"{good[0]}:" and blocks[6] == f"{good[1]}:" and len(blocks) == 12
@@ -210,6 +245,7 @@ def test_predict_prints_top5_and_reports_bad_files_one_line_each(exported, tmp_p
     assert errors == [
         f"predict: error: {tmp_path / 'missing.jpg'}: no such file",
         f"predict: error: {tmp_path / 'page.jpg'}: cannot be decoded (not a JPEG, PNG, GIF or BMP image)",
+        f"predict: error: {tmp_path / 'archive.jpg'}: cannot be decoded (not a JPEG, PNG, GIF or BMP image)",
     ]
 
 
