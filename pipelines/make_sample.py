@@ -61,6 +61,26 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 VAL_LABELS = "validation_labels.txt"
 MANIFEST = "manifest.json"
 MARKER = "SAMPLE_COMPLETE"
+# Written before anything else: the folder's ImageNet-named files are ours to replace.
+OWNER = ".written-by-make_sample"
+
+
+def _claim(out: Path) -> None:
+    """Makes `out` the sample's folder, and marks any sample there incomplete.
+
+    Raises:
+        FileExistsError: `out` holds ImageNet files (the archives, the label
+            file) that make_sample did not write, e.g. a real ImageNet folder:
+            they would be replaced.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    theirs = [n for n in (TRAIN_TAR, VAL_TAR, VAL_LABELS) if (out / n).exists()]
+    if theirs and not (out / OWNER).exists() and not (out / MANIFEST).exists():
+        raise FileExistsError(f"{out} holds {', '.join(theirs)}, not written by make_sample: a sample would "
+                              "replace them; give an empty or new --output_dir")
+    (out / OWNER).touch()
+    # Whatever is there stops counting as complete until we finish.
+    (out / MARKER).unlink(missing_ok=True)
 MIN_TRAIN_PER_CLASS = 4
 MIN_VAL_PER_CLASS = 1
 
@@ -384,9 +404,7 @@ def make_sample(
     _check_args(seed, train_per_class, val_per_class)
     start = time.perf_counter()
     out = Path(output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    # Whatever is there stops counting as complete until we finish.
-    (out / MARKER).unlink(missing_ok=True)
+    _claim(out)
 
     num_classes = len(SYNSETS)
     layout = np.random.default_rng([seed, _STREAM_LAYOUT])
@@ -553,8 +571,7 @@ def make_imagenet_sample(
     index = {s: i for i, s in enumerate(synsets)}
     val_labels = ilsvrc_val_labels()
     out = Path(output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)
+    _claim(out)
 
     layout = np.random.default_rng([seed, _STREAM_LAYOUT, 1000])
     num_train = train_per_class * len(synsets)
@@ -758,13 +775,18 @@ def main(argv: list[str] | None = None) -> int:
             make_imagenet_sample(args.output_dir, args.seed, args.train_per_class or 8, args.val_images)
         except ValueError as e:
             parser.error(f"--{e}")
+        except FileExistsError as e:
+            parser.exit(1, f"{parser.prog}: error: {e}\n")
         return 0
     train_per_class = 40 if args.train_per_class is None else args.train_per_class
     try:
         _check_args(args.seed, train_per_class, args.val_per_class)
     except ValueError as e:
         parser.error(f"--{e}")
-    make_sample(args.output_dir, args.seed, train_per_class, args.val_per_class)
+    try:
+        make_sample(args.output_dir, args.seed, train_per_class, args.val_per_class)
+    except FileExistsError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     return 0
 
 

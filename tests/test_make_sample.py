@@ -123,7 +123,7 @@ def test_manifest(small):
     assert marker["seed"] == 0 and marker["train_per_class"] == TRAIN
     # No temp files left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER]
+        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER, ms.OWNER]
     )
 
 
@@ -316,6 +316,28 @@ def test_cli_writes_sample(tmp_path):
     assert (manifest["num_train"], manifest["num_val"]) == (40, 10)
     assert (out / ms.MARKER).exists()
     assert str(out) in result.stderr  # Logged where it wrote.
+
+
+@pytest.mark.parametrize("shape", ["small", "imagenet"])
+@pytest.mark.parametrize("theirs", [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS])
+def test_cli_never_replaces_imagenet_files_it_did_not_write(tmp_path, shape, theirs):
+    real = tmp_path / "imagenet"
+    real.mkdir()
+    (real / theirs).write_bytes(b"the real thing")
+    result = run_cli("--output_dir", str(real), "--shape", shape, "--train_per_class", "4", "--val_per_class", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"make_sample: error: {real} holds {theirs}, not written by make_sample: a sample would replace them; "
+        "give an empty or new --output_dir")
+    assert sorted(p.name for p in real.iterdir()) == [theirs]  # Nothing written,
+    assert (real / theirs).read_bytes() == b"the real thing"  # nothing replaced.
+
+
+def test_a_sample_folder_can_be_written_again(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # Its own files: replaced without a word.
+        assert run_cli("--output_dir", str(out), "--train_per_class", "4", "--val_per_class", "1").returncode == 0
+    assert (out / ms.MARKER).exists()
 
 
 # -- the ImageNet-shaped sample ------------------------------------------------
