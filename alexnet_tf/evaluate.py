@@ -112,6 +112,13 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError, records.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        import tensorflow as tf
+
+        if not isinstance(e, tf.errors.DataLossError):
+            raise
+        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir)}", file=sys.stderr)
+        sys.exit(1)
     print(table(result))
     if args.output_json:
         records.write_json_atomically(args.output_json, result)

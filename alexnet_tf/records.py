@@ -724,6 +724,19 @@ def load_mean_image(data_dir: str, meta: Metadata) -> np.ndarray:
     return mean
 
 
+def data_loss_message(error, data_dir: str) -> str:
+    """One line for a `tf.errors.DataLossError` met reading `data_dir`'s shards.
+
+    TensorFlow's message gives the record's offset, not the file; the
+    verifier, which reads shard by shard, names it.
+    """
+    import re
+
+    what = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip().splitlines()[0]).strip()
+    return (f"a records shard in {data_dir} is damaged ({what}); `python -m pipelines.verify_tfrecords "
+            f"--data_dir={data_dir}` names it (rebuild it, then run the same command again)")
+
+
 def check_shards_exist(data_dir: str, meta: Metadata, splits=None) -> None:
     """Raises `MetadataError` naming the shards `metadata.json` lists but the folder lacks.
 

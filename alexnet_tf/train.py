@@ -82,6 +82,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_from_flags()
     # The strategy first: logical devices can only be made before TensorFlow initialises.
+    import tensorflow as tf
+
     from alexnet_tf import data_service, distribute, input_pipeline, records, trainer
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
@@ -101,6 +103,9 @@ def main(argv):
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
     except distribute.RunConflict as e:
         print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
+        print(f"train: error: {records.data_loss_message(e, config.data_dir)}", file=sys.stderr)
         sys.exit(1)
     if history and "val_top1_error" in history[-1]:
         last = history[-1]

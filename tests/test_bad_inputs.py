@@ -39,6 +39,14 @@ def _wrong_mean_image(d, meta):
     return f"{path} holds a float32 array of shape (4, 4, 3), not the 256x256x3 float mean image"
 
 
+def _damaged_validation_shard(d, meta):
+    path = records.shard_paths(d, meta, "validation")[0]
+    data = bytearray(open(path, "rb").read())
+    data[5000:5010] = b"X" * 10
+    open(path, "wb").write(bytes(data))
+    return f"a records shard in {d} is damaged (corrupted record at "
+
+
 def _untouched(d, meta):
     return None
 
@@ -57,6 +65,7 @@ CASES = {
     "--epochs=0": (TRAIN, _untouched, ["--epochs=0"], 1, "epochs must be at least 1, got 0"),
     "--learning_rate=-0.01": (TRAIN, _untouched, ["--learning_rate=-0.01"], 1,
                               "learning_rate must be 0 or more, got -0.01"),
+    "damaged validation shard (evaluate)": (EVALUATE, _damaged_validation_shard, [], 1, None),
     "evaluate --batch_size=0": (EVALUATE, _untouched, ["--batch_size=0"], 2, "--batch_size must be at least 1, got 0"),
 }
 
@@ -77,6 +86,8 @@ def test_bad_input(built, exported_model_dir, tmp_path, case):
                        timeout=300)
     assert r.returncode == code, r.stderr[-2000:]
     assert says in r.stderr
+    if "damaged" in says:
+        assert f"`python -m pipelines.verify_tfrecords --data_dir={data}` names it" in r.stderr
     assert "Traceback" not in r.stderr
     assert not model_dir.exists()  # Nothing written.
 
