@@ -22,8 +22,10 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -44,6 +46,7 @@ from pipelines import imagenet_layout, transforms
 log = logging.getLogger("pipelines.build_tfrecords")
 
 BUILD_DIR = "_build"  # Scratch folder inside the output folder; removed on success.
+LOCK_FILE = ".build.lock"  # Inside the output folder while a build writes there.
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 # Portable environments whose workers run a Python environment the user provides.
 SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
@@ -114,6 +117,84 @@ def _existing_dataset(output_dir: str) -> list[str]:
         ):
             ours.append(name)
     return sorted(ours)
+
+
+class BuildLock:
+    """Holds `<output_dir>/.build.lock` while a build writes into the folder.
+
+    A second build into the same folder stops, naming the holder (host, pid,
+    start time). A lock left by a killed build on this host (its pid is gone)
+    is stale: it is reported and taken over. On a local disk the lock is
+    created atomically (O_EXCL); on gs:// and other remote stores it is a
+    check-then-write, which closes all but a race of a few milliseconds.
+    """
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.output_dir = output_dir
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:]}
+
+    def _holder(self) -> dict | None:
+        if not fileio.exists(self.path):
+            return None
+        try:
+            with fileio.open_file(self.path, "rb") as f:
+                return json.loads(f.read() or b"{}")
+        except FileNotFoundError:  # Released meanwhile.
+            return None
+        except ValueError:  # Half written: its holder is starting.
+            return {}
+
+    def _create(self) -> bool:
+        body = json.dumps(self.me).encode()
+        if fileio.is_remote(self.path):
+            if fileio.exists(self.path):
+                return False
+            with fileio.open_file(self.path, "wb") as f:
+                f.write(body)
+            return True
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return True
+
+    def __enter__(self) -> "BuildLock":
+        fileio.makedirs(self.output_dir)
+        for _ in range(2):
+            if self._create():
+                return self
+            holder = self._holder() or {}
+            if holder and holder.get("host") == self.me["host"] and not _alive(holder.get("pid")):
+                print(f"build_tfrecords: removing the stale lock of a build that is gone (pid {holder.get('pid')}, "
+                      f"started {holder.get('started')})", file=sys.stderr)
+                fileio.remove(self.path)
+                continue
+            raise BuildError(
+                f"--output_dir {self.output_dir} is being written by another build (host {holder.get('host', '?')}, "
+                f"pid {holder.get('pid', '?')}, started {holder.get('started', '?')}); wait for it to end, or "
+                f"remove {self.path} if that build is gone")
+        raise BuildError(f"cannot take the lock {self.path}: another build keeps taking it")
+
+    def __exit__(self, *exc) -> None:
+        if (self._holder() or {}).get("pid") == self.me["pid"]:
+            fileio.remove(self.path)
+
+
+def _alive(pid) -> bool:
+    """Whether a process of this host has `pid` (a malformed pid counts as alive: never steal on doubt)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> None:
@@ -319,8 +400,15 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     print(f"build_tfrecords: {layout.describe()}", file=sys.stderr)
     options = _beam_options(beam_args)
     runner = options.view_as(StandardOptions).runner
-    _prepare_output(args.output_dir, args.overwrite)
+    with BuildLock(args.output_dir):
+        meta = _build(args, layout, options, runner, started)
+    print(f"build_tfrecords: {_report(meta, args.output_dir)}", file=sys.stderr)
+    return meta
 
+
+def _build(args, layout, options, runner, started) -> records.Metadata:
+    """Clears the folder (with --overwrite), runs the pipeline and writes metadata.json."""
+    _prepare_output(args.output_dir, args.overwrite)
     config = BuildConfig(
         classes=tuple(layout.classes),
         names=tuple(imagenet_layout.class_names(layout.classes)),
@@ -340,9 +428,7 @@ def run(argv: list[str] | None = None) -> records.Metadata:
             | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
             | "Build" >> BuildRecords(config, args.output_dir, build_dir)
         )
-    meta = _finalize(args.output_dir, build_dir, layout, args, config, started)
-    print(f"build_tfrecords: {_report(meta, args.output_dir)}", file=sys.stderr)
-    return meta
+    return _finalize(args.output_dir, build_dir, layout, args, config, started)
 
 
 def main(argv: list[str] | None = None) -> None:

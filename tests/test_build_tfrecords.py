@@ -7,9 +7,11 @@ import io
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -425,3 +427,61 @@ def test_a_local_build_never_imports_tensorflow(sample, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert os.path.exists(tmp_path / records.METADATA_FILE)
+
+
+# ---------------------------------------------------------------------------
+# One build per folder: the lock.
+
+
+def _build_cli(src, out, *flags, stderr_to=None):
+    return subprocess.Popen([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(src),
+                             "--output_dir", str(out), *flags, *LOCAL_BEAM], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=stderr_to, text=True)
+
+
+def test_two_builds_into_one_folder_one_refuses_naming_the_other(sample, tmp_path):
+    out = tmp_path / "out"
+    logs = [open(tmp_path / f"build{i}.log", "w+") for i in range(2)]
+    first = _build_cli(sample["output_dir"], out, stderr_to=logs[0])
+    time.sleep(0.5)
+    second = _build_cli(sample["output_dir"], out, "--image_size=240", stderr_to=logs[1])
+    codes = [first.wait(300), second.wait(300)]
+    text = [open(log.name).read() for log in logs]
+    assert sorted(codes) == [0, 1], text
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "is being written by another build (host " in text[loser].strip().splitlines()[-1]
+    meta = records.load_metadata(str(out))
+    size = 256 if winner == 0 else 240  # One dataset, the winner's, whole.
+    assert meta.image.size == size and records.load_mean_image(str(out), meta).shape == (size, size, 3)
+    assert not (out / build_tfrecords.LOCK_FILE).exists()
+    check = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+
+
+def test_a_held_lock_stops_a_build_before_it_writes(sample, tmp_path):
+    out = tmp_path / "out"
+    with build_tfrecords.BuildLock(str(out)):  # This process holds it, alive.
+        with pytest.raises(build_tfrecords.BuildError, match=rf"pid {os.getpid()}, started .*remove .*\.build\.lock"):
+            build(sample["output_dir"], out)
+        assert sorted(p.name for p in out.iterdir()) == [build_tfrecords.LOCK_FILE]
+    assert list(out.iterdir()) == []  # Released on exit.
+
+
+def test_a_stale_lock_of_a_killed_build_is_taken_over(sample, tmp_path, capfd):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # A pid that no longer runs.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / build_tfrecords.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                                             "started": "2026-01-01T00:00:00Z"}))
+    meta = build(sample["output_dir"], out)
+    assert meta.splits["train"].num_examples > 0
+    assert f"removing the stale lock of a build that is gone (pid {gone.pid}" in capfd.readouterr().err
+    assert not (out / build_tfrecords.LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_a_build_fails(sample, tmp_path):
+    with pytest.raises(build_tfrecords.BuildError, match="max_reject_fraction"):
+        build(sample["output_dir"], tmp_path / "out", "--max_reject_fraction=0.001")
+    assert not (tmp_path / "out" / build_tfrecords.LOCK_FILE).exists()
