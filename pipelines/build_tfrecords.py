@@ -47,6 +47,9 @@ log = logging.getLogger("pipelines.build_tfrecords")
 
 BUILD_DIR = "_build"  # Scratch folder inside the output folder; removed on success.
 LOCK_FILE = ".build.lock"  # Inside the output folder while a build writes there.
+# With --overwrite, the new dataset is built here (inside the output folder) and
+# moved in only once it is complete and checked.
+STAGING_DIR = ".staging"
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 # Portable environments whose workers run a Python environment the user provides.
 SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
@@ -197,22 +200,41 @@ def _alive(pid) -> bool:
     return True
 
 
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
+def _prepare_output(output_dir: str, overwrite: bool) -> list[str]:
+    """The files of a dataset already in `output_dir` (refused without --overwrite).
+
+    Nothing is removed here: with --overwrite the new dataset is built beside
+    the old one and replaces it only when complete (`_swap_in`).
+    """
     existing = _existing_dataset(output_dir)
     if existing and not overwrite:
         raise BuildError(
             f"--output_dir {output_dir} already holds a dataset ({len(existing)} files, e.g. "
             f"{existing[0]}); pass --overwrite to replace it whole, or choose another folder"
         )
-    # metadata.json goes first, so a crash during the rebuild never leaves one
-    # that describes shards of which some are gone.
+    staging = os.path.join(output_dir, STAGING_DIR)
+    if fileio.exists(staging):  # Left by a killed build (the lock is ours).
+        fileio.rmtree(staging)
+    fileio.makedirs(output_dir)
+    return existing
+
+
+def _swap_in(staging: str, output_dir: str, existing: list[str]) -> None:
+    """Replaces the old dataset in `output_dir` with the complete one in `staging`.
+
+    The old metadata.json goes first and the new one comes last, so a crash in
+    between never leaves a metadata.json that describes files of two builds.
+    """
     for name in sorted(existing, key=lambda n: n != records.METADATA_FILE):
         path = os.path.join(output_dir, name)
         if fileio.isdir(path):
             fileio.rmtree(path)
         else:
             fileio.remove(path)
-    fileio.makedirs(output_dir)
+    names = fileio.listdir(staging)
+    for name in sorted(names, key=lambda n: n == records.METADATA_FILE):
+        fileio.rename(os.path.join(staging, name), os.path.join(output_dir, name))
+    fileio.rmtree(staging)
 
 
 def _check_beam_flags(options: PipelineOptions, beam_args: list[str]) -> None:
@@ -401,14 +423,24 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     options = _beam_options(beam_args)
     runner = options.view_as(StandardOptions).runner
     with BuildLock(args.output_dir):
-        meta = _build(args, layout, options, runner, started)
+        existing = _prepare_output(args.output_dir, args.overwrite)
+        if not existing:
+            meta = _build(args, layout, options, runner, started, args.output_dir)
+        else:  # Beside the old dataset, which stays whole until the new one is.
+            staging = os.path.join(args.output_dir, STAGING_DIR)
+            try:
+                meta = _build(args, layout, options, runner, started, staging)
+            except BaseException:
+                if fileio.exists(staging):
+                    fileio.rmtree(staging)
+                raise
+            _swap_in(staging, args.output_dir, existing)
     print(f"build_tfrecords: {_report(meta, args.output_dir)}", file=sys.stderr)
     return meta
 
 
-def _build(args, layout, options, runner, started) -> records.Metadata:
-    """Clears the folder (with --overwrite), runs the pipeline and writes metadata.json."""
-    _prepare_output(args.output_dir, args.overwrite)
+def _build(args, layout, options, runner, started, target: str) -> records.Metadata:
+    """Runs the pipeline into `target` and writes its metadata.json there."""
     config = BuildConfig(
         classes=tuple(layout.classes),
         names=tuple(imagenet_layout.class_names(layout.classes)),
@@ -419,16 +451,17 @@ def _build(args, layout, options, runner, started) -> records.Metadata:
         num_shards=(("train", args.train_shards), ("validation", args.validation_shards)),
         progress=runner in LOCAL_RUNNERS,
     )
-    build_dir = os.path.join(args.output_dir, BUILD_DIR)
+    fileio.makedirs(target)
+    build_dir = os.path.join(target, BUILD_DIR)
     units = [u for s in layout.splits.values() for u in s.units]
     with beam.Pipeline(options=options) as p:
         _ = (
             p
             # ListMembers spreads the units itself.
             | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
-            | "Build" >> BuildRecords(config, args.output_dir, build_dir)
+            | "Build" >> BuildRecords(config, target, build_dir)
         )
-    return _finalize(args.output_dir, build_dir, layout, args, config, started)
+    return _finalize(target, build_dir, layout, args, config, started)
 
 
 def main(argv: list[str] | None = None) -> None:

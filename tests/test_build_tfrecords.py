@@ -385,9 +385,14 @@ def test_existing_output_is_refused_then_replaced_whole(sample, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"  # Other files are not ours to remove.
 
 
-def test_crash_never_leaves_metadata_of_incomplete_shards(sample, tmp_path, monkeypatch):
+def _dataset_files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_crashed_overwrite_leaves_the_old_dataset_whole(sample, tmp_path, monkeypatch):
     build(sample["output_dir"], tmp_path)
-    assert (tmp_path / records.METADATA_FILE).exists()
+    before = _dataset_files(tmp_path)
+    assert records.METADATA_FILE in before
 
     def crash(self, element):
         raise RuntimeError("worker lost")
@@ -395,7 +400,22 @@ def test_crash_never_leaves_metadata_of_incomplete_shards(sample, tmp_path, monk
     monkeypatch.setattr(transforms.WriteShardFn, "process", crash)
     with pytest.raises(Exception, match="worker lost"):
         build(sample["output_dir"], tmp_path, "--overwrite")
-    assert not (tmp_path / records.METADATA_FILE).exists()
+    assert _dataset_files(tmp_path) == before  # Built beside it, never swapped in.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # No staging left.
+
+
+def test_an_overwrite_that_fails_its_checks_leaves_the_old_dataset_whole(sample, tmp_path):
+    build(sample["output_dir"], tmp_path)
+    before = _dataset_files(tmp_path)
+    with pytest.raises(build_tfrecords.BuildError, match="max_reject_fraction"):
+        build(sample["output_dir"], tmp_path, "--overwrite", "--image_size=240", "--max_reject_fraction=0.001")
+    assert _dataset_files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    # And one that passes replaces it whole.
+    meta = build(sample["output_dir"], tmp_path, "--overwrite", "--image_size=240")
+    assert records.load_metadata(str(tmp_path)) == meta and meta.image.size == 240
+    assert records.load_mean_image(str(tmp_path), meta).shape == (240, 240, 3)
+    assert not (tmp_path / build_tfrecords.STAGING_DIR).exists()
 
 
 def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
