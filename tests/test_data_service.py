@@ -141,6 +141,7 @@ def test_service_batches_are_training_batches(built, in_process_service):
     assert int(a.top) == int(b.top) and int(a.left) == int(b.left)
 
 
+@pytest.mark.slow  # Three service processes, one killed and restarted.
 def test_a_killed_worker_loses_only_its_own_shards(built, tmp_path):
     """Killed mid-epoch and restarted at its address (as a supervisor would): the
     epoch goes on, and no record comes twice (the shards it held are skipped)."""
@@ -193,6 +194,7 @@ def _check_epochs(model_dir, meta, batch=16, replicas=2, epochs=2, complete=True
     return history
 
 
+@pytest.mark.slow  # A dispatcher, two workers and a trainer: about 50 s on 2 cores.
 def test_training_through_two_service_workers(built, tmp_path):
     out, meta = built
     with data_service.LocalService(str(tmp_path), workers=2) as svc:
