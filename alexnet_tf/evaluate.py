@@ -100,10 +100,12 @@ def main(argv=None) -> None:
                    help="The central patch only (the ten patches cost ten times as much).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from alexnet_tf import records
-
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    import tensorflow as tf
+
+    from alexnet_tf import records
+
     try:
         model, mean, synsets = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
@@ -112,11 +114,7 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError, records.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Exception as e:
-        import tensorflow as tf
-
-        if not isinstance(e, tf.errors.DataLossError):
-            raise
+    except tf.errors.DataLossError as e:
         print(f"evaluate: error: {records.data_loss_message(e, args.data_dir)}", file=sys.stderr)
         sys.exit(1)
     print(table(result))

@@ -370,6 +370,7 @@ def service_train_dataset(
     context: tf.distribute.InputContext | None = None,
     shuffle_buffer: int = 10_000,
     crop: int = CROP,
+    passes: int = 1,
 ) -> tf.data.Dataset:
     """One epoch of ((patches, Augment), labels) batches made by the tf.data service's workers.
 
@@ -383,7 +384,9 @@ def service_train_dataset(
     batch per service worker), and never on one twice.
 
     Every input pipeline of every trainer must pass the same arguments (the
-    job is shared); `context` only sets the per-replica batch size.
+    job is shared); `context` only sets the per-replica batch size. `passes`
+    makes the job that many passes over the records (for measurements that
+    need a long job; training uses one job per epoch).
     """
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
 
@@ -391,7 +394,7 @@ def service_train_dataset(
         image, label = _parse(serialized)
         return crop_for_train(image, stats, crop, record_seed(seed, record_fingerprint(serialized))), label
 
-    ds = epoch_records(data_dir, meta, seed, shuffle_buffer)
+    ds = epoch_records(data_dir, meta, seed, shuffle_buffer).repeat(passes)
     ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.batch(batch, drop_remainder=True)
     return distribute_epoch(ds, service, job_name).prefetch(tf.data.AUTOTUNE)

@@ -84,13 +84,11 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import data_service, distribute, input_pipeline, records, trainer
+    from alexnet_tf import data_service, distribute, records, trainer
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
-        meta = records.load_metadata(config.data_dir)
-        records.check_shards_exist(config.data_dir, meta)  # Not an epoch later.
-        input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)  # The mean image is sound.
+        records.load_metadata(config.data_dir)
         if config.data_service:
             data_service.check_reachable(config.data_service)
     except (records.MetadataError, data_service.ServiceError, ValueError) as e:
@@ -101,7 +99,7 @@ def main(argv):
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
     try:
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
-    except distribute.RunConflict as e:
+    except (distribute.RunConflict, records.MetadataError) as e:  # Found before anything is written.
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.

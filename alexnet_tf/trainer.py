@@ -400,14 +400,16 @@ def settle_stream(config: TrainConfig, state: LoopState, strategy, resumed: bool
                 raise distribute.RunConflict(
                     f"the checkpoint's run has {what} {was}, this one {now}: a resumed run keeps them (the input "
                     f"position is counted in its records); use another --model_dir to start a new run")
-    seed = int(state.stream_seed)
-    if seed < 0:
-        seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
-        seed = int(distribute.all_workers(strategy, [seed])[0, 0])  # The chief's.
+    seed, run_id = int(state.stream_seed), int(state.run_id)
+    if seed < 0 or run_id < 0:  # A first start (or a checkpoint older than run_id): the chief's, in one collective.
+        rng = np.random.default_rng()
+        if seed < 0:
+            seed = config.seed if config.seed is not None else int(rng.integers(2**31 - 1))
+        if run_id < 0:  # Independent of --seed: two runs with one seed are still two runs.
+            run_id = int(rng.integers(2**62))
+        seed, run_id = (int(v) for v in distribute.all_workers(strategy, [seed, run_id])[0])
     state.stream_seed.assign(seed)
-    if int(state.run_id) < 0:  # Independent of --seed: two runs with one seed are still two runs.
-        drawn = int(np.random.default_rng().integers(2**62))
-        state.run_id.assign(int(distribute.all_workers(strategy, [drawn])[0, 0]))
+    state.run_id.assign(run_id)
     state.global_batch.assign(config.batch_size)
     state.input_pipelines.assign(pipelines)
     return seed

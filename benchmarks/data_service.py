@@ -9,7 +9,7 @@ batches of --batch), read as fast as this process can take them, no model:
 1. local: `input_pipeline.train_dataset`, the trainer's own stream, on this host;
 2. service, 1 worker and 2 workers: the same per-record work done by
    `python -m alexnet_tf.data_service worker` processes on this host, sent
-   over gRPC on loopback (`service_train_dataset`'s pieces, over --passes
+   over gRPC on loopback (`service_train_dataset`, over --passes
    passes of the records so that one job is long enough to time).
 
 Each figure is the median of --runs timed windows of --batches batches after
@@ -81,7 +81,6 @@ def _measure(make_iterator, batch: int, args, procs=()) -> dict:
 
 def bench(data_dir: str, work: str, batch: int, args) -> dict:
     import psutil
-    import tensorflow as tf
 
     from alexnet_tf import data_service, input_pipeline as ip, records
 
@@ -92,13 +91,8 @@ def bench(data_dir: str, work: str, batch: int, args) -> dict:
                                 batch, args)}
 
     def service_stream(address: str, job: str):
-        def crop(serialized):
-            image, label = ip._parse(serialized)
-            return ip.crop_for_train(image, stats, seed=ip.record_seed(1, ip.record_fingerprint(serialized))), label
-
-        ds = ip.epoch_records(data_dir, meta, seed=1, shuffle_buffer=1000).repeat(args.passes)
-        ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).batch(batch, drop_remainder=True)
-        return iter(ip.distribute_epoch(ds, address, job).prefetch(tf.data.AUTOTUNE))
+        return iter(ip.service_train_dataset(data_dir, meta, stats, batch, address, job, seed=1,
+                                             shuffle_buffer=1000, passes=args.passes))
 
     for n in (1, 2):
         with data_service.LocalService(work, workers=n) as svc:
