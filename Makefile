@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-service bench-loop bench-gpu rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-loop bench-gpu rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-build: $(STAMP)
 bench-service: $(STAMP)
 	$(PY) -m pip install --quiet psutil
 	$(PY) -m benchmarks.data_service $(BENCH_SERVICE)
+
+# What TensorBoard's figures (--figures) add to an epoch of the sample preset;
+# benchmarks/results/figures-cpu.json.
+bench-figures: $(STAMP)
+	$(PY) -m benchmarks.figures $(BENCH_FIGURES)
 
 # The training loop's own overhead on CPU: ours against a bare tf.function loop.
 bench-loop: $(STAMP)

@@ -59,6 +59,10 @@ class TrainConfig:
     log_images: int = _field(16, "Augmented training images per epoch in TensorBoard (0: none).")
     histograms: bool = _field(True, "Weight histograms in TensorBoard.")
     histogram_every: int = _field(1, "Write weight histograms every this many epochs (60M weights take a while).")
+    figures: bool = _field(True, "TensorBoard each epoch: the conv1 kernels (the paper's Figure 3), fixed "
+                           "validation images with their top-5 and their fc7 nearest neighbours (Figure 4), "
+                           "per-class validation error.")
+    figure_pool: int = _field(500, "Validation images (the first of the split) the fc7 neighbours are searched in.")
     export: bool = _field(True, "Export a SavedModel into <model_dir>/saved_model at the end.")
     verbose: bool = _field(True, "Progress bar and per-epoch lines on the console.")
 
@@ -76,6 +80,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be 0 or more, got {self.learning_rate}")
+        if self.figure_pool < 1:
+            raise ValueError(f"figure_pool must be at least 1, got {self.figure_pool}")
         if self.steps_per_loop < 1:
             raise ValueError(f"steps_per_loop must be at least 1, got {self.steps_per_loop}")
         if self.deterministic and self.seed is None:

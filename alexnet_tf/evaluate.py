@@ -2,14 +2,19 @@ r"""Top-1 and top-5 error of a trained AlexNet, with the central patch and with 
 
     python -m alexnet_tf.evaluate --saved_model=runs/alexnet/saved_model --data_dir=tfrecords
     python -m alexnet_tf.evaluate --model_dir=runs/alexnet --split=validation --output_json=eval.json
+    python -m alexnet_tf.evaluate --model_dir=runs/alexnet --report=reports/alexnet
 
 Prints a table in the paper's format (Table 2) with the paper's ILSVRC-2012
-validation figures for one CNN beside it, and writes the same as JSON.
+validation figures for one CNN beside it, and writes the same as JSON. With
+--report, also one self-contained HTML page (`alexnet_tf.report`): the table,
+the paper's Figures 3 and 4 from this model, per-class errors, the most
+confused classes and, for a model folder, its learning curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,26 +32,49 @@ class _SavedModelAdapter:
     def __call__(self, images, training=False):
         return self.loaded.preprocessed(images)["logits"]
 
+    def forward(self, images):
+        """(fc7, or None from exports that lack it, logits)."""
+        out = self.loaded.preprocessed(images)
+        return out.get("fc7"), out["logits"]
 
-def load(saved_model: str | None, model_dir: str | None):
-    """(model-like callable, mean, its classes' synsets in label order) from a SavedModel or a model folder."""
+
+@dataclasses.dataclass
+class Loaded:
+    model: object  # A callable (images, training=False) -> logits.
+    mean: object  # The mean image (or colour) the model subtracts.
+    synsets: list  # Its classes, in label order.
+    forward: object  # images -> (fc7 or None, logits), for the report's figures.
+    kernel: object  # conv1's kernel, or None (older exports).
+    groups: int  # Bands of conv1's kernels (conv2's groups).
+    history: list | None  # A model folder's history.json.
+
+
+def load(saved_model: str | None, model_dir: str | None) -> Loaded:
+    """A SavedModel or a model folder's latest checkpoint, with what evaluation and the report need."""
     import tensorflow as tf
 
-    from alexnet_tf import export, run_dir
+    from alexnet_tf import export, figures, run_dir
 
     if saved_model:
         if not tf.io.gfile.exists(os.path.join(saved_model, "saved_model.pb")):
             raise FileNotFoundError(f"{saved_model} is not a SavedModel (no saved_model.pb)")
         loaded = tf.saved_model.load(saved_model)
-        mean = loaded.mean[0].numpy()
-        return _SavedModelAdapter(loaded), mean, export.read_class_synsets(saved_model)
+        adapter = _SavedModelAdapter(loaded)
+        kernel = loaded.conv1_kernel[0].numpy() if hasattr(loaded, "conv1_kernel") else None
+        return Loaded(adapter, loaded.mean[0].numpy(), export.read_class_synsets(saved_model), adapter.forward,
+                      kernel, export.conv1_groups(loaded), None)
     model, info, mean = run_dir.load_trained_model(model_dir)
-    return model, mean, [c["synset"] for c in info["classes"]]
+    return Loaded(model, mean, [c["synset"] for c in info["classes"]], figures.keras_forward(model),
+                  figures.conv1_kernel(model), figures.conv1_groups(info["grouped"]), run_dir.read_history(model_dir))
 
 
 def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: int = 100,
-             progress: bool = True, ten_crops: bool = True) -> dict:
-    """Central-patch and (with `ten_crops`, ten times the work) ten-patch errors of `model` on a split."""
+             progress: bool = True, ten_crops: bool = True, per_class: bool = False) -> dict:
+    """Central-patch and (with `ten_crops`, ten times the work) ten-patch errors of `model` on a split.
+
+    With `per_class`, the central patch's result also has "per_class" (images,
+    errors and the confusion matrix per class: `evaluation.split_sums`).
+    """
     import numpy as np
     import tensorflow as tf
 
@@ -60,7 +88,8 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     records.check_shards_exist(data_dir, meta, [split])
     stats = input_pipeline.ColorStats.for_evaluation(
         np.asarray(mean, np.float32), meta.image.size if meta.image.resized else None)
-    evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size)
+    evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size,
+                          per_class=per_class, confusion=per_class)
     result = {
         "split": split,
         "num_examples": meta.splits[split].num_examples,
@@ -68,6 +97,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     }
     if ten_crops:
         result["ten_crops"] = evaluator.evaluate(split, ten_crop=True, progress=progress)
+        result["ten_crops"].pop("per_class", None)
     result["paper_one_cnn_validation"] = PAPER_ONE_CNN_VAL
     return result
 
@@ -98,19 +128,32 @@ def main(argv=None) -> None:
     p.add_argument("--output_json", default=None, help="Also write the results here.")
     p.add_argument("--noten_crops", dest="ten_crops", action="store_false",
                    help="The central patch only (the ten patches cost ten times as much).")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="Also write DIR/report.html: the table, the paper's Figures 3 and 4 from this model, "
+                        "per-class errors, the most confused classes and (--model_dir) the learning curves.")
+    p.add_argument("--figure_pool", type=int, default=500,
+                   help="--report: the first N images of the split the fc7 neighbours are searched in.")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.figure_pool < 1:
+        p.error(f"--figure_pool must be at least 1, got {args.figure_pool}")
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        p.error(f"--report {args.report} is a file; it takes a folder (report.html is written into it)")
     import tensorflow as tf
 
     from alexnet_tf import records
 
     try:
-        model, mean, synsets = load(args.saved_model, args.model_dir)
+        loaded = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
-        records.check_same_classes(synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
-        result = evaluate(model, mean, args.data_dir, args.split, args.batch_size, ten_crops=args.ten_crops)
+        records.check_same_classes(loaded.synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
+        result = evaluate(loaded.model, loaded.mean, args.data_dir, args.split, args.batch_size,
+                          ten_crops=args.ten_crops, per_class=bool(args.report))
+        per_class = result["central_crop"].pop("per_class", None)
+        if args.report:
+            path = write_report(args, loaded, meta, result, per_class)
     except (FileNotFoundError, ValueError, records.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -118,9 +161,26 @@ def main(argv=None) -> None:
         print(f"evaluate: error: {records.data_loss_message(e, args.data_dir)}", file=sys.stderr)
         sys.exit(1)
     print(table(result))
+    if args.report:
+        print(f"evaluate: wrote {path}", file=sys.stderr)
     if args.output_json:
         records.write_json_atomically(args.output_json, result)
     print(json.dumps(result))
+
+
+def write_report(args, loaded: Loaded, meta, result: dict, per_class: dict) -> str:
+    """Draws the figures of the loaded model and writes the report; returns its path."""
+    import numpy as np
+
+    from alexnet_tf import figures, input_pipeline, report
+
+    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32),
+                                                     meta.image.size if meta.image.resized else None)
+    fixed = figures.FixedImages(args.data_dir, meta, stats, args.figure_pool, split=args.split)
+    drawn = fixed.draw(loaded.forward, [c.name for c in meta.classes], loaded.kernel, loaded.groups)
+    page = report.build(result, per_class, meta.classes, drawn, source=args.saved_model or args.model_dir,
+                        data_dir=args.data_dir, history=loaded.history)
+    return report.write(args.report, page)
 
 
 if __name__ == "__main__":

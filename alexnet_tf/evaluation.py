@@ -31,11 +31,14 @@ def rates(sums) -> dict:
 LOSS_UNIT = 2.0**-32
 
 
-def exact_sums(per_example_loss, probs, labels):
+def exact_sums(per_example_loss, probs, labels, num_classes: int = 0, confusion: bool = False):
     """(loss in LOSS_UNITs, top-1 hits, top-5 hits, count, non-finite losses) of a batch, int64 (5,).
 
     A non-finite loss (a diverged network) is counted, not summed: `exact_rates`
-    then reports the loss as NaN, as a float sum would.
+    then reports the loss as NaN, as a float sum would. With `num_classes`,
+    per-class images, top-1 hits and top-5 hits follow (3 x num_classes), and
+    with `confusion` the counts of (true, predicted) label pairs
+    (num_classes x num_classes, row-major): see `split_sums`.
     """
     loss = tf.cast(per_example_loss, tf.float64)
     finite = tf.math.is_finite(loss)
@@ -43,13 +46,44 @@ def exact_sums(per_example_loss, probs, labels):
     top1 = tf.cast(tf.math.in_top_k(labels, probs, 1), tf.int64)
     top5 = tf.cast(tf.math.in_top_k(labels, probs, min(5, probs.shape[-1])), tf.int64)
     count = tf.shape(labels, out_type=tf.int64)[0]
-    return tf.stack([tf.reduce_sum(units), tf.reduce_sum(top1), tf.reduce_sum(top5), count,
-                     tf.reduce_sum(tf.cast(~finite, tf.int64))])
+    sums = [tf.stack([tf.reduce_sum(units), tf.reduce_sum(top1), tf.reduce_sum(top5), count,
+                      tf.reduce_sum(tf.cast(~finite, tf.int64))])]
+    if num_classes:
+        labels = tf.cast(labels, tf.int64)
+
+        def per_class(weights):
+            return tf.math.unsorted_segment_sum(weights, labels, num_classes)
+
+        sums += [per_class(tf.ones_like(top1)), per_class(top1), per_class(top5)]
+        if confusion:
+            predicted = tf.argmax(probs, axis=-1, output_type=tf.int64)
+            sums.append(tf.math.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes,
+                                         maxlength=num_classes * num_classes, dtype=tf.int64))
+    return tf.concat(sums, axis=0)
+
+
+def sums_size(num_classes: int = 0, confusion: bool = False) -> int:
+    return 5 + 3 * num_classes + (num_classes * num_classes if confusion else 0)
+
+
+def split_sums(sums, num_classes: int = 0) -> tuple[dict, dict | None]:
+    """(`exact_rates`, per class {count, top1_error, top5_error[, confusion]} or None) of added-up sums."""
+    sums = np.asarray(sums, np.int64)
+    rates = exact_rates(sums[:5])
+    if not num_classes:
+        return rates, None
+    count, top1, top5 = sums[5:5 + 3 * num_classes].reshape(3, num_classes)
+    seen = np.maximum(count, 1)
+    per_class = {"count": count.tolist(), "top1_error": (1 - top1 / seen).tolist(),
+                 "top5_error": (1 - top5 / seen).tolist()}
+    if len(sums) > 5 + 3 * num_classes:
+        per_class["confusion"] = sums[5 + 3 * num_classes:].reshape(num_classes, num_classes)
+    return rates, per_class
 
 
 def exact_rates(sums) -> dict:
     """`rates` of `exact_sums` added up."""
-    loss, top1, top5, count, nonfinite = (int(s) for s in sums)
+    loss, top1, top5, count, nonfinite = (int(s) for s in sums[:5])
     return rates([loss * LOSS_UNIT if not nonfinite else float("nan"), top1, top5, count])
 
 
@@ -74,12 +108,17 @@ class Evaluator:
       meta: Its metadata.json.
       stats: Colour statistics the images are preprocessed with.
       batch_size: Global evaluation batch size (per worker under multi_worker).
+      per_class: Also count images, top-1 and top-5 hits per class.
+      confusion: Also count (true, predicted) label pairs (with `per_class`).
     """
 
     def __init__(self, model, strategy, data_dir: str, meta: records.Metadata, stats: input_pipeline.ColorStats,
-                 batch_size: int):
+                 batch_size: int, per_class: bool = False, confusion: bool = False):
         self.model, self.strategy, self.data_dir, self.meta, self.stats = model, strategy, data_dir, meta, stats
         self.batch_size = batch_size
+        self.classes = meta.num_classes if per_class or confusion else 0
+        self.confusion = bool(confusion and self.classes)
+        sums_length = sums_size(self.classes, self.confusion)
         # Workers read disjoint shards in their own number of batches: no
         # per-batch collectives to fall out of step, one sum at the end.
         self.workers = distribute.num_workers(strategy)
@@ -94,12 +133,12 @@ class Evaluator:
                 probs = tf.nn.softmax(tf.cast(self.model(padded, training=False), tf.float32))
             probs = probs[:n]
             per_example = -tf.math.log(tf.gather(probs, labels, batch_dims=1) + 1e-12)
-            return exact_sums(per_example, probs, labels)
+            return exact_sums(per_example, probs, labels, self.classes, self.confusion)
 
         def replica_eval(images, labels, size):
             # The last batch of a split leaves some replicas empty; skip the model there.
             return tf.cond(tf.shape(labels)[0] > 0, lambda: forward(images, labels, size),
-                           lambda: tf.zeros([5], tf.int64))
+                           lambda: tf.zeros([sums_length], tf.int64))
 
         @tf.function
         def distributed_step(batch, size):
@@ -110,7 +149,7 @@ class Evaluator:
         self._distributed = distributed_step
 
     def evaluate(self, split: str = "validation", ten_crop: bool = False, progress: bool = False) -> dict:
-        """Loss, top-1 and top-5 error over every example of `split`."""
+        """Loss, top-1 and top-5 error over every example of `split` (and "per_class", see `split_sums`)."""
         batch = self.batch_size
         if ten_crop:
             batch = max(1, batch // 10)
@@ -128,7 +167,7 @@ class Evaluator:
                                                         ten_crop, ctx))
             per_replica = batch // self.strategy.num_replicas_in_sync
             step = lambda b: self._distributed(b, per_replica)  # noqa: E731
-        sums = np.zeros(5, np.int64)
+        sums = np.zeros(sums_size(self.classes, self.confusion), np.int64)
         expected = self.meta.split(split).num_examples
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
         for b in ds:
@@ -137,4 +176,7 @@ class Evaluator:
         sums = distribute.all_workers(self.strategy, sums).sum(axis=0)
         if int(sums[3]) != expected:
             raise RuntimeError(f"evaluated {int(sums[3])} {split} examples, metadata.json lists {expected}")
-        return exact_rates(sums)
+        result, per_class = split_sums(sums, self.classes)
+        if per_class is not None:
+            result["per_class"] = per_class
+        return result

@@ -12,12 +12,16 @@ Signatures:
     convention for binary input). Preprocessing runs inside the graph and is
     the evaluation's own (`input_pipeline.preprocess_for_eval`): decode to RGB,
     shorter side to 256, central 256x256, central 227x227 patch, mean subtracted.
-  preprocessed(images: float32[batch, 227, 227, 3]) -> logits, probabilities
-    For inputs already preprocessed that way (e.g. the paper's ten patches).
+  preprocessed(images: float32[batch, 227, 227, 3]) -> logits, probabilities, fc7
+    For inputs already preprocessed that way (e.g. the paper's ten patches);
+    fc7 is the last hidden layer (4096 wide, after its ReLU), the features the
+    paper compares images by (Figure 4).
 
 The class list travels as an asset (`assets/classes.tsv`: label, synset,
 name, one line per label), from which the signature's synsets and names are
-looked up; the loaded object also carries `mean` (the mean image subtracted).
+looked up; the loaded object also carries `mean` (the mean image subtracted)
+and `conv1_kernel` and `conv1_groups` (the first layer's kernels and the
+groups they feed, for the paper's Figure 3).
 Loading needs TensorFlow only.
 """
 
@@ -50,6 +54,11 @@ def read_class_synsets(saved_model: str) -> list[str]:
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
 
 
+def conv1_groups(loaded) -> int:
+    """Groups conv1's kernels feed (conv2's) in a loaded export; 1 for exports that do not say."""
+    return int(loaded.conv1_groups[0].numpy()) if hasattr(loaded, "conv1_groups") else 1
+
+
 def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     """Writes the SavedModel to `export_dir` (replaced whole, via a temporary folder).
 
@@ -59,6 +68,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     crop = model.input_shape[1]
     k = min(5, info["num_classes"])
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
+    groups = tf.Variable(2 if info["grouped"] else 1, trainable=False, name="conv1_groups")
     stats = input_pipeline.ColorStats.for_evaluation(mean_var, info["square_size"])
 
     def one(args):
@@ -74,6 +84,8 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         # sometimes fails first in the decoder with a less telling message.
         with tf.control_dependencies([check]):
             return input_pipeline.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
+
+    both = keras.Model(model.inputs, [model.get_layer("fc7").output, model.output])
 
     def predict(images):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -93,8 +105,9 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         }
 
     def preprocessed(images):
-        logits, probs = predict(images)
-        return {"logits": logits, "probabilities": probs}
+        fc7, logits = both(images, training=False)
+        logits = tf.cast(logits, tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "fc7": tf.cast(fc7, tf.float32)}
 
     tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
     with tempfile.TemporaryDirectory() as scratch:
@@ -115,6 +128,8 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         archive.track(synsets)
         archive.track(names)
         archive.add_variable_collection("mean", [mean_var])
+        archive.add_variable_collection("conv1_kernel", [model.get_layer("conv1").kernel])
+        archive.add_variable_collection("conv1_groups", [groups])
         archive.add_endpoint("serving_default", serve, [tf.TensorSpec([None], tf.string, name="images")])
         archive.add_endpoint("preprocessed", preprocessed,
                              [tf.TensorSpec([None, crop, crop, 3], tf.float32, name="images")])

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, evaluation, export, input_pipeline, model as model_lib, records, run_dir
+from alexnet_tf import distribute, evaluation, export, figures, input_pipeline, model as model_lib, records, run_dir
 from alexnet_tf.config import TrainConfig
 
 
@@ -268,34 +268,65 @@ def skip_everywhere_if_any_nonfinite(grads):
 
 
 class Summaries:
-    """TensorBoard scalars, augmented images and weight histograms (chief only)."""
+    """TensorBoard (chief only): scalars, augmented inputs, weight histograms and the paper's figures.
 
-    def __init__(self, model_dir: str, chief: bool):
-        self.chief = chief
-        if chief:
-            root = run_dir.path(model_dir, run_dir.TENSORBOARD)
-            self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
-            self.val = tf.summary.create_file_writer(os.path.join(root, "validation"))
+    train/: losses, errors, learning rate, speed, augmented images, histograms
+    and conv1's kernels (Figure 3); validation/: losses, errors, per-class
+    errors, and the fixed validation images' top-5 and fc7 neighbours (Figure 4).
+    """
 
-    def epoch(self, epoch: int, result: dict, model, preview, stats, config: TrainConfig) -> None:
+    def __init__(self, model_dir: str, chief: bool, model, config: TrainConfig, data: "Data"):
+        self.chief, self.model, self.config, self.data = chief, model, config, data
+        if not chief:
+            return
+        root = run_dir.path(model_dir, run_dir.TENSORBOARD)
+        self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
+        self.val = tf.summary.create_file_writer(os.path.join(root, "validation"))
+        self.preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
+                        if config.log_images else None)
+        self.fixed = (figures.FixedImages(config.data_dir, data.meta, data.stats, config.figure_pool)
+                      if config.figures and data.has_validation else None)
+        self.forward = figures.keras_forward(model) if self.fixed else None
+        self.names = [c.name for c in data.meta.classes]
+
+    def epoch(self, epoch: int, result: dict, per_class: dict | None = None) -> None:
         if not self.chief:
             return
+        config, stats, model = self.config, self.data.stats, self.model
         with self.train.as_default(step=epoch):
             for k in ("loss", "top1_error", "top5_error"):
                 tf.summary.scalar(k, result[f"train_{k}"])
             tf.summary.scalar("learning_rate", result["learning_rate"])
             tf.summary.scalar("images_per_second", result["images_per_second"])
-            if preview is not None:  # The same images every epoch, augmented afresh.
-                images = input_pipeline.augment_preview(preview, stats, seed=epoch)
+            if self.preview is not None:  # The same images every epoch, augmented afresh.
+                images = input_pipeline.augment_preview(self.preview, stats, seed=epoch)
                 tf.summary.image("augmented_training_images",
                                  input_pipeline.display_images(images, stats), max_outputs=config.log_images)
             if config.histograms and epoch % max(config.histogram_every, 1) == 0:
                 for v in model.trainable_variables:
                     tf.summary.histogram(v.path, v.value)
+            if config.figures:
+                grid = figures.kernel_grid(figures.conv1_kernel(model), figures.conv1_groups(config.grouped))
+                tf.summary.image("conv1_kernels", grid[None], description=(
+                    "The 96 conv1 kernels (Figure 3), one band per group, each scaled to its own range."))
         if "val_loss" in result:
             with self.val.as_default(step=epoch):
                 for k in ("loss", "top1_error", "top5_error"):
                     tf.summary.scalar(k, result[f"val_{k}"])
+                if per_class is not None:
+                    seen = np.asarray(per_class["count"]) > 0
+                    tf.summary.histogram("per_class_top1_error", np.asarray(per_class["top1_error"])[seen])
+                    tf.summary.histogram("per_class_top5_error", np.asarray(per_class["top5_error"])[seen])
+                    worst = figures.per_class_table(per_class, self.data.meta.classes, worst=20)
+                    tf.summary.text("worst_classes", figures.markdown_table(worst))
+                if self.fixed is not None:
+                    drawn = self.fixed.draw(self.forward, self.names)
+                    tf.summary.image("top5_predictions", drawn.predictions[None], description=(
+                        "Fixed validation images with their top-5 (Figure 4, left); the true class's bar is red."))
+                    if drawn.neighbours is not None:
+                        tf.summary.image("fc7_nearest_neighbours", drawn.neighbours[None], description=(
+                            f"Query images (first column) and the validation images (of the first "
+                            f"{len(self.fixed.labels)}) nearest in fc7 (Figure 4, right); green: same class."))
         self.train.flush()
         self.val.flush()
 
@@ -594,11 +625,9 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
                                             shuffle_buffer=config.shuffle_buffer, seed=seed,
                                             skip=int(state.step_in_epoch) * per_step)
 
-    summaries = Summaries(model_dir, chief)
-    preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
-               if config.log_images and chief else None)
+    summaries = Summaries(model_dir, chief, model, config, data)
     evaluator = evaluation.Evaluator(model, strategy, config.data_dir, data.meta, data.stats,
-                                     config.eval_batch_size or config.batch_size)
+                                     config.eval_batch_size or config.batch_size, per_class=config.figures)
     profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))
                    if config.profile_steps and chief else None)
 
@@ -627,9 +656,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
             say(chief, f"epoch {result['epoch']}: the service's epoch gave {result['steps']} steps, "
                        f"{result['train_images']} of {data.meta.split('train').num_examples} training images "
                        "(each service worker's last partial batch is dropped, a lost worker's shards skipped)")
+        per_class = None
         if data.has_validation:
-            result.update({f"val_{k}": v for k, v in evaluator.evaluate("validation").items()})
-        summaries.epoch(result["epoch"], result, model, preview, data.stats, config)
+            val = evaluator.evaluate("validation")
+            per_class = val.pop("per_class", None)
+            result.update({f"val_{k}": v for k, v in val.items()})
+        summaries.epoch(result["epoch"], result, per_class)
         history.append(result)
         next_epoch(config, state, optimizer, result)
         checkpoints.save(int(state.global_step))

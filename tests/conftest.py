@@ -87,3 +87,25 @@ def extract_sample(sample, dest, val_by_class=False):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
     return str(dest)
+
+
+@pytest.fixture(scope="session")
+def model_folder(built, tmp_path_factory):
+    """(model_dir, keras model, stats): a model folder of the records' classes, as training
+    leaves it, with seeded weights (no history.json)."""
+    import tensorflow as tf
+
+    from alexnet_tf import input_pipeline, model as model_lib, run_dir
+
+    out, meta = built
+    model_dir = tmp_path_factory.mktemp("model")
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    model = model_lib.build_alexnet(meta.num_classes, seed=7)
+    # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
+    fc8 = model.get_layer("fc8")
+    fc8.kernel.assign(fc8.kernel * 0.05)
+    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
+                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
+                            square_size=256)
+    tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
+    return str(model_dir), model, stats

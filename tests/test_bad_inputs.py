@@ -93,18 +93,6 @@ def test_bad_input(built, exported_model_dir, tmp_path, case):
 
 
 @pytest.fixture(scope="module")
-def exported_model_dir(built, tmp_path_factory):
-    """A model folder of the records' classes (seeded weights), for evaluate."""
-    import tensorflow as tf
-
-    from alexnet_tf import input_pipeline, model as model_lib, run_dir
-
-    out, meta = built
-    model_dir = tmp_path_factory.mktemp("model")
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
-                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                            square_size=256)
-    tf.train.Checkpoint(model=model_lib.build_alexnet(meta.num_classes, seed=1)).save(
-        str(model_dir / "checkpoints" / "ckpt"))
-    return str(model_dir)
+def exported_model_dir(model_folder):
+    """A model folder of the records' classes, for evaluate."""
+    return model_folder[0]

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import export, input_pipeline, model as model_lib, run_dir
+from alexnet_tf import export, input_pipeline, run_dir
 from conftest import read_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,22 +29,14 @@ def _cli(module, *args):
 
 
 @pytest.fixture(scope="module")
-def exported(built, tmp_path_factory):
-    """A model folder (seeded weights, as training leaves it) and its export via the CLI."""
+def exported(built, model_folder):
+    """The shared model folder and its export via the CLI."""
     out, meta = built
-    model_dir = tmp_path_factory.mktemp("model")
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    model = model_lib.build_alexnet(meta.num_classes, seed=7)
-    # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
-    fc8 = model.get_layer("fc8")
-    fc8.kernel.assign(fc8.kernel * 0.05)
-    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
-                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                            square_size=256)
-    tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
-    proc = _cli("alexnet_tf.export", "--model_dir", str(model_dir), "--export_dir", str(model_dir / "exported"))
+    model_dir, model, stats = model_folder
+    export_dir = os.path.join(model_dir, "exported")
+    proc = _cli("alexnet_tf.export", "--model_dir", model_dir, "--export_dir", export_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(model_dir / "exported"), model, stats, out, meta
+    return export_dir, model, stats, out, meta
 
 
 def test_serving_signature_matches_the_keras_model(exported):

@@ -95,7 +95,8 @@ def _event_tags(folder):
 def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     out, meta = built
     config = TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
-                               checkpoint_every_steps=1, log_images=2, seed=0, verbose=False, profile_steps=(1, 2))
+                               checkpoint_every_steps=1, log_images=2, seed=0, verbose=False, profile_steps=(1, 2),
+                               figures=False)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     result = trainer.train_and_evaluate(config, str(tmp_path), strategy)
     history = result.history
@@ -109,7 +110,9 @@ def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     train_tags = _event_tags(str(tmp_path / "tensorboard" / "train"))
     assert {"loss", "top1_error", "top5_error", "learning_rate", "images_per_second",
             "augmented_training_images", "conv1/kernel", "fc8/bias"} <= train_tags
-    assert {"loss", "top1_error", "top5_error"} <= _event_tags(str(tmp_path / "tensorboard" / "validation"))
+    val_tags = _event_tags(str(tmp_path / "tensorboard" / "validation"))
+    assert {"loss", "top1_error", "top5_error"} <= val_tags
+    assert "conv1_kernels" not in train_tags and "top5_predictions" not in val_tags  # --nofigures.
     traces = tf.io.gfile.glob(str(tmp_path / "tensorboard" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(traces) == 1  # The profiler traced the requested steps.
 
