@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-loop bench-gpu rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-recipes bench-loop bench-gpu rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench-service: $(STAMP)
 # benchmarks/results/figures-cpu.json.
 bench-figures: $(STAMP)
 	$(PY) -m benchmarks.figures $(BENCH_FIGURES)
+
+# The three --recipe values trained side by side on the sample and on a 1000-class
+# ImageNet-shaped sample: loss curves, final errors, stall warnings;
+# benchmarks/results/recipes.json. About 35 minutes on 2 cores.
+bench-recipes: $(STAMP)
+	$(PY) -m benchmarks.recipes $(BENCH_RECIPES)
 
 # The training loop's own overhead on CPU: ours against a bare tf.function loop.
 bench-loop: $(STAMP)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from alexnet_tf import recipes
+
 MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
 
 
@@ -21,16 +23,25 @@ class TrainConfig:
     """Hyperparameters; defaults are the paper's."""
 
     data_dir: str = _field("tfrecords", "Records folder written by pipelines.build_tfrecords.")
+    recipe: str = _field("paper", "Initialisation, per-parameter learning rates, weight-decay targets and schedule "
+                         "as recorded by: paper (§5), caffe (BVLC bvlc_alexnet: biases 0.1, fc6/fc7 N(0, 0.005), "
+                         "biases at 2x the learning rate), cuda_convnet2 (Krizhevsky's later code: conv3-5 "
+                         "N(0, 0.03), biases 2-50x the learning rate, dexp schedule); see alexnet_tf/recipes.py. "
+                         "A --preset and explicit flags override its schedule values.", tuple(recipes.RECIPES))
     batch_size: int = _field(128, "Global batch size, split over the replicas (§5: 128).")
     epochs: int = _field(90, "Epochs (§5: roughly 90 cycles).")
     learning_rate: float = _field(0.01, "Initial learning rate (§5: 0.01).")
     momentum: float = _field(0.9, "SGD momentum (§5: 0.9).")
     weight_decay: float = _field(5e-4, "Weight decay on the kernels, inside the momentum update (§5: 0.0005).")
     lr_schedule: str = _field("plateau", "plateau: divide by 10 when the validation error stops improving (§5); "
-                              "step: at --lr_decay_epochs.", ("plateau", "step"))
+                              "step: at --lr_decay_epochs; dexp: cuda-convnet2's, --lr_steps rates from the "
+                              "learning rate down to it / --lr_final_factor, each for an equal share of --epochs.",
+                              ("plateau", "step", "dexp"))
     lr_patience: int = _field(1, "Plateau: epochs without a new best validation top-1 error before dividing.")
     max_lr_decays: int = _field(3, "Plateau: divide at most this many times (§5: reduced three times).")
     lr_decay_epochs: tuple[int, ...] = _field((30, 60, 80), "Step: epochs to divide the learning rate at.")
+    lr_final_factor: float = _field(250.0, "Dexp: the last rate is the learning rate / this.")
+    lr_steps: int = _field(4, "Dexp: number of rates.")
     # Not in the paper (0 keeps it faithful): ramp the learning rate up linearly
     # over the first epochs (Goyal et al., 2017).
     warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up in epochs (not in the paper; 0 = off).")
@@ -63,6 +74,11 @@ class TrainConfig:
                            "validation images with their top-5 and their fc7 nearest neighbours (Figure 4), "
                            "per-class validation error.")
     figure_pool: int = _field(500, "Validation images (the first of the split) the fc7 neighbours are searched in.")
+    stall_steps: int = _field(2000, "Warn when the training loss is still at chance level, above (1 - "
+                              "--stall_margin) x ln(classes), after this many steps (0: never); a non-finite "
+                              "loss warns at once.")
+    stall_margin: float = _field(0.05, "Share of ln(classes) the loss must have come down by to count as learning.")
+    stop_if_stalled: bool = _field(False, "End the run (exit status 3, checkpoints kept) instead of only warning.")
     export: bool = _field(True, "Export a SavedModel into <model_dir>/saved_model at the end.")
     verbose: bool = _field(True, "Progress bar and per-epoch lines on the console.")
 
@@ -80,6 +96,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be 0 or more, got {self.learning_rate}")
+        recipes.get(self.recipe)
+        if self.lr_steps < 2 or not self.lr_final_factor > 0:
+            raise ValueError(f"lr_steps must be at least 2 and lr_final_factor above 0, got {self.lr_steps} and "
+                             f"{self.lr_final_factor}")
+        if self.stall_steps < 0 or not 0 <= self.stall_margin < 1:
+            raise ValueError(f"stall_steps must be 0 or more and stall_margin in [0, 1), got {self.stall_steps} "
+                             f"and {self.stall_margin}")
         if self.figure_pool < 1:
             raise ValueError(f"figure_pool must be at least 1, got {self.figure_pool}")
         if self.steps_per_loop < 1:
@@ -111,6 +134,21 @@ PRESETS = {
         "shuffle_buffer": 1000,
         "log_images": 8,
         "histogram_every": 10,
+        # The paper's initialisation sits at or above chance level (ln 10) for
+        # the first epochs here; 200 steps is epoch 17 of 24.
+        "stall_steps": 200,
     },
 }
 
+
+
+def make_config(preset: str = "paper", recipe: str | None = None, **explicit) -> TrainConfig:
+    """A TrainConfig as `alexnet_tf.train` makes one: the recipe's values, then the preset's, then `explicit`.
+
+    The recipe is `recipe`, else the preset's, else the paper's.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    name = recipe or PRESETS[preset].get("recipe", "paper")
+    values = {**recipes.get(name).config, **PRESETS[preset], **explicit, "recipe": name}
+    return TrainConfig(**values)

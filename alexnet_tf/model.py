@@ -15,6 +15,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from alexnet_tf import recipes
+
 # The paper says 224x224 inputs, but 11x11 kernels at stride 4 give 55x55 maps
 # (as its Figure 2 shows) only from 227x227: (227 - 11) / 4 + 1 = 55.
 INPUT_SIZE = 227
@@ -134,6 +136,7 @@ def build_alexnet(
     dropout: float = 0.5,
     seed: int | None = None,
     dtype: str | None = None,
+    init: dict | None = None,
 ) -> keras.Model:
     """Builds AlexNet; the model maps (batch, size, size, 3) images to logits.
 
@@ -147,47 +150,52 @@ def build_alexnet(
       dtype: Keras dtype policy of the layers: "float32", "mixed_float16",
         "mixed_bfloat16" (variables float32, compute in 16 bits), or None for
         Keras' global policy. LRN and the logits compute in float32 always.
+      init: Each layer's (weight std, bias constant): a recipe's
+        (`recipes.RECIPES[...].init`); default the paper's (§5).
 
     Returns:
       A functional `keras.Model` named "alexnet", with layers named as in
       `LAYER_NAMES`.
     """
     counter = iter(range(100))
+    table = init or recipes.PAPER.init
+    if set(table) != set(recipes.LAYERS):
+        raise ValueError(f"init must give (std, bias) for exactly {', '.join(recipes.LAYERS)}")
 
-    def init():
-        # §5: "zero-mean Gaussian distribution with standard deviation 0.01".
-        return keras.initializers.RandomNormal(0.0, 0.01, seed=None if seed is None else seed + next(counter))
+    def weights(name):
+        # Zero-mean Gaussians (§5: standard deviation 0.01 everywhere), seeded in layer order.
+        return keras.initializers.RandomNormal(0.0, table[name][0], seed=None if seed is None else seed + next(counter))
 
-    one = keras.initializers.Constant(1.0)  # §5: biases 1 in conv2, conv4, conv5, fc6, fc7 (ReLUs start active).
-    zero = "zeros"
+    def bias(name):
+        # §5: 1 in conv2, conv4, conv5, fc6, fc7 (ReLUs start active), 0 in the others.
+        return keras.initializers.Constant(table[name][1])
 
-    def conv(name, filters, size, bias, strides=1, padding="same", groups=1):
+    def conv(name, filters, size, strides=1, padding="same", groups=1):
         if groups > 1:
             return GroupedConv2D(filters, size, groups=groups, strides=strides, padding=padding, activation="relu",
-                                 kernel_initializer=init(), bias_initializer=bias, name=name, dtype=dtype)
+                                 kernel_initializer=weights(name), bias_initializer=bias(name), name=name, dtype=dtype)
         return layers.Conv2D(filters, size, strides=strides, padding=padding, activation="relu",
-                             kernel_initializer=init(), bias_initializer=bias, name=name, dtype=dtype)
+                             kernel_initializer=weights(name), bias_initializer=bias(name), name=name, dtype=dtype)
 
     g = 2 if grouped else 1
     x = inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = conv("conv1", 96, 11, zero, strides=4, padding="valid")(x)  # 55x55x96
+    x = conv("conv1", 96, 11, strides=4, padding="valid")(x)  # 55x55x96
     x = LocalResponseNormalization(name="norm1", dtype=dtype)(x)
     x = layers.MaxPooling2D(3, 2, name="pool1", dtype=dtype)(x)  # §3.4: overlapping, z=3, s=2 -> 27x27
-    x = conv("conv2", 256, 5, one, groups=g)(x)
+    x = conv("conv2", 256, 5, groups=g)(x)
     x = LocalResponseNormalization(name="norm2", dtype=dtype)(x)
     x = layers.MaxPooling2D(3, 2, name="pool2", dtype=dtype)(x)  # 13x13
-    x = conv("conv3", 384, 3, zero)(x)  # conv3 sees both groups (§3.5).
-    x = conv("conv4", 384, 3, one, groups=g)(x)
-    x = conv("conv5", 256, 3, one, groups=g)(x)
+    x = conv("conv3", 384, 3)(x)  # conv3 sees both groups (§3.5).
+    x = conv("conv4", 384, 3, groups=g)(x)
+    x = conv("conv5", 256, 3, groups=g)(x)
     x = layers.MaxPooling2D(3, 2, name="pool5", dtype=dtype)(x)  # 6x6x256
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
-    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc6",
-                     dtype=dtype)(x)
+    x = layers.Dense(4096, activation="relu", kernel_initializer=weights("fc6"), bias_initializer=bias("fc6"),
+                     name="fc6", dtype=dtype)(x)
     x = layers.Dropout(dropout, name="drop6", dtype=dtype, seed=None if seed is None else seed + 50)(x)
-    x = layers.Dense(4096, activation="relu", kernel_initializer=init(), bias_initializer=one, name="fc7",
-                     dtype=dtype)(x)
+    x = layers.Dense(4096, activation="relu", kernel_initializer=weights("fc7"), bias_initializer=bias("fc7"),
+                     name="fc7", dtype=dtype)(x)
     x = layers.Dropout(dropout, name="drop7", dtype=dtype, seed=None if seed is None else seed + 51)(x)
-    # fc8 bias: the paper sets 1 only in the layers listed above, so 0 here.
-    logits = layers.Dense(num_classes, kernel_initializer=init(), bias_initializer=zero, name="fc8",
+    logits = layers.Dense(num_classes, kernel_initializer=weights("fc8"), bias_initializer=bias("fc8"), name="fc8",
                           dtype="float32")(x)  # float32 logits also under mixed precision.
     return keras.Model(inputs, logits, name="alexnet")

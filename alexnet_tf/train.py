@@ -59,15 +59,15 @@ _define_hyperparameter_flags()
 
 
 def config_from_flags() -> config_lib.TrainConfig:
-    """TrainConfig from the preset, overridden by every flag given explicitly."""
-    values = dict(config_lib.PRESETS[FLAGS.preset])
-    for field in dataclasses.fields(config_lib.TrainConfig):
-        if FLAGS[field.name].present or field.name not in values:
-            values[field.name] = FLAGS[field.name].value
+    """TrainConfig from the recipe, overridden by the preset, overridden by every flag given explicitly."""
+    explicit = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.TrainConfig)
+                if FLAGS[f.name].present}
     try:
         for name in ("lr_decay_epochs", "profile_steps"):
-            values[name] = tuple(int(v) for v in values[name])
-        return config_lib.TrainConfig(**values)
+            if name in explicit:
+                explicit[name] = tuple(int(v) for v in explicit[name])
+        recipe = explicit.pop("recipe", None)
+        return config_lib.make_config(FLAGS.preset, recipe, **explicit)  # Unset fields: the flags' defaults.
     except ValueError as e:
         raise app.UsageError(str(e)) from e
 
@@ -102,6 +102,8 @@ def main(argv):
     except (distribute.RunConflict, records.MetadataError) as e:  # Found before anything is written.
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except trainer.Stalled:  # Already said, on the console and in TensorBoard.
+        sys.exit(3)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
         print(f"train: error: {records.data_loss_message(e, config.data_dir)}", file=sys.stderr)
         sys.exit(1)

@@ -24,6 +24,7 @@ a resumed epoch skips the records already trained on, see `settle_stream`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -33,7 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, evaluation, export, figures, input_pipeline, model as model_lib, records, run_dir
+from alexnet_tf import (distribute, evaluation, export, figures, input_pipeline, model as model_lib, recipes, records,
+                        run_dir)
 from alexnet_tf.config import TrainConfig
 
 
@@ -56,6 +58,10 @@ def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_er
       val_error: Its validation top-1 error, or None without a validation split
         (the plateau schedule then keeps the rate).
     """
+    if config.lr_schedule == "dexp":  # Each epoch at the rate its start's share of the run gives.
+        rate = recipes.dexp((epoch + 1) / config.epochs, config.learning_rate, config.lr_final_factor,
+                            config.lr_steps)
+        return rate, min(best, math.inf if val_error is None else val_error), 0, decays
     if config.lr_schedule == "step":
         decays = sum(1 for e in config.lr_decay_epochs if e <= epoch + 1)
         return config.learning_rate * 0.1**decays, min(best, math.inf if val_error is None else val_error), 0, decays
@@ -121,13 +127,14 @@ class LoopState:
 # The model, its optimizer and the compiled training loop.
 
 
-def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str,
-                              build=model_lib.build_alexnet):
-    """The network (`build`, AlexNet by default) and its SGD optimizer under the strategy.
+def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str, build=None):
+    """The network (`build`, default AlexNet initialised as the config's recipe says) and its SGD
+    optimizer under the strategy.
 
     float16 wraps the optimizer in dynamic loss scaling.
     """
     policy = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[compute_dtype]
+    build = build or functools.partial(model_lib.build_alexnet, init=recipes.get(config.recipe).init)
     with strategy.scope():
         model = build(num_classes, grouped=config.grouped, dropout=config.dropout, seed=config.seed, dtype=policy)
         optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
@@ -144,7 +151,10 @@ class TrainLoop:
       model, optimizer: Built under `strategy`'s scope.
       strategy: Any tf.distribute strategy.
       global_batch: Examples per step over all replicas (the loss is averaged over it).
-      weight_decay: Coefficient of 0.5 * |w|^2 on every kernel.
+      weight_decay: Coefficient of 0.5 * |w|^2 on every kernel (and bias, with `decay_biases`).
+      decay_biases: Weight decay also on the biases.
+      bias_lr: The biases' learning rate over the kernels': a number or a
+        variable the caller updates (a recipe's schedule); None: equal.
       finish: Turns a batch from the input stream into (images, labels) on
         the replica's device (default: the batch as it is).
       jit_compile: XLA for each replica's forward and backward pass.
@@ -158,11 +168,12 @@ class TrainLoop:
 
     def __init__(self, model, optimizer, strategy, global_batch: int, weight_decay: float = 0.0,
                  finish=None, jit_compile: bool = False, state: LoopState | None = None, warmup_steps: float = 0.0,
-                 finite: bool = False):
+                 finite: bool = False, decay_biases: bool = False, bias_lr=None):
         self.model, self.optimizer, self.strategy, self.state = model, optimizer, strategy, state
         self.finite = finite
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+        is_bias = [v.path.endswith("bias") for v in model.trainable_variables]
+        kernels = [v for v, b in zip(model.trainable_variables, is_bias) if decay_biases or not b]
         finish = finish or (lambda inputs, labels: (inputs, labels))
 
         def gradients(inputs, labels):
@@ -195,6 +206,10 @@ class TrainLoop:
                 grads, sums = gradients(inputs, labels)
             if self.loss_scaled:
                 grads = skip_everywhere_if_any_nonfinite(grads)
+            if bias_lr is not None:
+                # With SGD and momentum, a gradient scaled by m is a learning rate scaled by m.
+                m = tf.convert_to_tensor(bias_lr)
+                grads = [g * tf.cast(m, g.dtype) if b else g for g, b in zip(grads, is_bias)]
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return sums
 
@@ -329,6 +344,13 @@ class Summaries:
                             f"{len(self.fixed.labels)}) nearest in fc7 (Figure 4, right); green: same class."))
         self.train.flush()
         self.val.flush()
+
+    def warning(self, message: str, step: int) -> None:
+        """A warning, as text in TensorBoard (train/warnings) at the global step."""
+        if self.chief:
+            with self.train.as_default(step=step):
+                tf.summary.text("warnings", message)
+            self.train.flush()
 
     def close(self) -> None:
         if self.chief:
@@ -473,14 +495,80 @@ def open_checkpoints(model_dir: str, strategy, chief: bool, model, optimizer, st
                         model_state=list(model.non_trainable_variables), **state.trackables())
 
 
+class Stalled(RuntimeError):
+    """The run stopped itself (--stop_if_stalled): its loss showed it was not learning."""
+
+
+class StallWatch:
+    """Says, once per run, when the training loss shows the network is not learning.
+
+    Not learning: the loss of the latest device loop is non-finite, or, past
+    `stall_steps` steps, still above (1 - stall_margin) x ln(classes), the loss
+    of a network that predicts every class alike. The paper's initialisation
+    is known to sit there (Caffe's bvlc_alexnet readme: biases of 1 "gave flat
+    loss"), and a day of such a run on ImageNet is a day lost.
+
+    Args:
+      config: The run's config (stall_steps, stall_margin, stop_if_stalled, recipe).
+      num_classes: The classes of the records.
+      report: Called with the warning (the console and TensorBoard).
+    """
+
+    def __init__(self, config: TrainConfig, num_classes: int, report=None):
+        self.config, self.report = config, report
+        self.chance = recipes.chance_loss(num_classes)
+        self.limit = (1 - config.stall_margin) * self.chance
+        self.classes = num_classes
+        self.warned = False
+
+    def _advice(self) -> str:
+        others = [r for r in recipes.RECIPES if r != self.config.recipe]
+        if self.config.recipe == "paper":
+            return ("The paper's initialisation (biases of 1, every weight N(0, 0.01)) is known to stall at this "
+                    "loss: Caffe's bvlc_alexnet readme says biases of 1 'gave flat loss' and trained with "
+                    "--recipe=caffe (biases 0.1, fc6/fc7 weights N(0, 0.005), biases at twice the learning "
+                    "rate); --recipe=cuda_convnet2 is the paper's author's later one; a lower --learning_rate "
+                    "may also help.")
+        return (f"Check --learning_rate ({self.config.learning_rate:g}) and that the labels match the images; "
+                f"the other recipes: {', '.join('--recipe=' + r for r in others)}.")
+
+    def check(self, window_sums, global_step: int) -> str | None:
+        """The warning for a device loop's summed (loss, top-1, top-5, count), once; else None."""
+        if self.warned:
+            return None
+        loss, count = float(window_sums[0]), float(window_sums[3])
+        if count <= 0:
+            return None
+        loss /= count
+        if not math.isfinite(loss):
+            message = (f"the training loss became {loss} by step {global_step}: the run diverged. The learning "
+                       f"rate ({self.config.learning_rate:g}) is likely too high for this initialisation (on the "
+                       "10-class sample the paper's blows up above 0.002): lower --learning_rate, add "
+                       f"--warmup_epochs, or try another recipe. {self._advice()}")
+        elif self.config.stall_steps and global_step >= self.config.stall_steps and loss > self.limit:
+            message = (f"the training loss is {loss:.3f} after {global_step} steps, no better than chance "
+                       f"(ln {self.classes} = {self.chance:.3f}; a network that learns is below {self.limit:.3f} "
+                       f"by now): it is not learning. {self._advice()}")
+        else:
+            return None
+        self.warned = True
+        if self.config.stop_if_stalled:
+            message += " Stopped (--stop_if_stalled); the checkpoints written so far are kept."
+        if self.report:
+            self.report(message, global_step)
+        if self.config.stop_if_stalled:
+            raise Stalled(message)
+        return message
+
+
 def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, steps_per_epoch: int,
-              save=None, profile_dir: str | None = None, bar=None) -> None:
+              save=None, profile_dir: str | None = None, bar=None, watch: StallWatch | None = None) -> None:
     """Trains to the end of the current epoch in device loops of up to `steps_per_loop` steps.
 
     The host reads the metric sums once per loop, for the progress bar, and
     saves a checkpoint (`save(global_step)`) at every `checkpoint_every_steps`
     boundary. A finite stream (`loop.finite`) may end the epoch before
-    `steps_per_epoch`.
+    `steps_per_epoch`. `watch` looks at each loop's loss.
     """
     tick = time.monotonic()
     step_in_epoch, global_step = int(state.step_in_epoch), int(state.global_step)
@@ -489,9 +577,11 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
                         config.checkpoint_every_steps if save else 0, config.profile_steps if profile_dir else ())
         if profile_dir and global_step == config.profile_steps[0]:
             tf.profiler.experimental.start(profile_dir)
-        _, ran = loop.run(iterator, n)
+        window, ran = loop.run(iterator, n)
         ran = int(ran) if loop.finite else n  # An endless stream runs every step: no wait for the device.
         step_in_epoch, global_step = step_in_epoch + ran, global_step + ran
+        if watch is not None:
+            watch.check(window.numpy(), global_step)
         if profile_dir and global_step - 1 == config.profile_steps[-1]:
             tf.profiler.experimental.stop()
         if bar is not None:
@@ -603,11 +693,15 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         say(chief, f"input stream: the tf.data service at {config.data_service}, one job per epoch "
                    f"({service_job_name(state)} first); evaluation reads the records here")
 
+    recipe = recipes.get(config.recipe)
+    with strategy.scope():  # The biases' learning rate over the kernels', set at each epoch's start.
+        bias_lr = tf.Variable(1.0, trainable=False, dtype=tf.float32)
     loop = TrainLoop(
         model, optimizer, strategy, config.batch_size, config.weight_decay,
         finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, data.stats), labels),
         jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch,
-        finite=bool(config.data_service))
+        finite=bool(config.data_service), decay_biases=recipe.decay_biases,
+        bias_lr=None if config.recipe == "paper" else bias_lr)
 
     def dataset_fn(context):
         if config.data_service:
@@ -626,6 +720,12 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
                                             skip=int(state.step_in_epoch) * per_step)
 
     summaries = Summaries(model_dir, chief, model, config, data)
+
+    def stall_warning(message: str, step: int) -> None:
+        say(chief, f"WARNING: {message}")
+        summaries.warning(message, step)
+
+    watch = StallWatch(config, data.num_classes, stall_warning)
     evaluator = evaluation.Evaluator(model, strategy, config.data_dir, data.meta, data.stats,
                                      config.eval_batch_size or config.batch_size, per_class=config.figures)
     profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))
@@ -649,7 +749,8 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         bar = keras.utils.Progbar(epoch_steps if epoch_steps < sys.maxsize else None, verbose=1 if verbose else 0,
                                   stateful_metrics=["loss", "top1_err", "top5_err"])
         bar.update(int(state.step_in_epoch))
-        run_epoch(loop, iterator, state, config, epoch_steps, checkpoints.save, profile_dir, bar)
+        bias_lr.assign(recipe.bias_lr_multiplier(int(state.epoch) / config.epochs))
+        run_epoch(loop, iterator, state, config, epoch_steps, checkpoints.save, profile_dir, bar, watch)
 
         result = epoch_result(state)
         if config.data_service:

@@ -61,6 +61,19 @@ def test_serving_signature_matches_the_keras_model(exported):
     np.testing.assert_allclose(loaded.mean[0].numpy(), stats.mean)
 
 
+def test_export_carries_fc7_and_conv1s_kernels_for_the_figures(exported):
+    from alexnet_tf import figures
+
+    path, model, _, _, _ = exported
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_array_equal(loaded.conv1_kernel[0].numpy(), figures.conv1_kernel(model))
+    assert export.conv1_groups(loaded) == 2
+    x = tf.random.stateless_normal((2, 227, 227, 3), seed=(3, 3)) * 40
+    fc7 = loaded.signatures["preprocessed"](images=x)["fc7"].numpy()
+    np.testing.assert_allclose(fc7, figures.feature_model(model)(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+    assert fc7.shape == (2, 4096) and (fc7 >= 0).all()  # After fc7's ReLU.
+
+
 def test_png_input_and_any_size(exported):
     path, model, stats, out, meta = exported
     loaded = tf.saved_model.load(path)

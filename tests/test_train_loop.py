@@ -209,7 +209,8 @@ def test_every_hyperparameter_is_a_flag_and_bad_values_are_clear_errors(tmp_path
                           text=True, timeout=120)
     for field in dataclasses.fields(TrainConfig):
         assert f"--{field.name}:" in proc.stdout or f"--[no]{field.name}:" in proc.stdout, field.name
-    for bad, message in (("--mixed_precision=fp8", "mixed_precision"), ("--steps_per_loop=0", "steps_per_loop")):
+    for bad, message in (("--mixed_precision=fp8", "mixed_precision"), ("--steps_per_loop=0", "steps_per_loop"),
+                         ("--recipe=alex", "recipe"), ("--stall_margin=1.5", "stall_margin")):
         proc = subprocess.run([sys.executable, "-m", "alexnet_tf.train", bad, "--model_dir", str(tmp_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,152 @@
+"""The recorded recipes (--recipe), their schedules and multipliers, and the stall warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_tf import config as config_lib, model as model_lib, recipes, trainer
+from alexnet_tf.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", list(recipes.RECIPES))
+def test_every_recipe_builds_the_same_network_initialised_as_its_source_says(name):
+    recipe = recipes.get(name)
+    paper = model_lib.build_alexnet(1000, seed=0)
+    model = model_lib.build_alexnet(1000, seed=0, init=recipe.init)
+    assert [l.name for l in model.layers] == [l.name for l in paper.layers]
+    assert model.count_params() == paper.count_params()
+    for layer, (std, bias) in recipe.init.items():
+        kernel, b = (v.numpy() for v in model.get_layer(layer).weights)
+        assert np.std(kernel) == pytest.approx(std, rel=0.05), layer
+        assert abs(np.mean(kernel)) < std / 10
+        assert (b == np.float32(bias)).all(), layer
+
+
+def test_the_recipes_record_their_sources_values():
+    assert recipes.PAPER.init["conv2"] == (0.01, 1.0) and recipes.PAPER.init["conv3"] == (0.01, 0.0)
+    assert recipes.CAFFE.init["fc6"] == (0.005, 0.1) and recipes.CAFFE.init["conv4"] == (0.01, 0.1)
+    assert recipes.CUDA_CONVNET2.init["conv3"] == (0.03, 0.0) and recipes.CUDA_CONVNET2.init["fc8"] == (0.01, -7.0)
+    assert not any(r.decay_biases for r in recipes.RECIPES.values())
+    with pytest.raises(ValueError, match="unknown recipe 'alex'; expected one of paper, caffe, cuda_convnet2"):
+        recipes.get("alex")
+
+
+def test_dexp_is_cuda_convnet2s_discretised_exponential():
+    # LearningRates.md: dexp[base=0.01;numSteps=4;tgtFactor=1000] is 0.01, divided by 1000^(1/3)
+    # at 25%, 50% and 75% of training, ending at 0.00001.
+    rates = [recipes.dexp(p, 0.01, 1000, 4) for p in (0.0, 0.25, 0.26, 0.5, 0.51, 0.75, 0.76, 1.0)]
+    np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-9)
+
+
+def test_schedules_and_bias_learning_rates_per_recipe():
+    config = config_lib.make_config(recipe="cuda_convnet2")
+    lrs = [trainer.learning_rate_after_epoch(config, e, 0.0, None, np.inf, 0, 0)[0] for e in range(-1, 90)]
+    # Each epoch at the rate its start gives (epoch e starts at e / 90 of the run).
+    assert lrs[0] == 0.01 and lrs[23] == pytest.approx(0.01 / 250 ** (1 / 3)) and lrs[22] == 0.01
+    assert lrs[-1] == pytest.approx(0.01 / 250) and len(set(np.round(lrs, 12))) == 4
+    assert recipes.CUDA_CONVNET2.bias_lr_multiplier(0.0) == pytest.approx(2.0)  # epsB 0.02 over epsW 0.01.
+    assert recipes.CUDA_CONVNET2.bias_lr_multiplier(0.3) == pytest.approx(0.02 / (0.01 / 250 ** (1 / 3)))
+    assert recipes.CUDA_CONVNET2.bias_lr_multiplier(0.9) == pytest.approx(0.002 / (0.01 / 250))
+    assert recipes.CAFFE.bias_lr_multiplier(0.7) == 2.0 and recipes.PAPER.bias_lr_multiplier(0.7) == 1.0
+    caffe = config_lib.make_config(recipe="caffe")
+    assert [trainer.learning_rate_after_epoch(caffe, e, 0.0, None, np.inf, 0, 0)[0] for e in (18, 19, 39)] == \
+        pytest.approx([0.01, 0.001, 0.0001])
+
+
+def test_recipe_then_preset_then_flags():
+    caffe = config_lib.make_config(recipe="caffe")
+    assert (caffe.batch_size, caffe.lr_schedule, caffe.lr_decay_epochs, caffe.epochs) == (256, "step",
+                                                                                           (20, 40, 60, 80), 90)
+    assert config_lib.make_config() == TrainConfig()  # The paper's recipe is the defaults.
+    sample = config_lib.make_config("sample", "caffe")
+    assert (sample.recipe, sample.batch_size, sample.learning_rate) == ("caffe", 32, 0.001)
+    assert config_lib.make_config("sample", "caffe", batch_size=64).batch_size == 64
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig(recipe="alex")
+
+
+def test_bias_learning_rate_multiplier_scales_only_the_biases_step():
+    def one_step(bias_lr):
+        keras.utils.set_random_seed(0)
+        x = keras.Input((4,))
+        model = keras.Model(x, keras.layers.Dense(3, name="fc")(x))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+        before = [v.numpy() for v in model.trainable_variables]
+        loop = trainer.TrainLoop(model, optimizer, tf.distribute.get_strategy(), 8, weight_decay=0.0,
+                                 bias_lr=bias_lr)
+        data = tf.data.Dataset.from_tensors((tf.ones((8, 4)), tf.constant([0, 1, 2, 0, 1, 2, 0, 1]))).repeat()
+        loop.run(iter(data), 1)
+        return [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+
+    (k1, b1), (k2, b2) = one_step(None), one_step(tf.Variable(2.0))
+    np.testing.assert_allclose(k2, k1, rtol=1e-6)
+    np.testing.assert_allclose(b2, 2 * b1, rtol=1e-6)
+    assert np.abs(b1).max() > 0
+
+
+# -- the stall warning -------------------------------------------------------------
+
+
+def _sums(loss, count=32):
+    return np.array([loss * count, 0, 0, count])
+
+
+def test_stall_watch_warns_once_at_chance_level_after_the_set_steps():
+    said = []
+    watch = trainer.StallWatch(TrainConfig(stall_steps=100), 1000, lambda m, s: said.append((m, s)))
+    chance = np.log(1000)
+    assert watch.check(_sums(chance), 99) is None  # Too early.
+    assert watch.check(_sums(0.94 * chance), 100) is None  # Learning.
+    message = watch.check(_sums(chance - 0.01), 200)
+    assert "after 200 steps" in message and "ln 1000 = 6.908" in message and "--recipe=caffe" in message
+    assert said == [(message, 200)] and watch.check(_sums(chance), 300) is None  # Once.
+    assert "other recipes: --recipe=paper" in trainer.StallWatch(TrainConfig(recipe="caffe", stall_steps=1), 10).check(
+        _sums(3.0), 5)
+
+
+def test_a_non_finite_loss_warns_at_once_and_stop_if_stalled_raises():
+    watch = trainer.StallWatch(TrainConfig(stall_steps=0), 10)
+    assert "became nan by step 3: the run diverged" in watch.check(_sums(np.nan), 3)
+    stop = trainer.StallWatch(TrainConfig(stop_if_stalled=True), 10)
+    with pytest.raises(trainer.Stalled, match="Stopped \\(--stop_if_stalled\\)"):
+        stop.check(_sums(np.inf), 1)
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "-m", "alexnet_tf.train", "--strategy=one_device", "--batch_size=8",
+                           "--eval_batch_size=16", "--nofigures", "--log_images=0", "--nohistograms", "--noexport",
+                           "--seed=0", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_forced_stall_warns_in_the_console_and_tensorboard(built, tmp_path):
+    r = _train(f"--data_dir={built[0]}", f"--model_dir={tmp_path}", "--learning_rate=0", "--stall_steps=2",
+               "--steps_per_epoch=2", "--epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "train: WARNING: the training loss is" in line]
+    assert len(warnings) == 1 and "after 2 steps" in warnings[0]
+    texts = []
+    for name in os.listdir(tmp_path / "tensorboard" / "train"):
+        for event in tf.compat.v1.train.summary_iterator(str(tmp_path / "tensorboard" / "train" / name)):
+            texts += [(event.step, tf.make_ndarray(v.tensor).item().decode()) for v in event.summary.value
+                      if v.tag == "warnings"]
+    assert texts == [(2, warnings[0].split("WARNING: ", 1)[1])]
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 2  # Only a warning: the run went on.
+
+
+def test_stop_if_stalled_ends_the_run_with_status_3(built, tmp_path):
+    r = _train(f"--data_dir={built[0]}", f"--model_dir={tmp_path}", "--learning_rate=0", "--stall_steps=2",
+               "--steps_per_epoch=2", "--epochs=3", "--stop_if_stalled", "--steps_per_loop=1")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Stopped (--stop_if_stalled)" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "history.json").exists()  # Stopped in the first epoch, at step 2.
