@@ -74,7 +74,11 @@ class TrainConfig:
                            "validation images with their top-5 and their fc7 nearest neighbours (Figure 4), "
                            "per-class validation error.")
     figure_pool: int = _field(500, "Validation images (the first of the split) the fc7 neighbours are searched in.")
-    stall_steps: int = _field(2000, "Warn when the training loss is still at chance level, above (1 - "
+    # BVLC/caffe#401: 3 of 8 runs of Caffe's ImageNet example stalled at 6.9; the
+    # advice there is to restart one that has not moved after 5000 iterations
+    # of 256 images (one epoch, 10,000 steps of 128), and one run moved only
+    # after 8000.
+    stall_steps: int = _field(10_000, "Warn when the training loss is still no better than chance, above (1 - "
                               "--stall_margin) x ln(classes), after this many steps (0: never); a non-finite "
                               "loss warns at once.")
     stall_margin: float = _field(0.05, "Share of ln(classes) the loss must have come down by to count as learning.")

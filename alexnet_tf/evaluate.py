@@ -85,7 +85,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     if split not in meta.splits:
         raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
                          f"(it has {sorted(meta.splits)})")
-    records.check_shards_exist(data_dir, meta, [split])
+    records.check_shards(data_dir, meta, [split])
     stats = input_pipeline.ColorStats.for_evaluation(
         np.asarray(mean, np.float32), meta.image.size if meta.image.resized else None)
     evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size,
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
     except tf.errors.DataLossError as e:
-        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir)}", file=sys.stderr)
+        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir, records.load_metadata(args.data_dir))}", file=sys.stderr)
         sys.exit(1)
     print(table(result))
     if args.report:

@@ -80,9 +80,15 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         check = tf.debugging.Assert(known, ["input is not a JPEG, PNG, GIF or BMP image: element", index,
                                             "of the batch starts with bytes",
                                             tf.io.decode_raw(tf.strings.substr(image_bytes, 0, 8), tf.uint8)])
-        # Decoding waits for the check: otherwise the two race, and a non-image
+        # Decoding waits for the checks: otherwise they race, and a non-image
         # sometimes fails first in the decoder with a less telling message.
         with tf.control_dependencies([check]):
+            hw = input_pipeline.header_size(image_bytes)
+            small = tf.debugging.Assert(
+                hw[0] * hw[1] <= input_pipeline.MAX_PIXELS,
+                ["image", index, "of the batch is", hw[0], "x", hw[1], "pixels (height x width), above the limit "
+                 f"of {input_pipeline.MAX_PIXELS} decoded pixels"])
+        with tf.control_dependencies([small]):
             return input_pipeline.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
 
     both = keras.Model(model.inputs, [model.get_layer("fc7").output, model.output])

@@ -98,6 +98,37 @@ def _mean_patch(stats: ColorStats, top, left, crop: int):
     return tf.slice(mean, tf.stack([top, left, 0]), [crop, crop, 3])
 
 
+# The largest image decoded, in pixels: the build's limit too (pipelines.image_processing.MAX_PIXELS).
+MAX_PIXELS = 128 * 1024 * 1024
+
+
+def header_size(image_bytes):
+    """(height, width) int64 of a JPEG, PNG, GIF or BMP from its header alone, without decoding it."""
+    padded = image_bytes + b"\0" * 26  # Short inputs: read zeros, not past the end.
+
+    def raw(offset, dtype, little_endian):
+        return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, 8 if dtype == tf.int32 else 4), dtype,
+                                        little_endian=little_endian), tf.int64)
+
+    def jpeg():
+        return tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64)
+
+    def png():  # IHDR: big-endian width, height.
+        return tf.reverse(raw(16, tf.int32, False), [0])
+
+    def gif():  # Logical screen: little-endian 16-bit width, height.
+        return tf.reverse(raw(6, tf.uint16, True), [0])
+
+    def bmp():  # BITMAPINFOHEADER: little-endian 32-bit width, height (negative: top-down).
+        return tf.abs(tf.reverse(raw(18, tf.int32, True), [0]))
+
+    def starts(magic):
+        return tf.equal(tf.strings.substr(padded, 0, len(magic)), magic)
+
+    return tf.case([(starts(b"\xff\xd8\xff"), jpeg), (starts(b"\x89PNG"), png), (starts(b"GIF8"), gif),
+                    (starts(b"BM"), bmp)], default=lambda: tf.zeros([2], tf.int64))
+
+
 def decode_square(image_bytes, size: int = SQUARE):
     """Any JPEG/PNG/GIF/BMP -> the paper's stored form: (size, size, 3) uint8.
 

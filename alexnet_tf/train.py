@@ -105,7 +105,7 @@ def main(argv):
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
-        print(f"train: error: {records.data_loss_message(e, config.data_dir)}", file=sys.stderr)
+        print(f"train: error: {records.data_loss_message(e, config.data_dir, records.load_metadata(config.data_dir))}", file=sys.stderr)
         sys.exit(1)
     if history and "val_top1_error" in history[-1]:
         last = history[-1]

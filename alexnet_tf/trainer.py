@@ -382,7 +382,7 @@ class Data:
 def read_data(config: TrainConfig, strategy) -> Data:
     """The records' metadata, checked against the batch size and the replicas."""
     meta = records.load_metadata(config.data_dir)
-    records.check_shards_exist(config.data_dir, meta)
+    records.check_shards(config.data_dir, meta)
     stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
     num_train = meta.split("train").num_examples
     steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size

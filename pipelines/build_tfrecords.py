@@ -335,7 +335,8 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             num_read=read,
             num_rejected=rejected,
             source=layout.splits[split].description,
-            shards=[records.ShardInfo(s["file"], s["num_examples"]) for s in shard_list],
+            shards=[records.ShardInfo(s["file"], s["num_examples"], s.get("bytes"), s.get("sha256"),
+                                      s.get("head_sha256")) for s in shard_list],
         )
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
@@ -472,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
         run(sys.argv[1:] if argv is None else argv)
     except (BuildError, imagenet_layout.LayoutError) as e:
         print(f"build_tfrecords: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # The folders themselves: a read-only or full disk, a file where a folder should be.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"build_tfrecords: error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 

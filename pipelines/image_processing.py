@@ -16,7 +16,8 @@ from PIL import Image
 
 # Decompression bombs are rejected by PIL above this; ImageNet's largest images
 # are far below it, and a larger input is almost surely damaged or hostile.
-Image.MAX_IMAGE_PIXELS = 128 * 1024 * 1024
+MAX_PIXELS = 128 * 1024 * 1024
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class BadImage(ValueError):
@@ -52,10 +53,15 @@ def _open(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Sizes between the limit and twice it: process_image refuses them.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (unrecognised content)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Twice the limit: PIL refuses to open it.
+        raise BadImage(f"above the limit of {MAX_PIXELS:,} decoded pixels (a decompression bomb, or "
+                       "damaged)") from None
+    except (OSError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image header: {e}") from None
     return img
 
@@ -113,6 +119,9 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
     img = _open(data)
     fmt, mode = img.format or "unknown", img.mode
     size = img.size  # (width, height) of the input.
+    if size[0] * size[1] > MAX_PIXELS:
+        raise BadImage(f"{size[0]}x{size[1]} {fmt}: {size[0] * size[1]:,} pixels, above the limit of "
+                       f"{MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged)")
     keep = not resize and fmt == "JPEG" and mode == "RGB"
     if keep:
         # The bytes are kept: decoding at 1/8 scale still reads every entropy-coded

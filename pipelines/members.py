@@ -33,6 +33,24 @@ class Member(NamedTuple):
     size: int = -1  # Archives: length of the data; -1 for a whole file.
 
 
+class Skipped(NamedTuple):
+    """An archive entry that is not an image file (a link, a device): reported as rejected."""
+
+    name: str
+    reason: str
+
+
+def skipped(name: str, info: tarfile.TarInfo) -> Skipped:
+    """The `Skipped` of a tar entry that is neither a regular file nor a folder."""
+    if info.issym():
+        what = f"a symbolic link (to {info.linkname})"
+    elif info.islnk():
+        what = f"a hard link (to {info.linkname})"
+    else:
+        what = f"a tar entry of type {info.type!r}"
+    return Skipped(name, f"{what}, not an image file: not followed")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadUnit:
     """A piece of input one worker reads sequentially.
@@ -99,8 +117,9 @@ class UnitReadError(Exception):
     """Part of a unit could not be listed; the message says which and why."""
 
 
-def list_unit(unit: ReadUnit) -> Iterator[Member]:
-    """Yields the members of a unit: names and byte ranges, not image bytes.
+def list_unit(unit: ReadUnit) -> Iterator[Member | Skipped]:
+    """Yields the members of a unit: names and byte ranges, not image bytes
+    (and a `Skipped` for each archive entry that is not a file or folder).
 
     A class archive is listed by reading its 512-byte headers and seeking over
     the data, so listing costs a few KB of I/O per class.
@@ -120,6 +139,8 @@ def list_unit(unit: ReadUnit) -> Iterator[Member]:
                                 f"{unit.name}/{info.name}", unit.synset, unit.path,
                                 unit.offset + info.offset_data, info.size,
                             )
+                        elif not info.isdir():
+                            yield skipped(f"{unit.name}/{info.name}", info)
         elif unit.kind == "class_dir":
             for entry in sorted(fileio.listdir(unit.path)):
                 full = os.path.join(unit.path, entry)

@@ -110,7 +110,9 @@ class ListUnitFn(beam.DoFn):
         try:
             for m in members.list_unit(unit):
                 count += 1
-                if m.synset is None:
+                if isinstance(m, members.Skipped):
+                    yield _rejection(unit.split, m.name, m.reason)
+                elif m.synset is None:
                     yield _rejection(
                         unit.split, m.name,
                         "no validation number in the file name (expected ILSVRC2012_val_NNNNNNNN.JPEG)",
@@ -244,7 +246,8 @@ class WriteShardFn(beam.DoFn):
         # Write then rename: a retried or killed worker never leaves half a shard
         # under the final name.
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        with fileio.open_file(tmp, "wb") as f:
+        with fileio.open_file(tmp, "wb") as raw:
+            f = records.DigestingWriter(raw)  # Its size and digests, for metadata.json.
             for _, member in sorted(items, key=lambda kv: kv[0]):
                 try:
                     example, out = self._record(member)
@@ -263,7 +266,8 @@ class WriteShardFn(beam.DoFn):
         fileio.rename(tmp, final)
         if sums.num_images:
             yield beam.pvalue.TaggedOutput(MOMENTS, sums.moments())
-        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count}
+        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count,
+               **f.digest.info()}
 
 
 class WriteShards(beam.PTransform):

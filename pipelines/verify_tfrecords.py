@@ -3,9 +3,13 @@
     python -m pipelines.verify_tfrecords --data_dir=tfrecords
 
 Checks: every listed shard exists and no unlisted shard lies beside them; each
-shard holds the number of records metadata.json says; every label is in range
-and matches its synset; every image decodes as a 3-channel JPEG of the stated
-size; the mean image is there. Exits non-zero with the problems found.
+shard is byte for byte the file the build wrote (its size and SHA-256 as
+metadata.json records them: a shard of another build, two shards swapped, or
+one damaged are each named); each holds the number of records metadata.json
+says; every label is in range and matches its synset; every image decodes as
+a 3-channel JPEG of the size its record states and, for resized builds, of
+metadata.json's size; the mean image is there. Exits non-zero with the
+problems found.
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ import time
 from alexnet_tf import records
 
 
-def _check_shard(path: str, expected: int, classes: tuple[records.ClassInfo, ...]) -> tuple[int, list[str]]:
+def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, heads: dict) -> tuple[int, list[str]]:
     """Returns (records read, problems) for one shard."""
     import tensorflow as tf
 
     problems: list[str] = []
     name = os.path.basename(path)
+    classes, expected = meta.classes, shard.num_examples
+    size = meta.image.size if meta.image.resized else None
+    if shard.sha256 is not None:
+        wrong = records.shard_mismatch(shard, records.file_digest(path), heads, full=True)
+        if wrong:
+            problems.append(wrong)
     count = 0
     try:
         for raw in tf.data.TFRecordDataset(path):
@@ -44,6 +54,8 @@ def _check_shard(path: str, expected: int, classes: tuple[records.ClassInfo, ...
                 if (h, w) != (int(ex[records.HEIGHT]), int(ex[records.WIDTH])):
                     problems.append(f"{where}: image is {h}x{w} but the record says "
                                     f"{int(ex[records.HEIGHT])}x{int(ex[records.WIDTH])}")
+                elif size is not None and (h, w) != (size, size):
+                    problems.append(f"{where}: image is {h}x{w} but metadata.json says {size}x{size}")
             except tf.errors.InvalidArgumentError as e:
                 problems.append(f"{where}: image does not decode as JPEG ({e.message.splitlines()[0]})")
             count += 1
@@ -72,7 +84,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
             if not tf.io.gfile.exists(path):
                 problems.append(f"{shard.file}: listed in metadata.json but missing")
             else:
-                jobs.append((path, shard.num_examples))
+                jobs.append((path, shard))
     on_disk = {n for n in tf.io.gfile.listdir(data_dir) if records.parse_shard_name(n)}
     for extra in sorted(on_disk - listed):
         problems.append(f"{extra}: shard file not listed in metadata.json (left from another build?)")
@@ -91,9 +103,13 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
             except (OSError, ValueError, tf.errors.OpError) as e:
                 problems.append(f"mean image {stats.mean_image_file} unreadable: {e}")
 
-    start, done, total = time.monotonic(), 0, sum(n for _, n in jobs)
+    if jobs and all(shard.sha256 is None for _, shard in jobs):
+        print("verify_tfrecords: note: metadata.json records no shard digests (built by an earlier version): "
+              "the shards' bytes are not checked against the build's; a rebuild records them", file=sys.stderr)
+    heads = {x.head_sha256: x.file for info in meta.splits.values() for x in info.shards if x.head_sha256}
+    start, done, total = time.monotonic(), 0, sum(shard.num_examples for _, shard in jobs)
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(_check_shard, path, n, meta.classes) for path, n in jobs]
+        futures = [pool.submit(_check_shard, path, shard, meta, heads) for path, shard in jobs]
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             count, found = fut.result()
             done += count

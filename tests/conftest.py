@@ -109,3 +109,19 @@ def model_folder(built, tmp_path_factory):
                             square_size=256)
     tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
     return str(model_dir), model, stats
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)

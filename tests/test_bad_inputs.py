@@ -39,12 +39,33 @@ def _wrong_mean_image(d, meta):
     return f"{path} holds a float32 array of shape (4, 4, 3), not the 256x256x3 float mean image"
 
 
-def _damaged_validation_shard(d, meta):
+def _damage(d, meta, at):
     path = records.shard_paths(d, meta, "validation")[0]
     data = bytearray(open(path, "rb").read())
-    data[5000:5010] = b"X" * 10
+    assert len(data) > records.HEAD_BYTES + 10_000
+    data[at:at + 10] = b"X" * 10
     open(path, "wb").write(bytes(data))
-    return f"a records shard in {d} is damaged (corrupted record at "
+    return path
+
+
+def _damaged_validation_shard(d, meta):  # Past the bytes checked at start: found by the records' CRC, named.
+    path = _damage(d, meta, records.HEAD_BYTES + 5000)
+    return f"records shard {path} is damaged (corrupted record at "
+
+
+def _damaged_shard_head(d, meta):  # Within them: found at start, named.
+    path = _damage(d, meta, 5000)
+    return (f"1 shard(s) in {d} are not the ones its metadata.json lists: {os.path.basename(path)} is not the file "
+            "this build wrote (its first bytes differ: damaged, or from another build)")
+
+
+def _swapped_train_shards(d, meta):
+    a, b = records.shard_paths(d, meta, "train")[:2]
+    os.rename(a, a + ".x")
+    os.rename(b, a)
+    os.rename(a + ".x", b)
+    a, b = os.path.basename(a), os.path.basename(b)
+    return f"2 shard(s) in {d} are not the ones its metadata.json lists: {a} holds the bytes of {b} (swapped or copied)"
 
 
 def _untouched(d, meta):
@@ -66,6 +87,8 @@ CASES = {
     "--learning_rate=-0.01": (TRAIN, _untouched, ["--learning_rate=-0.01"], 1,
                               "learning_rate must be 0 or more, got -0.01"),
     "damaged validation shard (evaluate)": (EVALUATE, _damaged_validation_shard, [], 1, None),
+    "damaged start of a validation shard (evaluate)": (EVALUATE, _damaged_shard_head, [], 1, None),
+    "two training shards swapped (train)": (TRAIN, _swapped_train_shards, [], 1, None),
     "evaluate --batch_size=0": (EVALUATE, _untouched, ["--batch_size=0"], 2, "--batch_size must be at least 1, got 0"),
 }
 
@@ -86,7 +109,7 @@ def test_bad_input(built, exported_model_dir, tmp_path, case):
                        timeout=300)
     assert r.returncode == code, r.stderr[-2000:]
     assert says in r.stderr
-    if "damaged" in says:
+    if "a records shard in" in says:
         assert f"`python -m pipelines.verify_tfrecords --data_dir={data}` names it" in r.stderr
     assert "Traceback" not in r.stderr
     assert not model_dir.exists()  # Nothing written.

@@ -363,6 +363,20 @@ def test_cli_error_is_one_line_and_non_zero(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(sample, tmp_path):
+    # Stands for a read-only folder too (as root, permissions do not stop a test): the OSError, named.
+    (tmp_path / "a-file").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", sample["output_dir"],
+         "--output_dir", str(tmp_path / "a-file" / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"build_tfrecords: error: {tmp_path / 'a-file' / 'out'}: Not a directory")
+    assert "Traceback" not in proc.stderr and (tmp_path / "a-file").read_text() == "x"
+
+
 def test_too_many_rejections_fail_without_metadata(sample, tmp_path):
     with pytest.raises(build_tfrecords.BuildError, match=r"1 of 160 inputs rejected .*max_reject_fraction=0.001"):
         build(sample["output_dir"], tmp_path, "--max_reject_fraction=0.001")

@@ -114,6 +114,23 @@ def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
     assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta.num_classes)
 
 
+def test_an_image_above_the_pixel_limit_is_refused_from_its_header(exported):
+    from alexnet_tf import input_pipeline
+    from conftest import png_claiming
+    from pipelines import image_processing
+
+    assert input_pipeline.MAX_PIXELS == image_processing.MAX_PIXELS  # Serving refuses what the build refuses.
+    path, _, _, out, meta = exported
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    jpeg = read_split(out, meta, "validation")[0]["jpeg"]
+    # 96 bytes claiming 30000 x 20000: refused before any decoding (which would take 1.8 GB).
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image\] \[1\] \[of the batch is\] \[20000\] \[x\] \[30000\] \[pixels "
+                             r"\(height x width\), above the limit of 134217728 decoded pixels"):
+        serve(images=tf.constant([jpeg, png_claiming(30000, 20000)]))
+    assert serve(images=tf.constant([jpeg]))["probabilities"].shape == (1, meta.num_classes)
+
+
 THIN = textwrap.dedent("""
     import io, resource, sys
     import numpy as np, tensorflow as tf

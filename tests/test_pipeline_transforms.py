@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import os
 
@@ -94,6 +95,14 @@ def test_transparent_areas_become_white():
 def test_undecodable_inputs_are_rejected_with_a_reason(data, reason):
     with pytest.raises(image_processing.BadImage, match=reason):
         image_processing.process_image(data)
+
+
+@pytest.mark.parametrize("side", [12_000, 30_000])  # 1.07x and 6.7x the limit (PIL refuses at 2x itself).
+def test_images_above_the_decoded_pixel_limit_are_rejected_before_decoding(side):
+    from conftest import png_claiming
+
+    with pytest.raises(image_processing.BadImage, match="above the limit of 134,217,728 decoded pixels"):
+        image_processing.process_image(png_claiming(side, side))
 
 
 def test_noresize_keeps_rgb_jpeg_bytes_and_converts_others():
@@ -230,9 +239,7 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_pa
             | beam.Create([(("train", 1, 3), items)])
             | transforms.WriteShards(CONFIG, str(out_dir))
         )
-        assert_that(out.shards, equal_to([
-            {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003", "num_examples": 3}
-        ]), label="shards")
+        assert_that(out.shards, _shard_written(out_dir), label="shards")
         assert_that(out.rejected | beam.Map(lambda r: (r["file"], r["reason"].split(":")[0])), equal_to([
             ("train/c.JPEG", "corrupt or truncated JPEG"), ("train/e.JPEG", "unreadable"),
         ]), label="rejected")
@@ -243,6 +250,17 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_pa
     assert [r[records.FILENAME].numpy().decode() for r in rows] == ["b.JPEG", "d.JPEG", "a.JPEG"]
     assert [int(r[records.LABEL]) for r in rows] == [1, 1, 0]
     assert sorted(os.listdir(out_dir)) == ["train-00001-of-00003"]  # No temporary file left.
+
+
+def _shard_written(out_dir):
+    """A matcher: the one shard's info, its size and digests those of the file written."""
+    def match(actual):
+        (info,) = actual
+        data = (out_dir / info["file"]).read_bytes()
+        assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
+                        "num_examples": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "head_sha256": hashlib.sha256(data[:records.HEAD_BYTES]).hexdigest()}
+    return match
 
 
 def tf_records(path):
@@ -301,6 +319,40 @@ def test_class_archive_is_listed_by_headers_and_read_by_byte_range(tmp_path):
     short = listed[0]._replace(size=listed[0].size + 10**6)
     with pytest.raises(OSError, match="archive ends inside this member"):
         reader.read(short)
+
+
+def test_links_in_a_class_archive_are_rejected_by_name_not_dropped(tmp_path):
+    import tarfile
+
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as tar:
+        data = b"image bytes" * 100
+        info = tarfile.TarInfo("n01440764_1.JPEG")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("n01440764_2.JPEG", tarfile.SYMTYPE, "/etc/passwd"),
+                                   ("n01440764_3.JPEG", tarfile.LNKTYPE, "n01440764_1.JPEG"),
+                                   ("sub", tarfile.DIRTYPE, "")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    path = tmp_path / imagenet_layout.TRAIN_TAR
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("n01440764.tar")
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+    (unit,) = imagenet_layout.plan(str(tmp_path)).splits["train"].units
+    config = BuildConfig(classes=("n01440764",), names=("tench",))
+    out = list(transforms.ListUnitFn(config).process(unit))
+    items = [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
+    rejected = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [m.name.split("/")[-1] for _, _, m in items] == ["n01440764_1.JPEG"]
+    assert rejected == [  # Counted as read and rejected (read = written + rejected); the folder is structure.
+        {"split": "train", "file": f"{imagenet_layout.TRAIN_TAR}/n01440764.tar/n01440764_2.JPEG",
+         "reason": "a symbolic link (to /etc/passwd), not an image file: not followed"},
+        {"split": "train", "file": f"{imagenet_layout.TRAIN_TAR}/n01440764.tar/n01440764_3.JPEG",
+         "reason": "a hard link (to n01440764_1.JPEG), not an image file: not followed"},
+    ]
 
 
 def test_assign_shards_groups_contiguous_key_ranges():

@@ -144,6 +144,7 @@ def test_a_forced_stall_warns_in_the_console_and_tensorboard(built, tmp_path):
     assert len(json.loads((tmp_path / "history.json").read_text())) == 2  # Only a warning: the run went on.
 
 
+@pytest.mark.slow  # A second training process; the watch's raising is tested above.
 def test_stop_if_stalled_ends_the_run_with_status_3(built, tmp_path):
     r = _train(f"--data_dir={built[0]}", f"--model_dir={tmp_path}", "--learning_rate=0", "--stall_steps=2",
                "--steps_per_epoch=2", "--epochs=3", "--stop_if_stalled", "--steps_per_loop=1")

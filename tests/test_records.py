@@ -51,8 +51,9 @@ def test_attributes_are_typed(built):
     assert list(meta.splits) == ["train", "validation"]
     train = meta.split("train")
     assert isinstance(train, records.SplitInfo) and isinstance(train.shards, tuple)
-    assert train.shards[0] == records.ShardInfo(records.shard_name("train", 0, train.num_shards),
-                                                train.shards[0].num_examples)
+    first = train.shards[0]
+    assert first.file == records.shard_name("train", 0, train.num_shards)
+    assert type(first.bytes) is int and len(first.sha256) == len(first.head_sha256) == 64
     assert sum(s.num_examples for s in train.shards) == train.num_examples
     assert meta.image == records.ImageInfo(256, True, 90, "RGB", meta.image.note)
     stats = meta.color_stats

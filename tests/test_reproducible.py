@@ -22,8 +22,8 @@ from cluster import REPO
 TIMING = {"images_per_second"}
 # 2 epochs of 3 steps; checkpoints at steps 2 and 4 (mid-epoch) and 3 and 6 (epoch ends).
 ARGS = ["--cpu_devices=2", "--batch_size=8", "--eval_batch_size=16", "--steps_per_epoch=3", "--epochs=2",
-        "--steps_per_loop=1", "--checkpoint_every_steps=2", "--log_images=2", "--nohistograms", "--noexport",
-        "--deterministic", "--seed=7"]
+        "--steps_per_loop=1", "--checkpoint_every_steps=2", "--log_images=2", "--nohistograms", "--nofigures",
+        "--noexport", "--deterministic", "--seed=7"]
 
 
 def _command(data_dir, model_dir, strategy):

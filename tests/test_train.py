@@ -18,7 +18,8 @@ from alexnet_tf import evaluation, trainer
 from alexnet_tf.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--noexport", "--seed=0"]
+TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--nofigures", "--noexport",
+        "--seed=0"]
 
 
 def _run(args, **kw):

@@ -81,16 +81,19 @@ def test_label_out_of_range_and_wrong_synset(copy):
     _rewrite_first_record(dst / first.file, **{records.LABEL: 10})
     _rewrite_first_record(dst / second.file, **{records.SYNSET: b"n00000001"})
     problems = verify_tfrecords.verify(str(dst), progress=False)
-    assert len(problems) == 2
+    assert len(problems) == 4
     assert any("label 10 outside 0..9" in p for p in problems)
     assert any("but the record says n00000001" in p for p in problems)
+    for shard in (first, second):  # Rewritten: no longer the build's bytes either.
+        assert f"{shard.file} is not the file this build wrote (its first bytes differ" in " ".join(problems)
 
 
 def test_undecodable_image(copy):
     dst, meta = copy
     name = meta.splits["train"].shards[0].file
     _rewrite_first_record(dst / name, **{records.ENCODED: b"\xff\xd8 not really a jpeg"})
-    (problem,) = verify_tfrecords.verify(str(dst), progress=False)
+    digest, problem = verify_tfrecords.verify(str(dst), progress=False)
+    assert digest.startswith(f"{name} is not the file this build wrote")
     assert problem.startswith(f"{name} record 0") and "does not decode as JPEG" in problem
 
 
@@ -138,3 +141,102 @@ def test_cli_exit_codes(copy):
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "verify_tfrecords: error: validation-00000-of-00001: listed in metadata.json but missing" in bad.stderr
+
+
+# -- the shards' identity (sizes and SHA-256 recorded by the build) ---------------------
+
+
+def test_the_build_records_every_shards_size_and_digest(built):
+    out, meta = built
+    for info in meta.splits.values():
+        for shard in info.shards:
+            path = os.path.join(out, shard.file)
+            digest = records.file_digest(path).info()
+            assert (shard.bytes, shard.sha256, shard.head_sha256) == (
+                os.path.getsize(path), digest["sha256"], digest["head_sha256"])
+
+
+def test_swapped_shards_are_named_by_verify_and_at_the_start_of_training(copy):
+    dst, meta = copy
+    a, b = (s.file for s in meta.splits["train"].shards[:2])
+    os.rename(dst / a, dst / "tmp")
+    os.rename(dst / b, dst / a)
+    os.rename(dst / "tmp", dst / b)
+    problems = verify_tfrecords.verify(str(dst), progress=False)
+    assert f"{a} holds the bytes of {b} (swapped or copied)" in problems
+    assert f"{b} holds the bytes of {a} (swapped or copied)" in problems
+    with pytest.raises(records.MetadataError, match=f"{a} holds the bytes of {b}"):
+        records.check_shards(str(dst), meta)
+
+
+def test_a_shard_from_another_build_is_named(copy, built):
+    dst, meta = copy
+    name = meta.splits["train"].shards[0].file
+    # The same records in another order: what another build's shard of these images would hold.
+    raw = [r.numpy() for r in tf.data.TFRecordDataset(str(dst / name))][::-1]
+    with tf.io.TFRecordWriter(str(dst / name)) as w:
+        for r in raw:
+            w.write(r)
+    expected = f"{name} is not the file this build wrote (its first bytes differ: damaged, or from another build)"
+    assert verify_tfrecords.verify(str(dst), progress=False) == [expected]
+    with pytest.raises(records.MetadataError, match="not the ones its metadata.json lists"):
+        records.check_shards(str(dst), meta)
+
+
+def test_damage_past_the_first_bytes_is_found_by_verify_not_at_start(copy):
+    dst, meta = copy
+    shard = max(meta.splits["train"].shards, key=lambda s: s.bytes)
+    path = dst / shard.file
+    data = bytearray(path.read_bytes())
+    assert len(data) > records.HEAD_BYTES + 100
+    data[-50] ^= 0xFF  # Inside the last image's JPEG bytes.
+    path.write_bytes(bytes(data))
+    records.check_shards(str(dst), meta)  # Size and first bytes unchanged: the cheap check passes.
+    problems = verify_tfrecords.verify(str(dst), progress=False)
+    assert (f"{shard.file} differs from the file this build wrote after its first {records.HEAD_BYTES:,} bytes "
+            "(damaged)") in problems
+    truncated = bytes(data[:-7])
+    path.write_bytes(truncated)
+    with pytest.raises(records.MetadataError, match=f"{shard.file} is {len(truncated):,} bytes, the build wrote "
+                                                    f"{shard.bytes:,} \\(truncated or appended to\\)"):
+        records.check_shards(str(dst), meta)
+
+
+def test_metadata_of_an_earlier_version_without_digests_still_verifies(copy, capsys):
+    dst, _ = copy
+    raw = _raw(dst)
+    for split in raw["splits"].values():
+        for shard in split["shards"]:
+            for key in ("bytes", "sha256", "head_sha256"):
+                del shard[key]
+    _save(dst, raw)
+    assert verify_tfrecords.verify(str(dst), progress=False) == []
+    assert "records no shard digests" in capsys.readouterr().err
+    records.check_shards(str(dst), records.load_metadata(str(dst)))
+
+
+def test_the_shard_holding_a_damaged_record_is_found_from_the_offset_alone(copy):
+    dst, meta = copy
+    shards = meta.splits["train"].shards
+    target = dst / shards[1].file
+    raw = [r.numpy() for r in tf.data.TFRecordDataset(str(target))]
+    offset = sum(len(r) + 16 for r in raw[:5])  # Where record 5 starts.
+    data = bytearray(target.read_bytes())
+    data[offset + 12 + 100] ^= 0xFF  # Inside record 5's data: its data CRC fails.
+    target.write_bytes(bytes(data))
+    at = offset + 12  # TensorFlow names a bad data CRC by where the data start.
+    with pytest.raises(tf.errors.DataLossError, match=f"corrupted record at {at}") as caught:
+        for _ in tf.data.TFRecordDataset(str(target)):
+            pass
+    assert records.damaged_at(str(target), at)
+    assert not records.damaged_at(str(target), at + 1)  # Not a record boundary there.
+    assert not any(records.damaged_at(str(dst / s.file), at) for s in shards if s.file != shards[1].file)
+    message = records.data_loss_message(caught.value, str(dst), meta)
+    assert message.startswith(f"records shard {target} is damaged (corrupted record at {at}")
+    # A damaged length field: named by where the record starts.
+    data[offset + 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError, match=f"corrupted record at {offset}"):
+        for _ in tf.data.TFRecordDataset(str(target)):
+            pass
+    assert records.damaged_at(str(target), offset) and not records.damaged_at(str(target), offset + 12)

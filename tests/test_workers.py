@@ -89,7 +89,8 @@ def test_workers_that_see_different_runs_stop_naming_the_difference(built, tmp_p
             ["--model_dir", str(other_dir), "--learning_rate=0.02"]]
     results = cluster.start_workers(lambda i: [
         "-m", "alexnet_tf.train", "--strategy=multi_worker", "--data_dir", out, "--batch_size=8",
-        "--steps_per_epoch=2", "--epochs=1", "--seed=0", "--log_images=0", "--nohistograms", "--noexport",
+        "--steps_per_epoch=2", "--epochs=1", "--seed=0", "--log_images=0", "--nohistograms", "--nofigures",
+        "--noexport",
         *args[i]])
     for i, (code, _, stderr) in enumerate(results):
         assert code == 1, f"worker {i}: {stderr[-2000:]}"
