@@ -54,7 +54,7 @@ bench-figures: $(STAMP)
 
 # The three --recipe values trained side by side on the sample and on a 1000-class
 # ImageNet-shaped sample: loss curves, final errors, stall warnings;
-# benchmarks/results/recipes.json. About 35 minutes on 2 cores.
+# benchmarks/results/recipes.json. About 50 minutes on 2 cores.
 bench-recipes: $(STAMP)
 	$(PY) -m benchmarks.recipes $(BENCH_RECIPES)
 

@@ -9,11 +9,24 @@ import tensorflow as tf
 from alexnet_tf import distribute, input_pipeline, records
 
 
+def top_k_hits(scores, labels, k: int):
+    """Whether each label is among the k highest scores, a tie counting against it: (batch,) bool.
+
+    `tf.math.in_top_k` counts every class tied at the boundary as in the top
+    k, so a network that gives every class the same score (dead ReLUs), or
+    whose softmax underflows to exact zeros, would score 0% error. Here the
+    label's rank is the number of other classes scoring at least as much.
+    """
+    scores = tf.cast(scores, tf.float32)
+    mine = tf.gather(scores, tf.cast(labels, tf.int32), batch_dims=1)[:, None]
+    rank = tf.reduce_sum(tf.cast(scores >= mine, tf.int32), axis=1) - 1
+    return (rank < min(k, scores.shape[-1])) & tf.math.is_finite(mine[:, 0])  # NaN: a miss.
+
+
 def metric_sums(per_example_loss, logits, labels):
     """(sum of losses, top-1 hits, top-5 hits, count) of a batch, float32 scalars."""
-    logits = tf.cast(logits, tf.float32)
-    top1 = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32))
-    top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32))
+    top1 = tf.reduce_sum(tf.cast(top_k_hits(logits, labels, 1), tf.float32))
+    top5 = tf.reduce_sum(tf.cast(top_k_hits(logits, labels, 5), tf.float32))
     count = tf.cast(tf.shape(labels)[0], tf.float32)
     return tf.reduce_sum(tf.cast(per_example_loss, tf.float32)), top1, top5, count
 
@@ -31,11 +44,12 @@ def rates(sums) -> dict:
 LOSS_UNIT = 2.0**-32
 
 
-def exact_sums(per_example_loss, probs, labels, num_classes: int = 0, confusion: bool = False):
+def exact_sums(per_example_loss, scores, labels, num_classes: int = 0, confusion: bool = False):
     """(loss in LOSS_UNITs, top-1 hits, top-5 hits, count, non-finite losses) of a batch, int64 (5,).
 
     A non-finite loss (a diverged network) is counted, not summed: `exact_rates`
-    then reports the loss as NaN, as a float sum would. With `num_classes`,
+    then reports the loss as NaN, as a float sum would. `scores` rank the
+    classes (log-probabilities, logits: any monotonic score). With `num_classes`,
     per-class images, top-1 hits and top-5 hits follow (3 x num_classes), and
     with `confusion` the counts of (true, predicted) label pairs
     (num_classes x num_classes, row-major): see `split_sums`.
@@ -43,8 +57,8 @@ def exact_sums(per_example_loss, probs, labels, num_classes: int = 0, confusion:
     loss = tf.cast(per_example_loss, tf.float64)
     finite = tf.math.is_finite(loss)
     units = tf.cast(tf.round(tf.where(finite, loss, 0.0) / LOSS_UNIT), tf.int64)
-    top1 = tf.cast(tf.math.in_top_k(labels, probs, 1), tf.int64)
-    top5 = tf.cast(tf.math.in_top_k(labels, probs, min(5, probs.shape[-1])), tf.int64)
+    top1 = tf.cast(top_k_hits(scores, labels, 1), tf.int64)
+    top5 = tf.cast(top_k_hits(scores, labels, 5), tf.int64)
     count = tf.shape(labels, out_type=tf.int64)[0]
     sums = [tf.stack([tf.reduce_sum(units), tf.reduce_sum(top1), tf.reduce_sum(top5), count,
                       tf.reduce_sum(tf.cast(~finite, tf.int64))])]
@@ -56,7 +70,7 @@ def exact_sums(per_example_loss, probs, labels, num_classes: int = 0, confusion:
 
         sums += [per_class(tf.ones_like(top1)), per_class(top1), per_class(top5)]
         if confusion:
-            predicted = tf.argmax(probs, axis=-1, output_type=tf.int64)
+            predicted = tf.argmax(scores, axis=-1, output_type=tf.int64)
             sums.append(tf.math.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes,
                                          maxlength=num_classes * num_classes, dtype=tf.int64))
     return tf.concat(sums, axis=0)
@@ -126,14 +140,17 @@ class Evaluator:
         def forward(images, labels, size):
             n = tf.shape(labels)[0]
             padded = tf.pad(images, [[0, size - n]] + [[0, 0]] * (len(images.shape) - 1))  # Full batches: no copy.
+            # Log-probabilities, not probabilities: a softmax that underflows to
+            # zeros would tie classes and cap the loss.
             if len(images.shape) == 5:  # (batch, 10, h, w, 3): average the softmax of the patches.
                 logits = self.model(tf.reshape(padded, [-1, *images.shape[2:]]), training=False)
-                probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [size, 10, -1]), axis=1)
+                logp = tf.reshape(tf.nn.log_softmax(tf.cast(logits, tf.float32)), [size, 10, -1])
+                logp = tf.reduce_logsumexp(logp, axis=1) - np.log(10.0).astype(np.float32)  # log mean(p).
             else:
-                probs = tf.nn.softmax(tf.cast(self.model(padded, training=False), tf.float32))
-            probs = probs[:n]
-            per_example = -tf.math.log(tf.gather(probs, labels, batch_dims=1) + 1e-12)
-            return exact_sums(per_example, probs, labels, self.classes, self.confusion)
+                logp = tf.nn.log_softmax(tf.cast(self.model(padded, training=False), tf.float32))
+            logp = logp[:n]
+            per_example = -tf.gather(logp, labels, batch_dims=1)
+            return exact_sums(per_example, logp, labels, self.classes, self.confusion)
 
         def replica_eval(images, labels, size):
             # The last batch of a split leaves some replicas empty; skip the model there.

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline, run_dir
+from alexnet_tf import input_pipeline, model as model_lib, run_dir
 
 CLASSES_ASSET = "classes.tsv"
 
@@ -68,7 +68,9 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     crop = model.input_shape[1]
     k = min(5, info["num_classes"])
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
-    groups = tf.Variable(2 if info["grouped"] else 1, trainable=False, name="conv1_groups")
+    layers = {layer.name: layer for layer in model.layers}  # AlexNet's; other networks lack the figures' parts.
+    grouped = isinstance(layers.get("conv2"), model_lib.GroupedConv2D)
+    groups = tf.Variable(2 if grouped else 1, trainable=False, name="conv1_groups")
     stats = input_pipeline.ColorStats.for_evaluation(mean_var, info["square_size"])
 
     def one(args):
@@ -91,7 +93,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         with tf.control_dependencies([small]):
             return input_pipeline.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
 
-    both = keras.Model(model.inputs, [model.get_layer("fc7").output, model.output])
+    both = keras.Model(model.inputs, [layers["fc7"].output, model.output]) if "fc7" in layers else None
 
     def predict(images):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -111,6 +113,9 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         }
 
     def preprocessed(images):
+        if both is None:
+            logits, probs = predict(images)
+            return {"logits": logits, "probabilities": probs}
         fc7, logits = both(images, training=False)
         logits = tf.cast(logits, tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits), "fc7": tf.cast(fc7, tf.float32)}
@@ -134,8 +139,9 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         archive.track(synsets)
         archive.track(names)
         archive.add_variable_collection("mean", [mean_var])
-        archive.add_variable_collection("conv1_kernel", [model.get_layer("conv1").kernel])
-        archive.add_variable_collection("conv1_groups", [groups])
+        if "conv1" in layers:
+            archive.add_variable_collection("conv1_kernel", [layers["conv1"].kernel])
+            archive.add_variable_collection("conv1_groups", [groups])
         archive.add_endpoint("serving_default", serve, [tf.TensorSpec([None], tf.string, name="images")])
         archive.add_endpoint("preprocessed", preprocessed,
                              [tf.TensorSpec([None, crop, crop, 3], tf.float32, name="images")])

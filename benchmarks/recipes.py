@@ -1,6 +1,6 @@
 r"""The three recipes (`--recipe`) side by side: loss curves, final errors and stall warnings.
 
-    python -m benchmarks.recipes                      # make bench-recipes; about 35 minutes on 2 cores
+    python -m benchmarks.recipes                      # make bench-recipes; about 50 minutes on 2 cores
     python -m benchmarks.recipes --problems=sample --epochs=4
 
 Two generated problems, each recipe trained on each with `python -m
@@ -12,6 +12,9 @@ alexnet_tf.train` (one process per run, --seed=0, one device, no figures):
   schedule for all three, so what differs is each recipe's initialisation and
   per-parameter learning rates. --stall_steps is set so that the watch
   checks before the end.
+- demo: the sample preset as `make demo` trains it (24 epochs, the paper's
+  recipe, the preset's own stall check at step 200): does a healthy run
+  stay silent?
 - imagenet1000: the ImageNet-shaped sample (all 1000 synsets, ImageNet's
   image sizes, --imagenet_per_class training images a class) at each
   recipe's own learning rate (0.01), batch 32, in "epochs" of
@@ -77,7 +80,7 @@ def _save(result: dict, path: str) -> None:
 
 def run(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recipes", description=__doc__.splitlines()[0])
-    p.add_argument("--problems", default="sample,imagenet1000")
+    p.add_argument("--problems", default="sample,demo,imagenet1000")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--epochs", type=int, default=12, help="sample: epochs.")
     p.add_argument("--imagenet_per_class", type=int, default=2, help="imagenet1000: training images a class.")
@@ -105,6 +108,15 @@ def run(argv=None) -> dict:
                 result["runs"][f"sample/{recipe}"] = r
                 _save(result, args.output)
                 print(f"sample/{recipe}: {summary(r)}", flush=True)
+        if "demo" in problems:
+            if "sample" not in problems:
+                raw = make_sample.make_sample(os.path.join(work, "sample-raw"))["output_dir"]
+                data = os.path.join(work, "sample")
+                _build(raw, data)
+            r = _train(data, os.path.join(work, "demo"), ["--preset=sample"])
+            result["runs"]["demo/paper"] = r
+            _save(result, args.output)
+            print(f"demo/paper: {summary(r)}", flush=True)
         if "imagenet1000" in problems:
             raw = os.path.join(work, "imagenet-raw")
             make_sample.make_imagenet_sample(raw, train_per_class=args.imagenet_per_class, val_images=200)

@@ -24,7 +24,7 @@ import tarfile
 from typing import Sequence
 
 from alexnet_tf import fileio
-from pipelines.members import Member, ReadUnit  # noqa: F401 (the plan is made of these)
+from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (the plan is made of these)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -256,16 +256,15 @@ def _label_flat_members(
     ]
 
 
-def _val_from_tar(path: str) -> tuple[list[Member], str]:
+def _val_from_tar(path: str) -> tuple[list[Member], list[Skipped], str]:
+    """The archive's files, and its entries that are neither files nor folders (links: rejected, not followed)."""
     archive = os.path.basename(path)
-    members = [
-        Member(f"{archive}/{i.name}", None, path, i.offset_data, i.size)
-        for i in _list_tar(path)
-        if i.isfile()
-    ]
+    entries = list(_list_tar(path))
+    members = [Member(f"{archive}/{i.name}", None, path, i.offset_data, i.size) for i in entries if i.isfile()]
+    links = [skipped(f"{archive}/{i.name}", i) for i in entries if not i.isfile() and not i.isdir()]
     if not members:
         raise LayoutError(f"{path} holds no files")
-    return members, f"archive {archive} ({len(members)} images, flat)"
+    return members, links, f"archive {archive} ({len(members)} images, flat)"
 
 
 def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
@@ -302,8 +301,9 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
             raise LayoutError(f"{imagenet_dir}/{TRAIN_DIR} holds no class folders named nXXXXXXXX")
 
     flat: list[Member] | None = None
+    links: list[Skipped] = []
     if VAL_TAR in files:
-        flat, description = _val_from_tar(os.path.join(imagenet_dir, VAL_TAR))
+        flat, links, description = _val_from_tar(os.path.join(imagenet_dir, VAL_TAR))
         val_kind, val_path, val_name = "tar_members", os.path.join(imagenet_dir, VAL_TAR), VAL_TAR
     elif VAL_DIR in dirs:
         vdir = os.path.join(imagenet_dir, VAL_DIR)
@@ -343,7 +343,7 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
         splits["validation"] = SplitSource(
             "validation",
             description,
-            _chunk("validation", val_kind, val_path, val_name, flat),
+            _chunk("validation", val_kind, val_path, val_name, flat + links),  # Links: counted as rejected.
             members_synsets if "train" in splits else set(labels),
         )
 

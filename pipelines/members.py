@@ -60,7 +60,7 @@ class ReadUnit:
         [offset, offset + size) of `path`; all its images belong to `synset`.
       `class_dir`: a folder of one class's images.
       `tar_members`: listed members of the archive `path`, each with its own
-        synset and byte range.
+        synset and byte range (and `Skipped` entries, its links).
       `files`: listed files (`members`, named relative to the folder `path`),
         each with its own synset.
     """

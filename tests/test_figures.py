@@ -110,6 +110,26 @@ def test_per_class_sums_and_confusion_match_a_count_by_hand():
     assert rates["top1_error"] == pytest.approx(1 - (probs.argmax(1) == labels).mean())
 
 
+def test_ties_and_underflow_count_against_the_label():
+    # A dead network (every logit equal), a saturated one (softmax underflows to exact zeros),
+    # a diverged one (NaN) and a healthy one, 10 classes, label 3.
+    logits = np.zeros((4, 10), np.float32)
+    logits[1, 0] = 200.0
+    logits[2] = np.nan
+    logits[3, 3], logits[3, 0] = 2.0, 1.0
+    labels = tf.constant([3, 3, 3, 3])
+    assert tf.math.in_top_k(labels, tf.nn.softmax(logits), 5).numpy().tolist() == [True, True, False, True]
+    assert evaluation.top_k_hits(logits, labels, 5).numpy().tolist() == [False, False, False, True]
+    assert evaluation.top_k_hits(tf.nn.log_softmax(logits), labels, 1).numpy().tolist() == [False, False, False, True]
+    logp = tf.nn.log_softmax(logits)
+    sums = evaluation.exact_sums(-tf.gather(logp, labels, batch_dims=1), logp, labels).numpy()
+    assert sums[1:5].tolist() == [1, 1, 4, 1]  # Top-1 and top-5 hits: only the healthy row; one NaN loss.
+    rates = evaluation.exact_rates(sums)
+    assert np.isnan(rates["loss"]) and rates["top5_error"] == 0.75
+    # The saturated row's loss is its true 200 nats, not a capped -log(1e-12) = 27.6.
+    assert -logp[1, 3].numpy() == pytest.approx(200.0)
+
+
 def test_tables_order_worst_first_and_most_confused_first():
     classes = [records.ClassInfo(i, f"n{i:08d}", f"name {i}") for i in range(3)]
     per_class = {"count": [4, 4, 0], "top1_error": [0.25, 0.75, 1.0], "top5_error": [0.0, 0.25, 1.0]}

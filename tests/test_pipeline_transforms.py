@@ -355,6 +355,28 @@ def test_links_in_a_class_archive_are_rejected_by_name_not_dropped(tmp_path):
     ]
 
 
+def test_links_in_the_flat_validation_archive_are_rejected_too(tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / imagenet_layout.VAL_TAR, "w") as tar:
+        data = b"image bytes" * 100
+        info = tarfile.TarInfo("ILSVRC2012_val_00000001.JPEG")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("ILSVRC2012_val_00000002.JPEG")
+        info.type, info.linkname = tarfile.SYMTYPE, "/dev/zero"
+        tar.addfile(info)
+    (tmp_path / "validation_labels.txt").write_text("n01440764\nn01440764\n")
+    units = imagenet_layout.plan(str(tmp_path)).splits["validation"].units
+    config = BuildConfig(classes=("n01440764",), names=("tench",))
+    out = [o for u in units for o in transforms.ListUnitFn(config).process(u)]
+    assert [m.name for _, _, m in (o for o in out if not isinstance(o, beam.pvalue.TaggedOutput))] == [
+        f"{imagenet_layout.VAL_TAR}/ILSVRC2012_val_00000001.JPEG"]
+    assert [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)] == [
+        {"split": "validation", "file": f"{imagenet_layout.VAL_TAR}/ILSVRC2012_val_00000002.JPEG",
+         "reason": "a symbolic link (to /dev/zero), not an image file: not followed"}]
+
+
 def test_assign_shards_groups_contiguous_key_ranges():
     rng = np.random.default_rng(4)
     keys = [int(k) for k in rng.integers(0, 2**63, 200, dtype=np.uint64)]
