@@ -86,18 +86,17 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
         raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
                          f"(it has {sorted(meta.splits)})")
     records.check_shards(data_dir, meta, [split])
-    stats = input_pipeline.ColorStats.for_evaluation(
-        np.asarray(mean, np.float32), meta.image.size if meta.image.resized else None)
-    evaluator = Evaluator(model, tf.distribute.get_strategy(), data_dir, meta, stats, batch_size,
-                          per_class=per_class, confusion=per_class)
+    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(mean, np.float32), meta.image.square)
+    strategy = tf.distribute.get_strategy()
+    central = Evaluator(model, strategy, data_dir, meta, stats, batch_size, per_class=per_class, confusion=per_class)
     result = {
         "split": split,
         "num_examples": meta.splits[split].num_examples,
-        "central_crop": evaluator.evaluate(split, progress=progress),
+        "central_crop": central.evaluate(split, progress=progress),
     }
-    if ten_crops:
-        result["ten_crops"] = evaluator.evaluate(split, ten_crop=True, progress=progress)
-        result["ten_crops"].pop("per_class", None)
+    if ten_crops:  # Plain sums: the per-class tables are the central patch's.
+        result["ten_crops"] = Evaluator(model, strategy, data_dir, meta, stats, batch_size).evaluate(
+            split, ten_crop=True, progress=progress)
     result["paper_one_cnn_validation"] = PAPER_ONE_CNN_VAL
     return result
 
@@ -145,6 +144,7 @@ def main(argv=None) -> None:
 
     from alexnet_tf import records
 
+    meta = None  # For a damaged shard's message, once read.
     try:
         loaded = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
     except tf.errors.DataLossError as e:
-        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir, records.load_metadata(args.data_dir))}", file=sys.stderr)
+        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir, meta)}", file=sys.stderr)
         sys.exit(1)
     print(table(result))
     if args.report:
@@ -174,8 +174,7 @@ def write_report(args, loaded: Loaded, meta, result: dict, per_class: dict) -> s
 
     from alexnet_tf import figures, input_pipeline, report
 
-    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32),
-                                                     meta.image.size if meta.image.resized else None)
+    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32), meta.image.square)
     fixed = figures.FixedImages(args.data_dir, meta, stats, args.figure_pool, split=args.split)
     drawn = fixed.draw(loaded.forward, [c.name for c in meta.classes], loaded.kernel, loaded.groups)
     page = report.build(result, per_class, meta.classes, drawn, source=args.saved_model or args.model_dir,

@@ -69,7 +69,7 @@ class ColorStats:
                 f"{records.metadata_path(data_dir)} has no training colour statistics "
                 "(was the training split built?)"
             )
-        size = meta.image.size if meta.image.resized else None
+        size = meta.image.square
         if mean == "image":
             if size is None:
                 raise ValueError("mean='image' needs records of one size; these were built with --noresize: "

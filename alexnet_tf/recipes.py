@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -48,16 +49,17 @@ class Recipe:
     init: dict  # layer -> (weight std, bias constant).
     decay_biases: bool  # Whether weight decay also acts on the biases.
     config: dict  # TrainConfig values the recipe sets (a preset and explicit flags override them).
+    bias_lr: Callable[[float], float]  # The biases' learning rate over the weights' at progress (0..1) of the run.
 
     def bias_lr_multiplier(self, progress: float) -> float:
         """The biases' learning rate over the weights' at `progress` (0..1) of the run."""
-        if self.name == "caffe":
-            return 2.0  # train_val.prototxt: lr_mult 2 on every bias, 1 on every weight.
-        if self.name == "cuda_convnet2":
-            # layer-params-223-ce2-1gpu.cfg: epsW=dexp[base=0.01;tgtFactor=250;numSteps=4],
-            # epsB=dexp[base=0.02;tgtFactor=10;numSteps=2], on every layer.
-            return dexp(progress, 0.02, 10, 2) / dexp(progress, 0.01, 250, 4)
-        return 1.0  # §5: "an equal learning rate for all layers".
+        return self.bias_lr(progress)
+
+
+def _convnet2_bias_lr(progress: float) -> float:
+    # layer-params-223-ce2-1gpu.cfg: epsW=dexp[base=0.01;tgtFactor=250;numSteps=4],
+    # epsB=dexp[base=0.02;tgtFactor=10;numSteps=2], on every layer.
+    return dexp(progress, 0.02, 10, 2) / dexp(progress, 0.01, 250, 4)
 
 
 PAPER = Recipe(
@@ -69,6 +71,7 @@ PAPER = Recipe(
           "conv5": (0.01, 1.0), "fc6": (0.01, 1.0), "fc7": (0.01, 1.0), "fc8": (0.01, 0.0)},
     # §5's update rule decays "the weight w"; cuda-convnet, the paper's code, decays weights only.
     decay_biases=False,
+    bias_lr=lambda progress: 1.0,  # §5: "an equal learning rate for all layers".
     # §5: batch 128, momentum 0.9, decay 0.0005, lr 0.01 divided by 10 when the
     # validation error stopped improving, three times, about 90 cycles.
     config={"batch_size": 128, "learning_rate": 0.01, "lr_schedule": "plateau", "max_lr_decays": 3, "epochs": 90},
@@ -82,6 +85,7 @@ CAFFE = Recipe(
     init={"conv1": (0.01, 0.0), "conv2": (0.01, 0.1), "conv3": (0.01, 0.0), "conv4": (0.01, 0.1),
           "conv5": (0.01, 0.1), "fc6": (0.005, 0.1), "fc7": (0.005, 0.1), "fc8": (0.01, 0.0)},
     decay_biases=False,  # train_val.prototxt: decay_mult 0 on every bias.
+    bias_lr=lambda progress: 2.0,  # train_val.prototxt: lr_mult 2 on every bias, 1 on every weight.
     # solver.prototxt: base_lr 0.01, "step" with gamma 0.1 every 100,000
     # iterations, 450,000 iterations, batch 256 (train_val.prototxt): with
     # ImageNet's 1,281,167 training images, a step every 20 epochs and 90 epochs.
@@ -98,6 +102,7 @@ CUDA_CONVNET2 = Recipe(
     init={"conv1": (0.01, 0.0), "conv2": (0.01, 1.0), "conv3": (0.03, 0.0), "conv4": (0.03, 1.0),
           "conv5": (0.03, 1.0), "fc6": (0.01, 1.0), "fc7": (0.01, 1.0), "fc8": (0.01, -7.0)},
     decay_biases=False,  # wc=0.0005 is the weights' decay; biases have none.
+    bias_lr=_convnet2_bias_lr,
     # epsW=dexp[base=0.01;tgtFactor=250;numSteps=4]: 0.01, then / 250^(1/3) at
     # 25%, 50% and 75% of the run, 0.00004 at the end; momW 0.9.
     config={"batch_size": 128, "learning_rate": 0.01, "lr_schedule": "dexp", "lr_final_factor": 250.0,

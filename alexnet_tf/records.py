@@ -382,6 +382,11 @@ class ImageInfo(_Flat):
     colorspace: str = "RGB"
     note: str = ""
 
+    @property
+    def square(self) -> int | None:
+        """Side of the stored square images, or None when they keep their own sizes."""
+        return self.size if self.resized else None
+
 
 @dataclasses.dataclass(frozen=True)
 class ColorStatsInfo:
@@ -514,6 +519,10 @@ class Metadata:
     def synsets(self) -> tuple[str, ...]:
         """The classes' WordNet ids in label order."""
         return tuple(c.synset for c in self.classes)
+
+    def shards_by_head(self) -> dict:
+        """Recorded head digest -> shard file, over every split (to name a shard found in another's place)."""
+        return {x.head_sha256: x.file for s in self.splits.values() for x in s.shards if x.head_sha256}
 
     def split(self, name: str) -> SplitInfo:
         """The split `name`.
@@ -786,7 +795,7 @@ def load_mean_image(data_dir: str, meta: Metadata) -> np.ndarray:
             mean = np.load(f)
     except (ValueError, OSError, EOFError) as e:
         raise MetadataError(f"{path} is not a NumPy array file ({e}): the records folder is damaged") from e
-    size = meta.image.size if meta.image.resized else None
+    size = meta.image.square
     if mean.dtype.kind != "f" or (size and mean.shape != (size, size, 3)):
         raise MetadataError(f"{path} holds a {mean.dtype} array of shape {mean.shape}, not the "
                             f"{size}x{size}x3 float mean image {metadata_path(data_dir)} describes")
@@ -878,7 +887,7 @@ def check_shards(data_dir: str, meta: Metadata, splits=None, workers: int = 16) 
     recorded = [x for _, x in shards if x.bytes is not None and x.head_sha256 is not None]
     if not recorded:
         return
-    heads = {x.head_sha256: x.file for split in meta.splits.values() for x in split.shards if x.head_sha256}
+    heads = meta.shards_by_head()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         found = list(pool.map(lambda x: file_digest(os.path.join(data_dir, x.file), head_only=True), recorded))
     wrong = [shard_mismatch(x, d, heads) for x, d in zip(recorded, found)]

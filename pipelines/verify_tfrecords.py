@@ -30,7 +30,7 @@ def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, he
     problems: list[str] = []
     name = os.path.basename(path)
     classes, expected = meta.classes, shard.num_examples
-    size = meta.image.size if meta.image.resized else None
+    size = meta.image.square
     if shard.sha256 is not None:
         wrong = records.shard_mismatch(shard, records.file_digest(path), heads, full=True)
         if wrong:
@@ -106,7 +106,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
     if jobs and all(shard.sha256 is None for _, shard in jobs):
         print("verify_tfrecords: note: metadata.json records no shard digests (built by an earlier version): "
               "the shards' bytes are not checked against the build's; a rebuild records them", file=sys.stderr)
-    heads = {x.head_sha256: x.file for info in meta.splits.values() for x in info.shards if x.head_sha256}
+    heads = meta.shards_by_head()
     start, done, total = time.monotonic(), 0, sum(shard.num_examples for _, shard in jobs)
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         futures = [pool.submit(_check_shard, path, shard, meta, heads) for path, shard in jobs]
