@@ -51,7 +51,6 @@ def read_class_synsets(saved_model: str) -> list[str]:
     if any(len(r) < 2 or not r[0].isdigit() or int(r[0]) != i for i, r in enumerate(rows)):
         raise ValueError(f"{path}: expected lines 'label<TAB>synset<TAB>name' with labels 0, 1, 2, ...")
     return [r[1] for r in rows]
-MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
 
 
 def conv1_groups(loaded) -> int:
@@ -75,7 +74,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
 
     def one(args):
         image_bytes, index = args
-        known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in MAGIC])
+        known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in input_pipeline.IMAGE_MAGIC])
         # A clear error for the request, naming the batch element; the serving
         # process carries on. The first bytes go in as numbers: raw binary in an
         # error message is not valid UTF-8 for the client that decodes it.

@@ -267,7 +267,7 @@ class FixedImages:
                  pool: int = POOL, split: str = "validation"):
         self.stats, self.meta = stats, meta
         ds = tf.data.TFRecordDataset(records.shard_paths(data_dir, meta, split)).take(pool)
-        pairs = [input_pipeline._parse(s) for s in ds]
+        pairs = [input_pipeline.parse_record(s) for s in ds]
         if not pairs:
             raise ValueError(f"the {split} split has no images to draw figures from")
         self.jpegs = tf.stack([p[0] for p in pairs])

@@ -100,6 +100,8 @@ def _mean_patch(stats: ColorStats, top, left, crop: int):
 
 # The largest image decoded, in pixels: the build's limit too (pipelines.image_processing.MAX_PIXELS).
 MAX_PIXELS = 128 * 1024 * 1024
+# The formats read, by their first bytes (serving's check of its inputs too).
+IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
 
 
 def header_size(image_bytes):
@@ -125,8 +127,9 @@ def header_size(image_bytes):
     def starts(magic):
         return tf.equal(tf.strings.substr(padded, 0, len(magic)), magic)
 
-    return tf.case([(starts(b"\xff\xd8\xff"), jpeg), (starts(b"\x89PNG"), png), (starts(b"GIF8"), gif),
-                    (starts(b"BM"), bmp)], default=lambda: tf.zeros([2], tf.int64))
+    readers = {"JPEG": jpeg, "PNG": png, "GIF": gif, "BMP": bmp}
+    return tf.case([(starts(magic), readers[name]) for magic, name in IMAGE_MAGIC.items()],
+                   default=lambda: tf.zeros([2], tf.int64))
 
 
 def decode_square(image_bytes, size: int = SQUARE):
@@ -301,7 +304,8 @@ def ten_crops(image_bytes, stats: ColorStats, crop: int = CROP):
 # Datasets.
 
 
-def _parse(serialized):
+def parse_record(serialized):
+    """(encoded image bytes, int32 label) of one serialized record."""
     ex = records.parse_example(serialized)
     return ex[records.ENCODED], tf.cast(ex[records.LABEL], tf.int32)
 
@@ -422,7 +426,7 @@ def service_train_dataset(
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
 
     def crop_record(serialized):
-        image, label = _parse(serialized)
+        image, label = parse_record(serialized)
         return crop_for_train(image, stats, crop, record_seed(seed, record_fingerprint(serialized))), label
 
     ds = epoch_records(data_dir, meta, seed, shuffle_buffer).repeat(passes)
@@ -472,7 +476,7 @@ def train_dataset(
     ds = train_records(data_dir, meta, seed, context, shuffle_buffer, deterministic)
     ds = ds.enumerate().skip(skip)
     ds = ds.map(
-        lambda i, s: (lambda b, y: (crop_for_train(b, stats, crop, record_seed(seed, i)), y))(*_parse(s)),
+        lambda i, s: (lambda b, y: (crop_for_train(b, stats, crop, record_seed(seed, i)), y))(*parse_record(s)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
     )
     ds = ds.batch(batch, drop_remainder=True)
@@ -483,7 +487,7 @@ def preview_images(data_dir: str, meta: records.Metadata, count: int):
     """A small fixed set of training images for TensorBoard: the first `count` records
     of the first training shard, as JPEG bytes (count,)."""
     first = records.shard_paths(data_dir, meta, "train")[0]
-    ds = tf.data.TFRecordDataset(first).take(count).map(lambda s: _parse(s)[0])
+    ds = tf.data.TFRecordDataset(first).take(count).map(lambda s: parse_record(s)[0])
     return tf.stack(list(ds))
 
 
@@ -520,7 +524,7 @@ def eval_dataset(
         ds = tf.data.TFRecordDataset(files).shard(context.num_input_pipelines, context.input_pipeline_id)
     else:
         ds = _files(data_dir, meta, split, context).interleave(tf.data.TFRecordDataset, cycle_length=1)
-    ds = ds.map(lambda s: (lambda b, y: (fn(b, stats, crop), y))(*_parse(s)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: (lambda b, y: (fn(b, stats, crop), y))(*parse_record(s)), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 

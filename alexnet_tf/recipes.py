@@ -49,11 +49,13 @@ class Recipe:
     init: dict  # layer -> (weight std, bias constant).
     decay_biases: bool  # Whether weight decay also acts on the biases.
     config: dict  # TrainConfig values the recipe sets (a preset and explicit flags override them).
-    bias_lr: Callable[[float], float]  # The biases' learning rate over the weights' at progress (0..1) of the run.
+    # The biases' learning rate over the weights' at progress (0..1) of the run;
+    # None: equal rates (the training step then has no multiplier at all).
+    bias_lr: Callable[[float], float] | None
 
     def bias_lr_multiplier(self, progress: float) -> float:
         """The biases' learning rate over the weights' at `progress` (0..1) of the run."""
-        return self.bias_lr(progress)
+        return 1.0 if self.bias_lr is None else self.bias_lr(progress)
 
 
 def _convnet2_bias_lr(progress: float) -> float:
@@ -71,7 +73,7 @@ PAPER = Recipe(
           "conv5": (0.01, 1.0), "fc6": (0.01, 1.0), "fc7": (0.01, 1.0), "fc8": (0.01, 0.0)},
     # §5's update rule decays "the weight w"; cuda-convnet, the paper's code, decays weights only.
     decay_biases=False,
-    bias_lr=lambda progress: 1.0,  # §5: "an equal learning rate for all layers".
+    bias_lr=None,  # §5: "an equal learning rate for all layers".
     # §5: batch 128, momentum 0.9, decay 0.0005, lr 0.01 divided by 10 when the
     # validation error stopped improving, three times, about 90 cycles.
     config={"batch_size": 128, "learning_rate": 0.01, "lr_schedule": "plateau", "max_lr_decays": 3, "epochs": 90},

@@ -33,7 +33,7 @@ def path(model_dir: str, name: str) -> str:
 
 
 def write_model_info(model_dir: str, *, num_classes: int, grouped: bool, dropout: float, classes: list,
-                     mean: np.ndarray, mean_kind: str, square_size: int) -> None:
+                     mean: np.ndarray, mean_kind: str, square_size: int, recipe: str | None = None) -> None:
     """Saves beside the checkpoints what an export needs besides the weights."""
     tf.io.gfile.makedirs(model_dir)
     with tf.io.gfile.GFile(path(model_dir, MEAN_IMAGE), "wb") as f:
@@ -41,6 +41,7 @@ def write_model_info(model_dir: str, *, num_classes: int, grouped: bool, dropout
     records.write_json_atomically(path(model_dir, MODEL_INFO), {
         "num_classes": num_classes, "grouped": grouped, "dropout": dropout, "classes": classes,
         "mean": mean_kind, "mean_file": MEAN_IMAGE, "square_size": square_size,
+        **({"recipe": recipe} if recipe else {}),
     })
 
 

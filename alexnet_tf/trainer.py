@@ -639,6 +639,23 @@ def epoch_line(r: dict) -> str:
     return line
 
 
+def check_same_network(info: dict, config: TrainConfig, model_dir: str) -> None:
+    """Refuses to resume a run under another recipe (other bias learning rates,
+    decay targets and schedule from here on) or another network layout (its
+    checkpoint would not fit). Folders written before the recipe was recorded
+    are checked for the layout only.
+
+    Raises:
+      distribute.RunConflict: naming the flag, the run's value and this one's.
+    """
+    for key, flag, now in (("recipe", "--recipe", config.recipe), ("grouped", "--grouped", config.grouped)):
+        was = info.get(key)
+        if was is not None and was != now:
+            raise distribute.RunConflict(
+                f"the run in {model_dir} has {flag}={was}, this one {flag}={now}: a resumed run keeps its "
+                f"network and recipe; use another --model_dir to start a new run")
+
+
 def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> TrainResult:
     """Trains (or resumes training), evaluates each epoch, exports at the end.
 
@@ -672,12 +689,14 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
                                        f"the run in {model_dir}", config.data_dir)
         except records.ClassMismatch as e:
             raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
+        if run_dir.latest_checkpoint(model_dir):
+            check_same_network(info, config, model_dir)
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
     state = LoopState(config.learning_rate)
     if chief:  # What an export needs besides the weights, beside the checkpoints.
         run_dir.write_model_info(model_dir, num_classes=data.num_classes, grouped=config.grouped,
-                                 dropout=config.dropout, classes=[c.to_json() for c in data.meta.classes],
+                                 dropout=config.dropout, recipe=config.recipe, classes=[c.to_json() for c in data.meta.classes],
                                  mean=data.stats.mean, mean_kind=config.mean, square_size=data.stats.square_size)
 
     checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
@@ -701,7 +720,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, data.stats), labels),
         jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch,
         finite=bool(config.data_service), decay_biases=recipe.decay_biases,
-        bias_lr=None if config.recipe == "paper" else bias_lr)
+        bias_lr=None if recipe.bias_lr is None else bias_lr)
 
     def dataset_fn(context):
         if config.data_service:

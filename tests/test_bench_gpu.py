@@ -56,6 +56,7 @@ def test_on_the_cpu_it_refuses_to_write_into_benchmarks_results(built):
     assert _results_files() == before
 
 
+@pytest.mark.slow  # Every row of the benchmark on a tiny net: ~20 s on 2 cores.
 def test_allow_cpu_measures_every_row_and_prints_the_table(built, tmp_path):
     before = _results_files()
     out = tmp_path / "gpu.json"

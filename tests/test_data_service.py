@@ -134,7 +134,7 @@ def test_service_batches_are_training_batches(built, in_process_service):
     assert aug.alpha.shape == (8, 3) and set(labels.numpy()) <= set(range(meta.num_classes))
     # A record's crop comes from (seed, its fingerprint), not from the worker that made it.
     first = next(iter(tf.data.TFRecordDataset(records.shard_paths(out, meta, "train")[0])))
-    image, _ = input_pipeline._parse(first)
+    image, _ = input_pipeline.parse_record(first)
     seed = input_pipeline.record_seed(3, input_pipeline.record_fingerprint(first))
     a = input_pipeline.crop_for_train(image, stats, seed=seed)[1]
     b = input_pipeline.crop_for_train(image, stats, seed=seed)[1]

@@ -207,7 +207,8 @@ def test_each_pass_reads_every_record_once(data):
     first, second = stream[:n], stream[n:]
     assert len(set(first)) == n and set(first) == set(second)
     assert first != second  # Each pass in its own order.
-    assert sorted(r["jpeg"] for r in read_split(out, meta, "train")) == sorted(ip._parse(r)[0].numpy() for r in first)
+    stored = sorted(r["jpeg"] for r in read_split(out, meta, "train"))
+    assert stored == sorted(ip.parse_record(r)[0].numpy() for r in first)
 
 
 def test_each_record_is_augmented_from_its_own_seed(data):
@@ -217,7 +218,7 @@ def test_each_record_is_augmented_from_its_own_seed(data):
     (patches, aug), labels = next(iter(ds))
     first_shard = records.shard_paths(out, meta, "train")
     order = tf.data.Dataset.from_tensor_slices(first_shard).shuffle(len(first_shard), seed=9)
-    jpeg = next(iter(tf.data.TFRecordDataset(next(iter(order))).map(lambda s: ip._parse(s)[0])))
+    jpeg = next(iter(tf.data.TFRecordDataset(next(iter(order))).map(lambda s: ip.parse_record(s)[0])))
     patch, expected = ip.crop_for_train(jpeg, stats, seed=ip.record_seed(9, 0))
     np.testing.assert_array_equal(patches[0].numpy(), patch.numpy())
     assert int(aug.top[0]) == int(expected.top) and int(aug.left[0]) == int(expected.left)

@@ -33,6 +33,7 @@ def _result(stdout: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow  # Two worker processes; the default suite keeps the two-worker training test.
 def test_sharded_evaluation_equals_one_worker_exactly(built):
     out, meta = built
     assert len(records.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
@@ -115,3 +116,29 @@ def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
     with pytest.raises(distribute.RunConflict, match=f"has --seed {seed}, this one {seed + 1}"):
         trainer.settle_stream(TrainConfig(batch_size=8, seed=seed + 1), state, strategy, resumed=True)
 
+
+
+def test_a_resumed_run_keeps_its_recipe_and_network(built, tmp_path):
+    from alexnet_tf import run_dir
+
+    out, meta = built
+    _checkpoint_at_step(out, tmp_path, 5)
+    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.5,
+                             classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
+                             square_size=stats.square_size, recipe="paper")
+    info_before = (tmp_path / run_dir.MODEL_INFO).read_bytes()
+    strategy = tf.distribute.get_strategy()
+    for change, message in (({"recipe": "caffe"}, "has --recipe=paper, this one --recipe=caffe"),
+                            ({"grouped": False}, "has --grouped=True, this one --grouped=False")):
+        config = TrainConfig(data_dir=out, batch_size=8, steps_per_epoch=1, epochs=1, seed=0, **change)
+        with pytest.raises(distribute.RunConflict, match=f"the run in {tmp_path} {message}: a resumed run keeps"):
+            trainer.train_and_evaluate(config, str(tmp_path), strategy)
+        assert (tmp_path / run_dir.MODEL_INFO).read_bytes() == info_before  # Refused before writing.
+    info, _ = run_dir.read_model_info(str(tmp_path))
+    trainer.check_same_network(info, TrainConfig(), str(tmp_path))  # The same recipe and layout: resumes.
+    # A folder written before the recipe was recorded: any recipe, but still the same layout.
+    del info["recipe"]
+    trainer.check_same_network(info, TrainConfig(recipe="caffe"), str(tmp_path))
+    with pytest.raises(distribute.RunConflict, match="--grouped"):
+        trainer.check_same_network(info, TrainConfig(recipe="caffe", grouped=False), str(tmp_path))
