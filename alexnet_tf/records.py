@@ -339,6 +339,44 @@ def file_digest(path: str, head_only: bool = False) -> ShardDigest:
     return d
 
 
+class DamagedRecord(ValueError):
+    """A TFRecord file whose framing or a record's CRC fails; the message names
+    the offset as TensorFlow does (a record's start for its length, its data's
+    start for its data)."""
+
+
+def read_records(f, size: int, digest: ShardDigest | None = None):
+    """Yields the records of an open binary TFRecord file of `size` bytes, each
+    checked against its CRCs, and feeds every byte read to `digest`.
+
+    One pass over the file checks both the records and the shard's digest
+    (verify_tfrecords), never holding more than one record.
+
+    Raises:
+      DamagedRecord: at the first record that fails; the bytes after it are left unread.
+    """
+    def read(n: int) -> bytes:
+        data = f.read(n)
+        if digest is not None:
+            digest.update(data)
+        return data
+
+    pos = 0
+    while header := read(12):
+        if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc32c(header[:8]):
+            raise DamagedRecord(f"{'truncated' if len(header) < 12 else 'corrupted'} record at {pos}")
+        n = struct.unpack("<Q", header[:8])[0]
+        if pos + 16 + n > size:  # Before reading: a length past the end is not allocated.
+            raise DamagedRecord(f"truncated record at {pos}")
+        data, crc = read(n), read(4)
+        if len(data) < n or len(crc) < 4:  # Shorter than its size said when this started.
+            raise DamagedRecord(f"truncated record at {pos}")
+        if struct.unpack("<I", crc)[0] != _masked_crc32c(data):
+            raise DamagedRecord(f"corrupted record at {pos + 12}")
+        yield data
+        pos += 16 + n
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
     """One split: records written, inputs read and rejected, and its shards in shard order.

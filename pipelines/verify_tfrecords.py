@@ -23,6 +23,37 @@ import time
 from alexnet_tf import records
 
 
+def _check_record(raw: bytes, where: str, classes, size: int | None) -> list[str]:
+    """The problems of one record."""
+    import tensorflow as tf
+
+    problems = []
+    try:
+        ex = records.parse_example(raw)
+    except tf.errors.InvalidArgumentError as e:
+        return [f"{where}: not a record of this format ({e.message.splitlines()[0]})"]
+    label = int(ex[records.LABEL])
+    synset = ex[records.SYNSET].numpy().decode()
+    where = f"{where} ({ex[records.FILENAME].numpy().decode()})"
+    if not 0 <= label < len(classes):
+        problems.append(f"{where}: label {label} outside 0..{len(classes) - 1}")
+    elif synset != classes[label].synset:
+        problems.append(f"{where}: label {label} is {classes[label].synset} but the record says {synset}")
+    try:
+        image = tf.io.decode_jpeg(ex[records.ENCODED], channels=0)
+        h, w, c = image.shape
+        if c != 3:
+            problems.append(f"{where}: image has {c} channels, expected 3")
+        if (h, w) != (int(ex[records.HEIGHT]), int(ex[records.WIDTH])):
+            problems.append(f"{where}: image is {h}x{w} but the record says "
+                            f"{int(ex[records.HEIGHT])}x{int(ex[records.WIDTH])}")
+        elif size is not None and (h, w) != (size, size):
+            problems.append(f"{where}: image is {h}x{w} but metadata.json says {size}x{size}")
+    except tf.errors.InvalidArgumentError as e:
+        problems.append(f"{where}: image does not decode as JPEG ({e.message.splitlines()[0]})")
+    return problems
+
+
 def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, heads: dict) -> tuple[int, list[str]]:
     """Returns (records read, problems) for one shard."""
     import tensorflow as tf
@@ -31,36 +62,24 @@ def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, he
     name = os.path.basename(path)
     classes, expected = meta.classes, shard.num_examples
     size = meta.image.square
-    if shard.sha256 is not None:
-        wrong = records.shard_mismatch(shard, records.file_digest(path), heads, full=True)
-        if wrong:
-            problems.append(wrong)
-    count = 0
+    digest, count = records.ShardDigest(), 0
     try:
-        for raw in tf.data.TFRecordDataset(path):
-            ex = records.parse_example(raw)
-            label = int(ex[records.LABEL])
-            synset = ex[records.SYNSET].numpy().decode()
-            where = f"{name} record {count} ({ex[records.FILENAME].numpy().decode()})"
-            if not 0 <= label < len(classes):
-                problems.append(f"{where}: label {label} outside 0..{len(classes) - 1}")
-            elif synset != classes[label].synset:
-                problems.append(f"{where}: label {label} is {classes[label].synset} but the record says {synset}")
+        # One read of the file: the records as they stream past, their bytes into the digest.
+        with tf.io.gfile.GFile(path, "rb") as f:
             try:
-                image = tf.io.decode_jpeg(ex[records.ENCODED], channels=0)
-                h, w, c = image.shape
-                if c != 3:
-                    problems.append(f"{where}: image has {c} channels, expected 3")
-                if (h, w) != (int(ex[records.HEIGHT]), int(ex[records.WIDTH])):
-                    problems.append(f"{where}: image is {h}x{w} but the record says "
-                                    f"{int(ex[records.HEIGHT])}x{int(ex[records.WIDTH])}")
-                elif size is not None and (h, w) != (size, size):
-                    problems.append(f"{where}: image is {h}x{w} but metadata.json says {size}x{size}")
-            except tf.errors.InvalidArgumentError as e:
-                problems.append(f"{where}: image does not decode as JPEG ({e.message.splitlines()[0]})")
-            count += 1
+                for raw in records.read_records(f, tf.io.gfile.stat(path).length, digest):
+                    problems.extend(_check_record(raw, f"{name} record {count}", classes, size))
+                    count += 1
+            except records.DamagedRecord as e:
+                problems.append(f"{name}: unreadable after {count} records ({e})")
+            while chunk := f.read(1 << 22):  # What follows a damaged record still counts in the digest.
+                digest.update(chunk)
     except tf.errors.OpError as e:
         problems.append(f"{name}: unreadable after {count} records ({e.message.splitlines()[0]})")
+    else:
+        wrong = shard.sha256 is not None and records.shard_mismatch(shard, digest, heads, full=True)
+        if wrong:  # The shard's identity first, then what it holds.
+            problems.insert(0, wrong)
     if count != expected:
         problems.append(f"{name}: holds {count} records, metadata.json says {expected}")
     return count, problems

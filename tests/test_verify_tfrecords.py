@@ -240,3 +240,59 @@ def test_the_shard_holding_a_damaged_record_is_found_from_the_offset_alone(copy)
         for _ in tf.data.TFRecordDataset(str(target)):
             pass
     assert records.damaged_at(str(target), offset) and not records.damaged_at(str(target), offset + 12)
+
+
+def _read_all(path, digest=None):
+    with open(path, "rb") as f:
+        return list(records.read_records(f, os.path.getsize(path), digest))
+
+
+def test_one_read_gives_tensorflows_records_and_the_digest_and_names_damage_as_tensorflow_does(copy):
+    dst, meta = copy
+    shard = meta.splits["train"].shards[1]
+    target = dst / shard.file
+    digest = records.ShardDigest()
+    got = _read_all(target, digest)
+    assert got == [r.numpy() for r in tf.data.TFRecordDataset(str(target))] and len(got) == shard.num_examples
+    assert digest.info() == {"bytes": shard.bytes, "sha256": shard.sha256, "head_sha256": shard.head_sha256}
+
+    offset = sum(len(r) + 16 for r in got[:5])  # Where record 5 starts.
+    clean = target.read_bytes()
+    for at, flip, message in ((offset + 12 + 100, None, f"corrupted record at {offset + 12}"),  # Its data.
+                              (offset + 2, None, f"corrupted record at {offset}"),  # Its length field.
+                              (None, len(clean) - 3, f"truncated record at {sum(len(r) + 16 for r in got[:-1])}")):
+        data = bytearray(clean)
+        if at is not None:
+            data[at] ^= 0xFF
+        else:
+            del data[flip:]
+        target.write_bytes(bytes(data))
+        with pytest.raises(tf.errors.DataLossError) as tf_error:
+            for _ in tf.data.TFRecordDataset(str(target)):
+                pass
+        if at is not None:  # TensorFlow's words for the same place.
+            assert message in tf_error.value.message
+        with pytest.raises(records.DamagedRecord, match=message):
+            _read_all(target)
+    # A length field claiming more than the file holds (its CRC recomputed to match) is not read.
+    data = bytearray(clean)
+    huge = (1 << 60).to_bytes(8, "little")
+    data[offset:offset + 12] = huge + records._masked_crc32c(huge).to_bytes(4, "little")
+    target.write_bytes(bytes(data))
+    with pytest.raises(records.DamagedRecord, match=f"truncated record at {offset}"):
+        _read_all(target)
+
+
+def test_verify_names_the_damaged_record_and_still_digests_the_rest(copy):
+    dst, meta = copy
+    shard = meta.splits["train"].shards[1]
+    target = dst / shard.file
+    got = _read_all(target)
+    offset = sum(len(r) + 16 for r in got[:5])
+    data = bytearray(target.read_bytes())
+    data[offset + 12 + 100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    problems = verify_tfrecords.verify(str(dst), progress=False)
+    assert f"{shard.file}: unreadable after 5 records (corrupted record at {offset + 12})" in problems
+    assert f"{shard.file}: holds 5 records, metadata.json says {shard.num_examples}" in problems
+    assert any(p.startswith(f"{shard.file} differs from the file this build wrote") for p in problems)
