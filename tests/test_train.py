@@ -140,13 +140,17 @@ def test_bad_data_dir_is_a_clear_error(tmp_path):
 
 def test_mirrored_over_two_cpu_devices(built, tmp_path):
     out, _ = built
+    flags = [f for f in TINY if f != "--nofigures"] + ["--figure_pool=20"]  # The figures drawn from a mirrored model.
     proc = _run(["--data_dir", out, "--model_dir", str(tmp_path), "--strategy=mirrored", "--cpu_devices=2",
-                 "--steps_per_epoch=2", "--epochs=1", *TINY])
+                 "--steps_per_epoch=2", "--epochs=1", *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "with 2 replicas" in proc.stderr
     assert "validation top-1 error" in proc.stdout
     (h,) = json.loads((tmp_path / "history.json").read_text())
     assert h["epoch"] == 1 and 0 <= h["val_top1_error"] <= 1
+    assert "conv1_kernels" in _event_tags(str(tmp_path / "tensorboard" / "train"))
+    assert {"top5_predictions", "fc7_nearest_neighbours", "per_class_top1_error", "worst_classes"} <= _event_tags(
+        str(tmp_path / "tensorboard" / "validation"))
 
 
 # -- two workers on 127.0.0.1 -------------------------------------------------
