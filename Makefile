@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-recipes bench-loop bench-gpu rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-service: $(STAMP)
 # benchmarks/results/figures-cpu.json.
 bench-figures: $(STAMP)
 	$(PY) -m benchmarks.figures $(BENCH_FIGURES)
+
+# TensorBoard's weight histograms: tf.summary.histogram against the trainer's own, side by side.
+bench-histograms: $(STAMP)
+	$(PY) -m benchmarks.histograms $(BENCH_HISTOGRAMS)
 
 # The three --recipe values trained side by side on the sample and on a 1000-class
 # ImageNet-shaped sample: loss curves, final errors, stall warnings;

@@ -74,7 +74,8 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
 
     def one(args):
         image_bytes, index = args
-        known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in input_pipeline.IMAGE_MAGIC])
+        known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m)
+                               for m in input_pipeline.IMAGE_MAGIC])
         # A clear error for the request, naming the batch element; the serving
         # process carries on. The first bytes go in as numbers: raw binary in an
         # error message is not valid UTF-8 for the client that decodes it.
