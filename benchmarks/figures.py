@@ -21,14 +21,13 @@ benchmarks/results/figures-cpu.json. Not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 
-from benchmarks.measure import REPO
+from benchmarks.measure import REPO, write_result
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
@@ -134,11 +133,7 @@ def main(argv=None) -> None:
         data_dir = args.data_dir or _sample_records(work)
         r = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
              "command": "python -m benchmarks.figures", **bench(data_dir, work, args.runs, args.figure_pool)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(r, f, indent=2)
-    print(table(r))
-    print(f"wrote {args.out}")
+    write_result(args.out, r, table(r))
 
 
 if __name__ == "__main__":

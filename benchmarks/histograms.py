@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.measure import REPO
+from benchmarks.measure import REPO, write_result
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 WAYS = ("tensorboard", "numpy")
@@ -96,11 +96,7 @@ def main(argv=None) -> None:
          "layers": args.layers or "all", "values": ways["numpy"]["values"], **ways,
          "speedup": ways["tensorboard"]["seconds"] / max(ways["numpy"]["seconds"], 1e-9),
          "memory_ratio": ways["tensorboard"]["peak_extra_mb"] / max(ways["numpy"]["peak_extra_mb"], 1.0)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(r, f, indent=2)
-    print(table(r))
-    print(f"wrote {args.out}")
+    write_result(args.out, r, table(r))
 
 
 if __name__ == "__main__":

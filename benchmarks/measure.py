@@ -1,12 +1,22 @@
-"""Running a benchmark's command and measuring it: wall time and peak memory of its process tree."""
+"""Running and recording a benchmark: wall time and peak memory of its process tree, results written as JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_result(path: str, result: dict, table: str) -> None:
+    """Saves a benchmark's result as JSON at `path` and prints its table."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(table)
+    print(f"wrote {path}")
 
 
 def run_stage(name: str, cmd: list[str], log_dir: str) -> dict:
