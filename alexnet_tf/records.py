@@ -307,6 +307,11 @@ class ShardDigest:
         self.full.update(data)
         self.size += len(data)
 
+    def update_from(self, f) -> None:
+        """Feeds the rest of an open binary file, 4 MiB at a time."""
+        while chunk := f.read(1 << 22):
+            self.update(chunk)
+
     def info(self) -> dict:
         """{"bytes", "sha256", "head_sha256"}, as `ShardInfo` has them."""
         return {"bytes": self.size, "sha256": self.full.hexdigest(), "head_sha256": self.head.hexdigest()}
@@ -334,9 +339,15 @@ def file_digest(path: str, head_only: bool = False) -> ShardDigest:
             d.update(f.read(HEAD_BYTES))
             d.size = tf.io.gfile.stat(path).length
             return d
-        while chunk := f.read(1 << 22):
-            d.update(chunk)
+        d.update_from(f)
     return d
+
+
+def _record_length(header: bytes) -> int | None:
+    """The data length a TFRecord header (length, masked CRC of the length) gives; None if short or failing its CRC."""
+    if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc32c(header[:8]):
+        return None
+    return struct.unpack("<Q", header[:8])[0]
 
 
 class DamagedRecord(ValueError):
@@ -363,9 +374,9 @@ def read_records(f, size: int, digest: ShardDigest | None = None):
 
     pos = 0
     while header := read(12):
-        if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc32c(header[:8]):
+        n = _record_length(header)
+        if n is None:
             raise DamagedRecord(f"{'truncated' if len(header) < 12 else 'corrupted'} record at {pos}")
-        n = struct.unpack("<Q", header[:8])[0]
         if pos + 16 + n > size:  # Before reading: a length past the end is not allocated.
             raise DamagedRecord(f"truncated record at {pos}")
         data, crc = read(n), read(4)
@@ -850,23 +861,18 @@ def damaged_at(path: str, offset: int) -> bool:
     """
     import tensorflow as tf
 
-    def length(header: bytes) -> int | None:
-        if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc32c(header[:8]):
-            return None
-        return struct.unpack("<Q", header[:8])[0]
-
     with tf.io.gfile.GFile(path, "rb") as f:
         pos = 0
         while pos + 12 < offset:
             f.seek(pos)
-            n = length(f.read(12))
+            n = _record_length(f.read(12))
             if n is None:
                 return False  # Damaged before `offset`, or not a TFRecord file: not the record named.
             pos += 12 + n + 4
         if pos not in (offset, offset - 12):
             return False
         f.seek(pos)
-        n = length(f.read(12))
+        n = _record_length(f.read(12))
         if n is None:
             return pos == offset
         data, crc = f.read(n), f.read(4)

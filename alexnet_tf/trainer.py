@@ -297,20 +297,20 @@ def write_histogram(name: str, values, buckets: int = 30) -> None:
     from tensorboard.plugins.histogram import metadata
 
     x = np.asarray(values).ravel()
-    chunks = [c[np.isfinite(c)] for c in (x[i:i + (1 << 22)] for i in range(0, x.size, 1 << 22))]
-    chunks = [c for c in chunks if c.size]
-    if not chunks:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
         rows = np.zeros((buckets, 3))
     else:
-        lo, hi = min(float(c.min()) for c in chunks), max(float(c.max()) for c in chunks)
+        lo, hi = float(x.min()), float(x.max())
         if lo == hi:
             counts = np.zeros(buckets)
-            counts[-1] = sum(c.size for c in chunks)
+            counts[-1] = x.size
             rows = np.stack([np.full(buckets, hi), np.full(buckets, hi), counts], axis=1)
         else:
-            width = (hi - lo) / buckets
-            counts = sum(np.bincount(np.minimum(np.floor((c.astype(np.float64) - lo) / width).astype(np.int64),
-                                                buckets - 1), minlength=buckets) for c in chunks)
+            width, chunk = (hi - lo) / buckets, 1 << 22  # float64 temporaries of 4 Mi values at most.
+            counts = sum(np.bincount(np.minimum(np.floor((x[i:i + chunk].astype(np.float64) - lo) / width)
+                                                .astype(np.int64), buckets - 1), minlength=buckets)
+                         for i in range(0, x.size, chunk))
             edges = np.linspace(lo, hi, buckets + 1)
             edges[-1] = hi
             rows = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)

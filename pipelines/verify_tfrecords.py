@@ -72,8 +72,7 @@ def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, he
                     count += 1
             except records.DamagedRecord as e:
                 problems.append(f"{name}: unreadable after {count} records ({e})")
-            while chunk := f.read(1 << 22):  # What follows a damaged record still counts in the digest.
-                digest.update(chunk)
+            digest.update_from(f)  # What follows a damaged record still counts in the digest.
     except tf.errors.OpError as e:
         problems.append(f"{name}: unreadable after {count} records ({e.message.splitlines()[0]})")
     else:
