@@ -101,6 +101,21 @@ def exact_rates(sums) -> dict:
     return rates([loss * LOSS_UNIT if not nonfinite else float("nan"), top1, top5, count])
 
 
+def pad_batch(images, size: int):
+    """`images` with zero images appended up to `size` along the batch axis.
+
+    Appended with a concatenation, not `tf.pad`: with oneDNN (TensorFlow's
+    default on x86), Grappler fuses a Pad followed by a convolution into the
+    convolution's own padding, and on CPUs with AVX-512 the fused kernel drops
+    padding along the batch axis when the batch size is unknown at trace time:
+    the network then saw the unpadded batch and the reshape before fc6 failed.
+    A concatenation has no such rewrite, on any CPU and in any precision.
+    """
+    n = tf.shape(images)[0]
+    zeros = tf.zeros(tf.concat([[size - n], tf.shape(images)[1:]], axis=0), images.dtype)
+    return tf.concat([images, zeros], axis=0)
+
+
 class Evaluator:
     """Validation loss and top-1/top-5 error with the central patch (or the paper's 10 patches).
 
@@ -139,7 +154,7 @@ class Evaluator:
 
         def forward(images, labels, size):
             n = tf.shape(labels)[0]
-            padded = tf.pad(images, [[0, size - n]] + [[0, 0]] * (len(images.shape) - 1))  # Full batches: no copy.
+            padded = pad_batch(images, size)
             # Log-probabilities, not probabilities: a softmax that underflows to
             # zeros would tie classes and cap the loss.
             if len(images.shape) == 5:  # (batch, 10, h, w, 3): average the softmax of the patches.

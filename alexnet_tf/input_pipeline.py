@@ -98,10 +98,10 @@ def _mean_patch(stats: ColorStats, top, left, crop: int):
     return tf.slice(mean, tf.stack([top, left, 0]), [crop, crop, 3])
 
 
-# The largest image decoded, in pixels: the build's limit too (pipelines.image_processing.MAX_PIXELS).
-MAX_PIXELS = 128 * 1024 * 1024
-# The formats read, by their first bytes (serving's check of its inputs too).
-IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
+# The largest image decoded and the formats read, by their first bytes (serving's
+# check of its inputs too): the build's, from the data contract.
+MAX_PIXELS = records.MAX_PIXELS
+IMAGE_MAGIC = records.IMAGE_MAGIC
 
 
 def header_size(image_bytes):

@@ -39,6 +39,15 @@ SYNSET = "image/class/synset"
 TEXT = "image/class/text"
 FILENAME = "image/filename"
 
+# The image formats the build accepts and serving decodes: one list for both
+# sides (each is one TensorFlow's `tf.io.decode_image` reads), by its name in
+# Pillow (`Image.format`), with the first bytes that identify it.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
+# The largest image decoded, in pixels (height x width), by the build and by
+# serving: decompression bombs and damaged headers stop here.
+MAX_PIXELS = 128 * 1024 * 1024
+
 _SHARD_RE = re.compile(r"^(train|validation)-(\d{5})-of-(\d{5})$")
 
 

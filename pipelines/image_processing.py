@@ -14,9 +14,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from alexnet_tf import records
+
 # Decompression bombs are rejected by PIL above this; ImageNet's largest images
 # are far below it, and a larger input is almost surely damaged or hostile.
-MAX_PIXELS = 128 * 1024 * 1024
+MAX_PIXELS = records.MAX_PIXELS
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
