@@ -8,6 +8,7 @@ hyperparameter is one field here and nothing else. Defaults are the paper's (§5
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from alexnet_tf import recipes
 
@@ -16,6 +17,10 @@ MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
 
 def _field(default, help: str, choices: tuple[str, ...] | None = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work with these records or devices (found before anything is written)."""
 
 
 @dataclasses.dataclass
@@ -88,6 +93,14 @@ class TrainConfig:
     verbose: bool = _field(True, "Progress bar and per-epoch lines on the console.")
 
     def __post_init__(self):
+        self._check()
+
+    def _check(self) -> None:
+        """Raises ValueError naming the first setting that cannot work (the flag's name, its value, the range)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         if self.mixed_precision is True or self.mixed_precision is False:  # The old boolean form.
             self.mixed_precision = "auto" if self.mixed_precision else "off"
         if self.mixed_precision not in MIXED_PRECISION:
@@ -101,6 +114,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be 0 or more, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) (the share of fc6/fc7 units dropped), got {self.dropout}")
+        for name in ("weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr_patience", "histogram_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_lr_decays < 0 or any(e < 1 for e in self.lr_decay_epochs):
+            raise ValueError(f"max_lr_decays must be 0 or more and lr_decay_epochs at least 1, got "
+                             f"{self.max_lr_decays} and {list(self.lr_decay_epochs)}")
         recipes.get(self.recipe)
         if self.lr_steps < 2 or not self.lr_final_factor > 0:
             raise ValueError(f"lr_steps must be at least 2 and lr_final_factor above 0, got {self.lr_steps} and "

@@ -185,6 +185,9 @@ class Evaluator:
         batch = self.batch_size
         if ten_crop:
             batch = max(1, batch // 10)
+        # Never wider than the split: a partial batch is padded to the full batch
+        # size, and a batch of 100,000 for 100 images would pad to gigabytes.
+        batch = min(batch, max(1, self.meta.split(split).num_examples))
         if self.workers > 1 or self.strategy.num_replicas_in_sync == 1:
             # One device per worker; each of several workers reads its own share.
             context = (tf.distribute.InputContext(self.workers, distribute.worker_index(self.strategy), 1)

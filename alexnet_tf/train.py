@@ -18,6 +18,7 @@ import dataclasses
 import logging as std_logging
 import sys
 import typing
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -69,7 +70,13 @@ def config_from_flags() -> config_lib.TrainConfig:
         recipe = explicit.pop("recipe", None)
         return config_lib.make_config(FLAGS.preset, recipe, **explicit)  # Unset fields: the flags' defaults.
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
+        fail(f"--{e}" if str(e).split(" ")[0] in FLAGS else str(e))
+
+
+def fail(message: str) -> NoReturn:
+    """The run cannot start or go on: one line on stderr, exit status 1."""
+    print(f"train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main(argv):
@@ -79,7 +86,10 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (every setting is a --flag; see --help)")
+    if FLAGS.cpu_devices < 1 or FLAGS.gpu_split < 1 or FLAGS.gpu_split_memory_mb < 0:
+        fail(f"--cpu_devices and --gpu_split must be at least 1 and --gpu_split_memory_mb 0 or more, got "
+             f"{FLAGS.cpu_devices}, {FLAGS.gpu_split} and {FLAGS.gpu_split_memory_mb}")
     config = config_from_flags()
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
@@ -92,16 +102,14 @@ def main(argv):
         if config.data_service:
             data_service.check_reachable(config.data_service)
     except (records.MetadataError, data_service.ServiceError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
     try:
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
-    except (distribute.RunConflict, records.MetadataError) as e:  # Found before anything is written.
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (distribute.RunConflict, records.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
+        fail(str(e))
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
@@ -113,5 +121,19 @@ def main(argv):
               f"(top-1 accuracy {1 - last['val_top1_error']:.2%}) after {last['epoch']} epochs")
 
 
+HELP_FLAGS = ("-h", "-?", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def run() -> None:
+    """The command: absl's flags and `main`, where asking for help exits 0 (absl's own exits 1)."""
+    asked = any(a.split("=")[0] in HELP_FLAGS for a in sys.argv[1:])
+    try:
+        app.run(main)
+    except SystemExit as e:
+        if asked and e.code == 1:
+            sys.exit(0)
+        raise
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

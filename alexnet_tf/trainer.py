@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from alexnet_tf import (distribute, evaluation, export, figures, input_pipeline, model as model_lib, recipes, records,
                         run_dir)
-from alexnet_tf.config import TrainConfig
+from alexnet_tf.config import ConfigError, TrainConfig
 
 
 def say(chief: bool, message: str) -> None:
@@ -419,14 +419,23 @@ def read_data(config: TrainConfig, strategy) -> Data:
     """The records' metadata, checked against the batch size and the replicas."""
     meta = records.load_metadata(config.data_dir)
     records.check_shards(config.data_dir, meta)
-    stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
+    try:
+        stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
+    except ValueError as e:  # --mean=image on records of many sizes.
+        raise ConfigError(str(e)) from None
     num_train = meta.split("train").num_examples
+    if config.batch_size > num_train:
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the {num_train} training examples of "
+                          f"{config.data_dir}")
     steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
-    if config.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch size {config.batch_size} does not divide over "
-                         f"{strategy.num_replicas_in_sync} replicas")
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} does not divide over the {replicas} replicas; use a "
+                          f"multiple of {replicas} (or another --cpu_devices / --gpu_split)")
+    if meta.image.square is not None and meta.image.square < input_pipeline.CROP:
+        raise ConfigError(f"{config.data_dir} holds {meta.image.square}x{meta.image.square} images, smaller than "
+                          f"the network's {input_pipeline.CROP}x{input_pipeline.CROP} input patches; rebuild the "
+                          f"records with --image_size of at least {input_pipeline.CROP} (the paper's 256)")
     has_val = "validation" in meta.splits and meta.splits["validation"].num_examples > 0
     return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
