@@ -132,6 +132,128 @@ def header_size(image_bytes):
                    default=lambda: tf.zeros([2], tf.int64))
 
 
+def _byte_reader(image_bytes):
+    """A function i (int32 or int64) -> the i-th byte of `image_bytes` as int32 (0 past the end)."""
+    data = tf.concat([tf.cast(tf.io.decode_raw(image_bytes, tf.uint8), tf.int32), [0]], 0)
+    last = tf.size(data, out_type=tf.int64) - 1
+    return lambda i: data[tf.minimum(tf.cast(i, tf.int64), last)]
+
+
+def _gif_transparency(image_bytes):
+    """(transparent, table_start, table_size) of a GIF's first frame, from its blocks.
+
+    `transparent`: the frame's Graphic Control Extension names a transparent
+    colour index; the colour table the frame uses (its own, or the global
+    one) lies at bytes [table_start, table_start + table_size).
+    """
+    at = _byte_reader(image_bytes)
+    n = tf.strings.length(image_bytes)
+
+    def table(flags):  # Colour table flag and size: 3 * 2^(bits 0-2 + 1) bytes.
+        return tf.where(tf.bitwise.bitwise_and(flags, 0x80) > 0,
+                        3 * tf.bitwise.left_shift(2, tf.bitwise.bitwise_and(flags, 7)), 0)
+
+    global_size = table(at(10))
+
+    def skip_sub_blocks(o):  # Data sub-blocks: a length byte and that many bytes, up to a 0 length.
+        end, = tf.while_loop(lambda o: tf.logical_and(o < n, at(o) > 0), lambda o: (o + at(o) + 1,), (o,))
+        return end + 1
+
+    def step(o, transparent, start, size, done):
+        kind, label = at(o), at(o + 1)
+        is_gce = tf.logical_and(tf.equal(kind, 0x21), tf.equal(label, 0xF9))
+        transparent = tf.where(is_gce, tf.bitwise.bitwise_and(at(o + 3), 1) > 0, transparent)
+        descriptor = tf.equal(kind, 0x2C)  # The first image: its own table follows its 10 bytes if flagged.
+        own = table(at(o + 9))
+        start = tf.where(tf.logical_and(descriptor, own > 0), o + 10, start)
+        size = tf.where(tf.logical_and(descriptor, own > 0), own, size)
+        done = tf.logical_or(descriptor, tf.not_equal(kind, 0x21))  # An image, the trailer, or damage.
+        o = tf.cond(done, lambda: o, lambda: skip_sub_blocks(o + 2))
+        return o, transparent, start, size, done
+
+    _, transparent, start, size, done = tf.while_loop(
+        lambda o, t, s, z, done: tf.logical_and(tf.logical_not(done), o < n), step,
+        [13 + global_size, tf.constant(False), tf.constant(13), global_size, tf.constant(False)])
+    return tf.logical_and(transparent, done), start, size
+
+
+def _png_has_trns(image_bytes):
+    """Whether a PNG has a tRNS chunk (transparent palette entries) before its image data."""
+    at = _byte_reader(image_bytes)
+    n = tf.cast(tf.strings.length(image_bytes), tf.int64)
+
+    def step(o, found, done):  # A chunk: 4-byte big-endian length, 4-byte type, data, 4-byte CRC.
+        length = sum(tf.cast(at(o + i), tf.int64) * 2 ** (24 - 8 * i) for i in range(4))
+        kind = tf.strings.substr(image_bytes, tf.cast(o + 4, tf.int32), 4)
+        found = tf.equal(kind, "tRNS")
+        done = tf.reduce_any(tf.equal(kind, ["tRNS", "IDAT", "IEND"]))
+        return o + 12 + length, found, done
+
+    return tf.while_loop(lambda o, found, done: tf.logical_and(tf.logical_not(done), o + 8 <= n), step,
+                         [tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)])[1]
+
+
+def composite_on_white(rgba):
+    """(h, w, 4) uint8 -> (h, w, 3) uint8: the build's transparency on white, to the bit.
+
+    Pillow's paste through the alpha mask onto white: each channel c with
+    alpha a becomes (255 (255 - a) + c a) / 255, rounded to nearest by the
+    integer steps Pillow takes (v + 128, then (v + v >> 8) >> 8).
+    """
+    x = tf.cast(rgba, tf.int32)
+    a = x[..., 3:]
+    v = 255 * (255 - a) + x[..., :3] * a + 128
+    return tf.cast(tf.bitwise.right_shift(tf.bitwise.right_shift(v, 8) + v, 8), tf.uint8)
+
+
+def decode_rgb(image_bytes):
+    """Any JPEG, PNG, GIF or BMP -> (height, width, 3) uint8 RGB, the build's pixels to the bit.
+
+    The one decode of evaluation, the figures and the exported model's
+    serving signature. Transparency is treated as the build treats it
+    (`pipelines.image_processing`): a PNG with an alpha channel (RGBA,
+    gray + alpha) or a palette with transparent entries (tRNS), and a GIF
+    whose first frame has a transparent colour index, are composited on
+    white with the build's own arithmetic (`composite_on_white`). TensorFlow
+    alone would drop the alpha channel (showing whatever colour lies under a
+    transparent pixel) and show a GIF's transparent index as black. An RGB or
+    gray PNG's single transparent colour (tRNS) is kept as its colour, as the
+    build keeps it. GIFs and BMPs give their first frame.
+    """
+    def starts(magic):
+        return tf.equal(tf.strings.substr(image_bytes, 0, len(magic)), magic)
+
+    def png():
+        # Colour type (IHDR byte 25): 4 gray + alpha, 6 RGBA; 3 a palette, transparent with a tRNS chunk.
+        colour_type = _byte_reader(image_bytes)(25)
+        alpha = tf.logical_or(tf.reduce_any(tf.equal(colour_type, [4, 6])),
+                              tf.logical_and(tf.equal(colour_type, 3), _png_has_trns(image_bytes)))
+        return tf.cond(alpha,
+                       lambda: composite_on_white(tf.io.decode_png(image_bytes, channels=4)),
+                       lambda: tf.io.decode_png(image_bytes, channels=3))
+
+    def gif():
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        transparent, start, size = _gif_transparency(image_bytes)
+
+        def on_white():
+            # The same GIF with every colour of its table white: opaque pixels
+            # decode white and the transparent ones (TensorFlow's) black.
+            white = tf.strings.substr(tf.constant(b"\xff" * 768), 0, size)
+            marked = tf.strings.join([tf.strings.substr(image_bytes, 0, start), white,
+                                      tf.strings.substr(image_bytes, start + size, -1)])
+            hidden = tf.io.decode_image(marked, channels=3, expand_animations=False)[..., :1] == 0
+            return tf.where(hidden, tf.constant(255, tf.uint8), image)
+
+        return tf.cond(transparent, on_white, lambda: image)
+
+    def other():  # JPEG and BMP: no transparency in the build either.
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+    image = tf.case([(starts(b"\x89PNG"), png), (starts(b"GIF8"), gif)], default=other)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def decode_square(image_bytes, size: int = SQUARE):
     """Any JPEG/PNG/GIF/BMP -> the paper's stored form: (size, size, 3) uint8.
 
@@ -143,7 +265,7 @@ def decode_square(image_bytes, size: int = SQUARE):
     it is scaled, as the build does: scaling a long thin image whole first
     (5000x1 to 1,280,000x256) would take gigabytes for nothing.
     """
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = decode_rgb(image_bytes)
     shape = tf.shape(image)[:2]
 
     def scale_and_crop():

@@ -125,3 +125,28 @@ def png_claiming(width: int, height: int) -> bytes:
     data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
     data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
     return bytes(data)
+
+
+def encode(image, fmt: str, **options) -> bytes:
+    """A PIL image's bytes in `fmt` (PNG, GIF, ...), with Pillow's save options."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def gif_with_own_colour_table(gif: bytes) -> bytes:
+    """The same GIF with its global colour table moved into its first frame's own (local) table."""
+    flags = gif[10]
+    size = 3 * (2 << (flags & 7))
+    table, rest = gif[13:13 + size], gif[13 + size:]
+    o = 0
+    while rest[o] == 0x21:  # Extensions before the image: label, then sub-blocks up to a 0 length.
+        o += 2
+        while rest[o]:
+            o += rest[o] + 1
+        o += 1
+    assert rest[o] == 0x2C, "no image descriptor"
+    descriptor = bytearray(rest[o:o + 10])
+    descriptor[9] = 0x80 | (flags & 7)
+    return (gif[:10] + bytes([flags & 0x7F]) + gif[11:13] + rest[:o] + bytes(descriptor) + table
+            + rest[o + 10:])

@@ -90,6 +90,45 @@ def test_png_input_and_any_size(exported):
     np.testing.assert_allclose(probs[1], probs[0], rtol=1e-4, atol=1e-6)
 
 
+def test_the_colour_under_a_transparent_pixel_never_changes_the_prediction(exported):
+    from conftest import encode
+
+    path, _, _, out, meta = exported
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    base = np.asarray(Image.open(io.BytesIO(read_split(out, meta, "validation")[0]["jpeg"])).convert("RGB"))
+    hidden = np.zeros(base.shape[:2], bool)
+    hidden[:, :100] = True  # The left 100 columns are fully transparent.
+
+    def rgba_png(colour):
+        rgba = np.dstack([base, np.full(base.shape[:2], 255, np.uint8)])
+        rgba[hidden] = [*colour, 0]
+        return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+    quantized = Image.fromarray(base).quantize(255)  # Index 255 is free for the transparent colour.
+    indices = np.asarray(quantized).copy()
+    indices[hidden] = 255
+
+    def gif(colour):
+        p = Image.fromarray(indices, "P")
+        p.putpalette(quantized.getpalette()[:765] + list(colour))
+        return encode(p, "GIF", transparency=255, optimize=False)
+
+    def on_white(rgb):  # What the build stores: the transparent pixels white.
+        rgb = rgb.copy()
+        rgb[hidden] = 255
+        return encode(Image.fromarray(rgb), "PNG")
+
+    shown = np.asarray(quantized.convert("RGB"))
+    images = [rgba_png((255, 0, 0)), rgba_png((0, 0, 255)), on_white(base),
+              gif((255, 0, 0)), gif((0, 0, 0)), on_white(shown)]
+    probs = serve(images=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_array_equal(probs[0], probs[1])
+    np.testing.assert_array_equal(probs[0], probs[2])
+    np.testing.assert_array_equal(probs[3], probs[4])  # TensorFlow alone shows a GIF's transparent pixels black.
+    np.testing.assert_array_equal(probs[3], probs[5])
+    assert not np.array_equal(probs[0], probs[3])  # The comparisons can tell images apart.
+
+
 def test_class_list_is_an_asset(exported):
     path, _, _, _, meta = exported
     lines = open(os.path.join(path, "assets", export.CLASSES_ASSET)).read().splitlines()

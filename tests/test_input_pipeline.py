@@ -161,6 +161,90 @@ def test_decode_square_scales_the_shorter_side_and_crops_the_centre():
     np.testing.assert_array_equal(ip.decode_square(tf.io.encode_png(same)).numpy(), same)  # No resampling.
 
 
+def _build_rgb(data: bytes) -> np.ndarray:
+    """The build's decoded RGB of an input (pipelines.image_processing: open, load, to RGB)."""
+    from pipelines import image_processing
+
+    img = image_processing._open(data)
+    img.load()
+    return np.asarray(image_processing._to_rgb(img))
+
+
+def _png16(values: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG (Pillow writes none) of (h, w, channels) uint16 values."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    raw = b"".join(b"\0" + values[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _transparent_inputs():
+    """{name: bytes}: every kind of transparency the build composites on white, and look-alikes it does not."""
+    from PIL import Image
+
+    from conftest import encode, gif_with_own_colour_table
+
+    rng = np.random.default_rng(11)
+    # Every (colour, alpha) pair once: the compositing arithmetic, exhaustively.
+    c, a = np.meshgrid(np.arange(256), np.arange(256))
+    every = np.stack([c, 255 - c, (c * 7) % 256, a], -1).astype(np.uint8)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgba[:, :10, 3] = 0  # Fully transparent columns, fully opaque rows.
+    rgba[:5, :, 3] = 255
+    palette = Image.fromarray(rng.integers(0, 16, (37, 53), dtype=np.uint8), "P")
+    palette.putpalette(rng.integers(0, 256, 48).tolist())
+    gif = encode(palette, "GIF", transparency=3, comment=b"x" * 600)  # A comment block before the image.
+    gray = Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8), "L")
+    return {
+        "rgba_png_every_pair": encode(Image.fromarray(every, "RGBA"), "PNG"),
+        "rgba_png": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "la_png": encode(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG"),
+        "palette_png_trns_alphas": encode(palette, "PNG",
+                                          transparency=bytes(rng.integers(0, 256, 16, dtype=np.uint8))),
+        "palette_png_trns_index": encode(palette, "PNG", transparency=3),
+        "gif_transparent_index": gif,
+        "gif_transparent_index_own_table": gif_with_own_colour_table(gif),
+        "gif_animated": encode(palette, "GIF", transparency=5, save_all=True,
+                               append_images=[palette.rotate(90)], loop=0),
+        "rgba_png_16_bit": _png16(rng.integers(0, 65536, (37, 53, 4), dtype=np.uint16), 6),
+        "la_png_16_bit": _png16(rng.integers(0, 65536, (37, 53, 2), dtype=np.uint16), 4),
+        # No transparency the build composites: a palette without tRNS (TensorFlow's
+        # 4-channel decode gives it alpha 15 at 4 bits a pixel), a GIF without a
+        # transparent index, an RGB or gray PNG's single transparent colour.
+        "palette_png_opaque": encode(palette, "PNG"),
+        "gif_opaque": encode(palette, "GIF"),
+        "gif_opaque_own_table": gif_with_own_colour_table(encode(palette, "GIF")),
+        "rgb_png_trns_colour": encode(Image.fromarray(rgba[..., :3]), "PNG",
+                                      transparency=tuple(int(v) for v in rgba[0, 0, :3])),
+        "gray_png_trns_colour": encode(gray, "PNG", transparency=int(gray.getpixel((0, 0)))),
+        "rgba_bmp": encode(Image.fromarray(rgba, "RGBA"), "BMP"),
+    }
+
+
+TRANSPARENT = _transparent_inputs()
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPARENT))
+def test_decode_rgb_is_the_builds_decode_bit_for_bit(name):
+    data = TRANSPARENT[name]
+    expected = _build_rgb(data)
+    np.testing.assert_array_equal(ip.decode_rgb(tf.constant(data)).numpy(), expected)
+    # The same inside a graph (the exported model's, Dataset.map's).
+    np.testing.assert_array_equal(tf.function(ip.decode_rgb)(tf.constant(data)).numpy(), expected)
+
+
+def test_decode_square_takes_the_shared_decode():
+    data = TRANSPARENT["rgba_png_every_pair"]  # 256 x 256: the square itself, not resampled.
+    np.testing.assert_array_equal(ip.decode_square(tf.constant(data)).numpy(), _build_rgb(data))
+
+
 def test_train_dataset_batches(data):
     out, meta, stats, _ = data
     ds = ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50)
