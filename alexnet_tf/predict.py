@@ -10,8 +10,40 @@ error and the others still run; the exit status is 1 if any file failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
+
+# The serving signature's refusal of an image above the pixel limit (`alexnet_tf.export`).
+_TOO_LARGE = re.compile(r"of the batch is\] \[(\d+)\] \[x\] \[(\d+)\] \[pixels \(height x width\), above the limit "
+                        r"of (\d+) decoded pixels")
+
+
+def failure_reason(e) -> str:
+    """The one line of a failed serving call (a `tf.errors.OpError`) that says what is wrong with the image.
+
+    The message of an error inside a graph starts "Graph execution error:" and
+    the node's whereabouts; what the op said stands on the line before its
+    "[[{{node ...}}]]". The signature's own checks (`tf.debugging.Assert`)
+    come back as "assertion failed: [part] [part] ...", rewritten here in words.
+    """
+    lines = [line.strip() for line in e.message.splitlines()]
+    end = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
+    text = next((line for line in reversed(lines[:end]) if line and line != "<stack traces unavailable>"
+                 and not line.startswith(("Graph execution error", "Detected at node"))), "")
+    text = re.sub(r"\s*\[Op:[^\]]*\]$", "", text) or "unknown error"
+    if "not a JPEG, PNG" in text:
+        return "not a JPEG, PNG, GIF or BMP image"
+    large = _TOO_LARGE.search(text)
+    if large:
+        height, width, limit = map(int, large.groups())
+        return (f"{width}x{height}: {width * height:,} pixels, above the limit of {limit:,} decoded pixels "
+                "(a decompression bomb, or damaged)")
+    if text.startswith("assertion failed:"):
+        text = " ".join(re.findall(r"\[([^\[\]]*)\]", text)) or text
+    return text
 
 
 def predict_files(loaded, paths: list[str]):
@@ -35,10 +67,7 @@ def predict_files(loaded, paths: list[str]):
             yield path, "cannot be decoded (not a JPEG, PNG, GIF or BMP image)"
             continue
         except tf.errors.OpError as e:  # One bad file: say so and go on with the others.
-            reason = e.message.strip().splitlines()[0]
-            if "not a JPEG, PNG" in e.message:
-                reason = "not a JPEG, PNG, GIF or BMP image"
-            yield path, f"cannot be decoded ({reason})"
+            yield path, f"cannot be decoded ({failure_reason(e)})"
             continue
         top = [
             (n.decode(), s.decode(), float(p))
@@ -48,28 +77,68 @@ def predict_files(loaded, paths: list[str]):
         yield path, top
 
 
+@contextlib.contextmanager
+def native_stderr_held():
+    """Holds what is written to file descriptor 2 during the block; yields a stream to the real stderr.
+
+    TensorFlow writes its C++ log (start-up notes logged before its log level
+    applies; a failed check's "Local rendezvous is aborting ..." line beside
+    the error raised to Python) and libjpeg its warnings straight to file
+    descriptor 2. Held in a temporary file, they are dropped when the block
+    ends (predict reports each failure itself, in one line), and written out
+    when it ends in an unexpected exception, so nothing that explains a crash
+    is lost.
+    """
+    sys.stderr.flush()
+    real = os.dup(2)
+    own = os.fdopen(os.dup(real), "w", buffering=1)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield own
+        except BaseException as e:
+            sys.stderr.flush()
+            os.dup2(real, 2)
+            if not isinstance(e, SystemExit):
+                held.seek(0)
+                os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(real, 2)
+            os.close(real)
+            own.close()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m alexnet_tf.predict", description=__doc__.splitlines()[0])
     p.add_argument("--saved_model", required=True, help="A SavedModel exported by alexnet_tf.export.")
     p.add_argument("images", nargs="+", help="Image files (JPEG, PNG, GIF, BMP).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    with native_stderr_held() as stderr:
+        failed = _run(args, stderr)
+    sys.exit(1 if failed else 0)
 
+
+def _run(args, stderr) -> int:
+    """Prints each image's top 5; returns how many failed (their one-line errors go to `stderr`)."""
     import tensorflow as tf
 
     if not tf.io.gfile.exists(os.path.join(args.saved_model, "saved_model.pb")):
-        print(f"predict: error: {args.saved_model} is not a SavedModel (no saved_model.pb)", file=sys.stderr)
-        sys.exit(1)
+        print(f"predict: error: {args.saved_model} is not a SavedModel (no saved_model.pb)", file=stderr)
+        return 1
     loaded = tf.saved_model.load(args.saved_model)
     failed = 0
     for path, result in predict_files(loaded, args.images):
         if isinstance(result, str):
             failed += 1
-            print(f"predict: error: {path}: {result}", file=sys.stderr)
+            print(f"predict: error: {path}: {result}", file=stderr)
             continue
         print(f"{path}:")
         for rank, (name, synset, prob) in enumerate(result, 1):
             print(f"  {rank}. {name} ({synset}) {prob:.2%}")
-    sys.exit(1 if failed else 0)
+        sys.stdout.flush()
+    return failed
 
 
 if __name__ == "__main__":

@@ -348,3 +348,65 @@ def test_training_refuses_to_continue_a_run_on_other_classes(exported, tmp_path)
     assert (f"train: error: the run in {model_dir} and {other} have different classes: label 0 is "
             f"{meta.classes[0].synset}") in r.stderr
     assert open(info, "rb").read() == before  # Nothing of the run was overwritten.
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A valid 16x16 JPEG whose frame header (SOF0) claims width x height: a forged size in a tiny file."""
+    from conftest import encode
+
+    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 200, 30)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def predicted_bad_files(exported, tmp_path_factory):
+    """predict run on a good image and on bad ones: (completed process, {kind: path})."""
+    path, _, _, out, meta = exported
+    folder = tmp_path_factory.mktemp("predict")
+    jpeg = read_split(out, meta, "validation")[0]["jpeg"]
+    files = {"good": jpeg, "page": b"<html>not an image</html>", "forged": _jpeg_claiming(30000, 20000),
+             "truncated": jpeg[:len(jpeg) // 2]}  # libjpeg writes its own warning to stderr for this one.
+    paths = {}
+    for kind, data in files.items():
+        paths[kind] = folder / f"{kind}.jpg"
+        paths[kind].write_bytes(data)
+    return _cli("alexnet_tf.predict", "--saved_model", path, *map(str, paths.values())), paths
+
+
+def test_predict_writes_only_its_own_one_line_errors_to_stderr(predicted_bad_files):
+    proc, paths = predicted_bad_files
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[0] == f"{paths['good']}:" and len(proc.stdout.splitlines()) == 6
+    # No TensorFlow log line (a failed Assert's), no libjpeg warning, no start-up note: one line a bad file.
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert lines[0] == f"predict: error: {paths['page']}: cannot be decoded (not a JPEG, PNG, GIF or BMP image)"
+    assert lines[1].startswith(f"predict: error: {paths['forged']}: cannot be decoded (")
+    assert lines[2].startswith(f"predict: error: {paths['truncated']}: cannot be decoded (")
+    assert "Graph execution error" not in proc.stderr and "[[" not in proc.stderr
+
+
+def test_predict_names_the_pixel_limit_and_the_size_of_a_forged_image(predicted_bad_files):
+    from alexnet_tf import records
+
+    proc, paths = predicted_bad_files
+    assert (f"predict: error: {paths['forged']}: cannot be decoded (30000x20000: 600,000,000 pixels, above the "
+            f"limit of {records.MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged))"
+            ) in proc.stderr.splitlines()
+
+
+def test_predict_drops_native_stderr_only_when_it_ends_normally(capfd):
+    from alexnet_tf import predict
+
+    with predict.native_stderr_held() as own:
+        os.write(2, b"a native log line\n")
+        print("predict's own line", file=own)
+    err = capfd.readouterr().err
+    assert err == "predict's own line\n"
+    with pytest.raises(RuntimeError):
+        with predict.native_stderr_held():
+            os.write(2, b"what explains the crash\n")
+            raise RuntimeError("unexpected")
+    assert "what explains the crash" in capfd.readouterr().err  # Written out, not lost.
