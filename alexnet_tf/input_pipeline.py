@@ -200,7 +200,7 @@ def composite_on_white(rgba):
     alpha a becomes (255 (255 - a) + c a) / 255, rounded to nearest by the
     integer steps Pillow takes (v + 128, then (v + v >> 8) >> 8).
     """
-    x = tf.cast(rgba, tf.int32)
+    x = tf.cast(rgba, tf.uint16)  # Every step stays below 2^16: 255 * 255 + 128 + 254.
     a = x[..., 3:]
     v = 255 * (255 - a) + x[..., :3] * a + 128
     return tf.cast(tf.bitwise.right_shift(tf.bitwise.right_shift(v, 8) + v, 8), tf.uint8)

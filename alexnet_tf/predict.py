@@ -3,8 +3,11 @@ r"""Top-5 classes of image files, from an exported SavedModel.
     python -m alexnet_tf.predict --saved_model=runs/alexnet/saved_model cat.jpg dog.png
 
 Each image goes through the model's own `serving_default` signature (the same
-preprocessing as evaluation). A missing or undecodable file gets a one-line
-error and the others still run; the exit status is 1 if any file failed.
+preprocessing as evaluation), one request an image. The signature takes a
+batch of any size in chunks of 64 images (`export.SERVING_CHUNK`), so one
+request's memory is bounded whatever its size. A missing or undecodable file
+gets a one-line error and the others still run; the exit status is 1 if any
+file failed.
 """
 
 from __future__ import annotations
@@ -111,7 +114,12 @@ def native_stderr_held():
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m alexnet_tf.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m alexnet_tf.predict", description=__doc__.splitlines()[0],
+        epilog="Each image is one request to the model's serving_default signature, which decodes and runs "
+               "any batch 64 images at a time (alexnet_tf.export.SERVING_CHUNK): memory stays bounded, about "
+               "200 MB over the loaded model. Images above 134,217,728 pixels (records.MAX_PIXELS) are refused "
+               "from their header.")
     p.add_argument("--saved_model", required=True, help="A SavedModel exported by alexnet_tf.export.")
     p.add_argument("images", nargs="+", help="Image files (JPEG, PNG, GIF, BMP).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -129,6 +129,66 @@ def test_the_colour_under_a_transparent_pixel_never_changes_the_prediction(expor
     assert not np.array_equal(probs[0], probs[3])  # The comparisons can tell images apart.
 
 
+def test_serving_in_chunks_gives_the_whole_batchs_outputs(exported, tmp_path, monkeypatch):
+    path, model, stats, out, meta = exported
+    model_dir = os.path.dirname(path)
+    monkeypatch.setattr(export, "SERVING_CHUNK", 3)
+    chunked = tf.saved_model.load(export.export_trained(model, model_dir, str(tmp_path / "chunked")))
+    monkeypatch.setattr(export, "SERVING_CHUNK", 1000)  # The whole request at once.
+    whole = tf.saved_model.load(export.export_trained(model, model_dir, str(tmp_path / "whole")))
+    rows = read_split(out, meta, "validation")
+    images = tf.constant([rows[i % len(rows)]["jpeg"] for i in range(8)])  # Chunks of 3, 3 and 2.
+    a, b = (m.signatures["serving_default"](images=images) for m in (chunked, whole))
+    assert a.keys() == b.keys() and a["probabilities"].shape == (8, meta.num_classes)
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    x = tf.stack([input_pipeline.preprocess_for_eval(images[i], stats) for i in range(8)])
+    a, b = (m.signatures["preprocessed"](images=x) for m in (chunked, whole))
+    assert sorted(a) == ["fc7", "logits", "probabilities"]
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    empty = chunked.signatures["serving_default"](images=tf.constant([], tf.string))
+    assert empty["probabilities"].shape == (0, meta.num_classes) and empty["top5_names"].shape == (0, 5)
+    # A caller's static batch size stays in the outputs' shapes (the evaluation's ten patches reshape by it).
+    shapes = {}
+
+    @tf.function
+    def call(x):
+        out = chunked.preprocessed(x)
+        shapes.update({k: tuple(v.shape) for k, v in out.items()})
+        return out["logits"]
+
+    call.get_concrete_function(tf.TensorSpec([80, 227, 227, 3]))
+    assert shapes == {"logits": (80, meta.num_classes), "probabilities": (80, meta.num_classes), "fc7": (80, 4096)}
+
+
+MANY = textwrap.dedent("""
+    import resource, sys
+    import tensorflow as tf
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    jpeg = open(sys.argv[2], "rb").read()
+    serve(images=tf.constant([jpeg]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = serve(images=tf.constant([jpeg] * int(sys.argv[3])))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(out["probabilities"].shape[0], before // 1024, after // 1024)
+""")
+
+
+@pytest.mark.slow  # 1000 images through the network: about a minute on 2 cores.
+def test_a_large_request_takes_one_chunks_memory(exported, tmp_path):
+    path, _, _, out, meta = exported
+    image = tmp_path / "x.jpg"
+    image.write_bytes(read_split(out, meta, "validation")[0]["jpeg"])
+    r = subprocess.run([sys.executable, "-c", MANY, path, str(image), "1000"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, before_mib, after_mib = map(int, r.stdout.split())
+    assert n == 1000
+    # In chunks of 64: about 200 MiB over the loaded model. At once, 1000 images took about 5 GB.
+    assert after_mib - before_mib < 600, (before_mib, after_mib)
+
+
 def test_class_list_is_an_asset(exported):
     path, _, _, _, meta = exported
     lines = open(os.path.join(path, "assets", export.CLASSES_ASSET)).read().splitlines()
@@ -410,3 +470,14 @@ def test_predict_drops_native_stderr_only_when_it_ends_normally(capfd):
             os.write(2, b"what explains the crash\n")
             raise RuntimeError("unexpected")
     assert "what explains the crash" in capfd.readouterr().err  # Written out, not lost.
+
+
+def test_predicts_help_states_the_bounds(capsys):
+    from alexnet_tf import predict, records
+
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"batch {export.SERVING_CHUNK} images at a time" in text
+    assert f"above {records.MAX_PIXELS:,} pixels" in text
