@@ -73,13 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--imagenet_dir", default=None,
                    help="Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or extracted "
-                   "train/<synset>/ and val/ (flat or per synset). Default: the embedded sample, "
-                   "built into a cache folder on first use.")
+                   "train/<synset>/ and val/ (flat or per synset). Only regular files (or links to them) of at most "
+                   f"{members.MAX_MEMBER_BYTES // 2**20} MiB are read as images; others are rejected. Default: the "
+                   "embedded sample, built into a cache folder on first use.")
     p.add_argument("--val_labels", default=None,
                    help="Validation labels, one synset per line in file-number order. Default: "
                    "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
-                   "list shipped with tensorflow-datasets.")
-    p.add_argument("--output_dir", default="tfrecords", help="Where shards and metadata.json go.")
+                   "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
+                   f"its mark, at most {imagenet_layout.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
+    p.add_argument("--output_dir", default="tfrecords", help="Where shards and metadata.json go; outside --imagenet_dir.")
     p.add_argument("--train_shards", type=int, default=1024)
     p.add_argument("--validation_shards", type=int, default=128)
     p.add_argument("--image_size", type=int, default=256,

@@ -371,9 +371,7 @@ def _val_from_class_dirs(vdir: str, sub: list[str]) -> tuple[list[Member], list[
     for s in synsets:
         folder = os.path.join(vdir, s)
         for entry in sorted(fileio.listdir(folder)):
-            e = members_lib.folder_entry(folder, entry, f"{VAL_DIR}/{s}/{entry}", s)
-            if e is not None:
-                entries.append(e)
+            entries.append(members_lib.folder_entry(folder, entry, f"{VAL_DIR}/{s}/{entry}", s))
     members, links = _split_entries(entries)
     _check_unique(vdir, members)
     return members, links, synsets

@@ -97,24 +97,27 @@ _NOT_REGULAR = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a charac
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
 
 
-def folder_entry(folder: str, entry: str, name: str, synset: str | None) -> Member | Skipped | None:
-    """The `Member` of a file in a folder (a link to a regular file counts as
-    one); a `Skipped` for an entry that is not read (a pipe, a device, a link
-    to either or to nothing, a name that is not UTF-8, over MAX_MEMBER_BYTES);
-    None for a sub-folder."""
+NESTED = "a folder inside a class folder: not read (images are read one level deep)"
+
+
+def folder_entry(folder: str, entry: str, name: str, synset: str | None) -> Member | Skipped:
+    """The `Member` of a file in a class folder (a link to a regular file
+    counts as one); a `Skipped` for an entry that is not read (a sub-folder, a
+    pipe, a device, a link to one or to nothing, a name that is not UTF-8, a
+    file over MAX_MEMBER_BYTES)."""
     full = os.path.join(folder, entry)
     reason = _bad_name(name)
     if reason:
         return Skipped(printable(name), reason)
     if fileio.is_remote(full):  # Object stores hold only regular files and prefixes.
-        return None if fileio.isdir(full) else Member(name, synset, full)
+        return Skipped(name, NESTED) if fileio.isdir(full) else Member(name, synset, full)
     link = f"a link to {os.readlink(full)}, " if os.path.islink(full) else ""
     try:
         st = os.stat(full)
     except OSError as e:
         return Skipped(name, f"{link or ''}cannot be read ({e.strerror}): not read")
     if stat.S_ISDIR(st.st_mode):
-        return None
+        return Skipped(name, NESTED)
     if not stat.S_ISREG(st.st_mode):
         what = next((w for test, w in _NOT_REGULAR if test(st.st_mode)), "not a file")
         return Skipped(name, f"{link}{what}, not a regular file: not read")
@@ -235,9 +238,7 @@ def list_unit(unit: ReadUnit) -> Iterator[Member | Skipped]:
                         raise TruncatedArchive(f"truncated: {unit.name} {TRUNCATED}; download it again")
         elif unit.kind == "class_dir":
             for entry in sorted(fileio.listdir(unit.path)):
-                m = folder_entry(unit.path, entry, f"{unit.name}/{entry}", unit.synset)
-                if m is not None:
-                    yield m
+                yield folder_entry(unit.path, entry, f"{unit.name}/{entry}", unit.synset)
         elif unit.kind in ("tar_members", "files"):
             yield from unit.members
         else:

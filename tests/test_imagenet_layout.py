@@ -7,12 +7,16 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import pytest
 
 from conftest import LOCAL_BEAM, build, extract_sample, tar_members
 from pipelines import build_tfrecords, imagenet_layout, members
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fails(tmp_path, match, *argv, out=None):
@@ -65,7 +69,9 @@ def test_pipes_devices_and_dangling_links_in_a_class_folder_are_rejected_unread(
     os.mkfifo(folder / "fifo.JPEG")
     os.symlink("/dev/zero", folder / "zero.JPEG")
     os.symlink(tmp_path / "nothing", folder / "dangling.JPEG")
+    (folder / "more").mkdir()
     got = {os.path.basename(m.name): m for m in members.list_unit(_class_dir_unit(folder, "n01440764"))}
+    assert got["more"] == members.Skipped("train/n01440764/more", members.NESTED)
     assert isinstance(got["a.JPEG"], members.Member) and isinstance(got["b.JPEG"], members.Member)
     assert isinstance(got["fifo.JPEG"], members.Skipped)
     assert "named pipe (FIFO), not a regular file" in got["fifo.JPEG"].reason
@@ -165,6 +171,22 @@ def test_a_class_archive_cut_at_a_boundary_keeps_an_earlier_dataset_whole(sample
     _write_train_tar(src, inner)
     _fails(tmp_path, "^truncated: ", "--imagenet_dir", str(src), "--overwrite", out=out)
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_the_cli_stops_on_a_cut_archive_with_one_line_and_status_1(sample, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / imagenet_layout.TRAIN_TAR).write_bytes(_cut_before_last_member(open(sample["train_tar"], "rb").read()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(src),
+         "--output_dir", str(tmp_path / "out"), *LOCAL_BEAM],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"build_tfrecords: error: truncated: {src / imagenet_layout.TRAIN_TAR} ends without the "
+        "end-of-archive blocks; download it again")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # -- 3. a class with no images ------------------------------------------------------
