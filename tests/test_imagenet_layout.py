@@ -348,3 +348,20 @@ def test_an_output_folder_reached_through_a_link_is_inside_too(tmp_path):
     with pytest.raises(imagenet_layout.LayoutError, match="is inside"):
         imagenet_layout.check_output_outside(str(tmp_path / "in"), str(tmp_path / "link" / "out"))
     imagenet_layout.check_output_outside(str(tmp_path / "in"), str(tmp_path / "in-other"))  # A prefix, not inside.
+
+
+def test_a_flat_validation_folder_lists_pipes_and_odd_names_as_rejected(sample, tmp_path):
+    src = extract_sample(sample, tmp_path / "imagenet")
+    os.link(sample["val_labels"], os.path.join(src, "validation_labels.txt"))
+    val = os.path.join(src, "val")
+    os.mkfifo(os.path.join(val, "ILSVRC2012_val_00000041.JPEG"))
+    with open(os.path.join(os.fsencode(val), b"ILSVRC2012_val_00000042\xff.JPEG"), "wb") as f:
+        f.write(b"jpeg")
+    units = imagenet_layout.plan(src).splits["validation"].units
+    listed = [m for u in units for m in members.list_unit(u)]
+    skipped = {m.name: m.reason for m in listed if isinstance(m, members.Skipped)}
+    assert skipped == {
+        "val/ILSVRC2012_val_00000041.JPEG": "a named pipe (FIFO), not a regular file: not read",
+        "val/ILSVRC2012_val_00000042\\xff.JPEG": "file name is not valid UTF-8: not read (rename the file)",
+    }
+    assert len(listed) == sample["num_val"] + 2
