@@ -385,12 +385,15 @@ def _count_test_images(imagenet_dir: str, dirs: list[str], files: list[str]) -> 
             try:
                 infos = _list_tar(os.path.join(imagenet_dir, name))
                 found = f"{sum(i.isfile() for i in infos)} images"
-            except LayoutError as e:
+            except (LayoutError, OSError) as e:  # Not built either way: reported, never fatal.
                 found = f"unreadable: {e}"
             lines.append(f"test: archive {name} ({found}): skipped, the test set has no labels")
     if TEST_DIR in dirs:
-        n = sum(1 for e in fileio.listdir(os.path.join(imagenet_dir, TEST_DIR)))
-        lines.append(f"test: extracted folder {TEST_DIR}/ ({n} entries): skipped, the test set has no labels")
+        try:
+            found = f"{len(fileio.listdir(os.path.join(imagenet_dir, TEST_DIR)))} entries"
+        except OSError as e:
+            found = f"unreadable: {e}"
+        lines.append(f"test: extracted folder {TEST_DIR}/ ({found}): skipped, the test set has no labels")
     return lines
 
 

@@ -365,3 +365,14 @@ def test_a_flat_validation_folder_lists_pipes_and_odd_names_as_rejected(sample, 
         "val/ILSVRC2012_val_00000042\\xff.JPEG": "file name is not valid UTF-8: not read (rename the file)",
     }
     assert len(listed) == sample["num_val"] + 2
+
+
+def test_an_unreadable_test_archive_is_reported_not_fatal(sample, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("train_tar", "val_tar", "val_labels"):
+        os.link(sample[name], src / os.path.basename(sample[name]))
+    os.symlink(tmp_path / "nothing", src / "ILSVRC2012_img_test.tar")  # Opening it fails.
+    layout = imagenet_layout.plan(str(src))
+    assert layout.skipped[0].startswith("test: archive ILSVRC2012_img_test.tar (unreadable: ")
+    assert set(layout.splits) == {"train", "validation"}
