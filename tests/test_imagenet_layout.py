@@ -162,7 +162,9 @@ def test_a_class_archive_cut_at_a_member_boundary_stops_the_build(sample, tmp_pa
 
 def test_a_class_archive_cut_at_a_boundary_keeps_an_earlier_dataset_whole(sample, tmp_path):
     out = tmp_path / "out"
-    build(sample["output_dir"], out, "--train_shards=2")
+    out.mkdir()
+    for name in ("train-00000-of-00001", "validation-00000-of-00001", "metadata.json"):  # Stand-ins.
+        (out / name).write_bytes(f"earlier {name}".encode())
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     inner = tar_members(sample["train_tar"])
     victim = sorted(inner)[0]
@@ -211,6 +213,21 @@ def test_an_empty_class_folder_stops_the_build(sample, tmp_path, split):
 
 
 # -- 4. duplicate names -------------------------------------------------------------
+
+
+def test_one_file_name_in_two_training_classes_is_two_images(sample, tmp_path):
+    """The class is part of a record's sort key, so two training classes may share file names."""
+    src = extract_sample(sample, tmp_path / "imagenet")
+    os.link(sample["val_labels"], os.path.join(src, "validation_labels.txt"))
+    a, b = sample["synsets"][0], sample["synsets"][1]
+    for synset, data in ((a, b"a"), (b, b"b")):
+        name = sorted(os.listdir(os.path.join(src, "train", synset)))[0]
+        shutil.copy(os.path.join(src, "train", synset, name), os.path.join(src, "train", synset, "same.JPEG"))
+    meta = build(src, tmp_path / "out")
+    train = meta.splits["train"]
+    assert train.num_read == sample["num_train"] + 2
+    assert train.num_examples == train.num_read - 1  # The sample's one truncated JPEG.
+    assert not any(r.file.endswith("same.JPEG") for r in meta.rejected)
 
 
 def test_a_validation_file_in_two_class_folders_is_named_with_both_classes(sample, tmp_path):
