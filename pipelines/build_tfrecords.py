@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                    "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
                    "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
                    f"its mark, at most {imagenet_layout.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
-    p.add_argument("--output_dir", default="tfrecords", help="Where shards and metadata.json go; outside --imagenet_dir.")
+    p.add_argument("--output_dir", default="tfrecords",
+                   help="Where shards and metadata.json go; outside --imagenet_dir.")
     p.add_argument("--train_shards", type=int, default=1024)
     p.add_argument("--validation_shards", type=int, default=128)
     p.add_argument("--image_size", type=int, default=256,

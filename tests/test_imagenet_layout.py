@@ -264,7 +264,8 @@ def test_a_name_twice_in_a_class_archive_is_read_once(tmp_path):
     unit = members.ReadUnit("train", "class_tar", str(path), "n01440764.tar", "n01440764", 0, path.stat().st_size)
     got = list(members.list_unit(unit))
     assert [type(m).__name__ for m in got] == ["Member", "Skipped", "Member"]
-    assert got[1].reason == "a second file named a.JPEG in class n01440764 (first: n01440764.tar/a.JPEG): not read twice"
+    assert got[1].reason == ("a second file named a.JPEG in class n01440764 (first: n01440764.tar/a.JPEG): "
+                             "not read twice")
 
 
 # -- 6. label files -----------------------------------------------------------------
