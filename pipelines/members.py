@@ -95,8 +95,6 @@ def tar_entry(name: str, synset: str | None, path: str, info: tarfile.TarInfo) -
 
 _NOT_REGULAR = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-
-
 NESTED = "a folder inside a class folder: not read (images are read one level deep)"
 
 
@@ -115,7 +113,7 @@ def folder_entry(folder: str, entry: str, name: str, synset: str | None) -> Memb
     try:
         st = os.stat(full)
     except OSError as e:
-        return Skipped(name, f"{link or ''}cannot be read ({e.strerror}): not read")
+        return Skipped(name, f"{link}cannot be read ({e.strerror}): not read")
     if stat.S_ISDIR(st.st_mode):
         return Skipped(name, NESTED)
     if not stat.S_ISREG(st.st_mode):
@@ -207,7 +205,8 @@ class TruncatedArchive(UnitReadError):
 
 def list_unit(unit: ReadUnit) -> Iterator[Member | Skipped]:
     """Yields the members of a unit: names and byte ranges, not image bytes
-    (and a `Skipped` for each archive entry that is not a file or folder).
+    (and a `Skipped`, with its reason, for each entry that is not read: see
+    `tar_entry` and `folder_entry`).
 
     A class archive is listed by reading its 512-byte headers and seeking over
     the data, so listing costs a few KB of I/O per class.
@@ -215,6 +214,8 @@ def list_unit(unit: ReadUnit) -> Iterator[Member | Skipped]:
     Raises:
       UnitReadError: when the rest of the unit cannot be listed (a damaged
         archive, an unreadable folder); members yielded before stay valid.
+        `TruncatedArchive` when a class archive has no end-of-archive block
+        after its last member (cut at a member boundary).
     """
     try:
         if unit.kind == "class_tar":
