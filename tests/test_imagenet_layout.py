@@ -312,7 +312,7 @@ def test_a_label_file_over_the_bound_is_refused_unread(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["ILSVRC2012_img_test_v10102019.tar", "ILSVRC2012_img_test.tar", "test"])
-def test_the_test_set_is_reported_as_skipped_with_its_count(sample, tmp_path, form):
+def test_the_test_set_is_reported_as_skipped_with_its_size(sample, tmp_path, form):
     src = tmp_path / "in"
     src.mkdir()
     for name in ("train_tar", "val_tar", "val_labels"):
@@ -326,7 +326,8 @@ def test_the_test_set_is_reported_as_skipped_with_its_count(sample, tmp_path, fo
         (src / form).write_bytes(_tar(images))
     layout = imagenet_layout.plan(str(src))
     assert set(layout.splits) == {"train", "validation"}
-    what = "extracted folder test/ (7 entries)" if form == "test" else f"archive {form} (7 images)"
+    size = None if form == "test" else (src / form).stat().st_size
+    what = "extracted folder test/ (7 entries)" if form == "test" else f"archive {form} ({size:,} bytes, not opened)"
     line = f"test: {what}: skipped, the test set has no labels"
     assert layout.skipped == [line]
     assert line in layout.describe()
@@ -341,7 +342,9 @@ def test_the_build_summary_names_the_skipped_test_set(sample, tmp_path, capfd):
     build(src, tmp_path / "out")
     err = capfd.readouterr().err
     summary = err[err.index("wrote "):]
-    assert f"test: archive {imagenet_layout.TEST_TARS[0]} (1 images): skipped, the test set has no labels" in summary
+    size = (src / imagenet_layout.TEST_TARS[0]).stat().st_size
+    assert (f"test: archive {imagenet_layout.TEST_TARS[0]} ({size:,} bytes, not opened): skipped, the test set has "
+            "no labels") in summary
 
 
 # -- 8. the output folder inside the input -------------------------------------------
