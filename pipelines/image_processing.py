@@ -69,15 +69,23 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """The RGB image serving decodes from the same bytes (`tf.io.decode_image(..., channels=3)`)."""
     if img.mode == "RGB":
         return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale PNG. TensorFlow decodes to 8 bits by keeping the high
+        # byte (libpng's png_set_strip_16: v >> 8, 2000 -> 7); PIL's own
+        # conversion would clip (2000 -> 255). 16-bit RGB(A) and gray+alpha PNGs
+        # already open as 8-bit RGB(A) in PIL, high byte kept, as in TensorFlow.
+        high = np.right_shift(np.asarray(img), 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(high, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas become white, as a viewer would show them.
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return img.convert("RGB")  # CMYK (Adobe inversion handled by PIL), L, P, I;16, YCbCr...
+    return img.convert("RGB")  # CMYK (Adobe inversion handled by PIL), L, P, YCbCr...
 
 
 def _scale_and_crop(img: Image.Image, size: int) -> Image.Image:

@@ -78,6 +78,41 @@ def test_cmyk_colours_survive_conversion():
     assert r > 150 and g < 80 and b < 80, (r, g, b)
 
 
+def _png16(array) -> bytes:
+    """A 16-bit PNG of a (h, w, c) uint16 array (c: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA); PIL writes only gray."""
+    import struct
+    import zlib
+
+    h, w, c = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_pngs_become_the_8_bits_tensorflow_decodes(channels):
+    import tensorflow as tf
+
+    # 0, 257 (1 in the high byte), 2000 (7), 65535 and the edges between 8-bit levels,
+    # then random values; 256x256 so the stored square is the decoded image itself.
+    edges = [0, 1, 255, 256, 257, 383, 384, 2000, 32767, 32768, 65279, 65280, 65534, 65535]
+    array = np.random.default_rng(channels).integers(0, 65536, (256, 256, channels)).astype(np.uint16)
+    array[0, :len(edges), 0] = edges
+    if channels in (2, 4):
+        array[..., -1] = 65535  # Opaque: TensorFlow drops alpha, the build puts it on white.
+    data = _png16(array)
+    served = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    assert list(served[0, [0, 4, 7, 13], 0]) == [0, 1, 7, 255]  # 2000 -> 7 (high byte), not 8 (rounded).
+    out = image_processing.process_image(data)
+    np.testing.assert_array_equal(out.square, served)
+    if channels == 1:
+        assert out.source_mode == "I;16"
+
+
 def test_transparent_areas_become_white():
     a = np.zeros((64, 64, 4), np.uint8)  # Fully transparent black.
     out = image_processing.process_image(_encode(a, "PNG"))
