@@ -2,7 +2,9 @@
 
 Content decides the format, never the file name: ILSVRC2012 holds CMYK JPEGs,
 a PNG and grayscale JPEGs under `.JPEG` names, and every one of them must
-become an RGB JPEG. Undecodable inputs raise `BadImage` with the reason.
+become an RGB JPEG. Only the formats serving decodes are stored
+(`records.IMAGE_FORMATS`: JPEG, PNG, GIF, BMP); others (WebP, TIFF, ...) and
+undecodable inputs raise `BadImage` with the reason.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
+def served_format(data: bytes) -> str | None:
+    """The format serving reads `data` as, by its first bytes (`records.IMAGE_MAGIC`); None if it refuses it.
+
+    The same test as the exported model's, so that the build stores only what
+    serving decodes: by content, as PIL opens WebP, TIFF and others too.
+    """
+    return next((name for magic, name in records.IMAGE_MAGIC.items() if data.startswith(magic)), None)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """The RGB image serving decodes from the same bytes (`tf.io.decode_image(..., channels=3)`)."""
     if img.mode == "RGB":
@@ -124,10 +135,14 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
       A `Processed`.
 
     Raises:
-      BadImage: the input is empty, not an image, truncated or corrupt.
+      BadImage: the input is empty, not an image, truncated or corrupt, or of
+        a format serving does not decode (only `records.IMAGE_FORMATS`).
     """
     img = _open(data)
     fmt, mode = img.format or "unknown", img.mode
+    if served_format(data) is None:
+        # Stored, it would train on images that the exported model refuses.
+        raise BadImage(f"{fmt} is not one of the formats serving decodes: {', '.join(records.IMAGE_FORMATS)}")
     size = img.size  # (width, height) of the input.
     if size[0] * size[1] > MAX_PIXELS:
         raise BadImage(f"{size[0]}x{size[1]} {fmt}: {size[0] * size[1]:,} pixels, above the limit of "

@@ -275,6 +275,33 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
     np.testing.assert_allclose(meta.color_stats.covariance, np.cov(x, rowvar=False, bias=True), rtol=1e-10)
 
 
+def _encoded(h, w, fmt="JPEG", value=128):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _tiny_imagenet(root, files: dict) -> str:
+    """Extracted folders with one class (tench) holding `files` (name -> bytes), no validation set."""
+    folder = root / "imagenet" / "train" / "n01440764"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return str(root / "imagenet")
+
+
+def test_formats_serving_does_not_decode_are_counted_rejects(tmp_path):
+    formats = ["JPEG", "WEBP", "TIFF", "PNG"]  # Content, whatever the name says.
+    src = _tiny_imagenet(tmp_path, {f"n01440764_{i}.JPEG": _encoded(300, 300, f) for i, f in enumerate(formats, 1)})
+    meta = build(src, tmp_path / "out", "--max_reject_fraction=1")
+    train = meta.splits["train"]
+    assert (train.num_read, train.num_examples, train.num_rejected) == (4, 2, 2)
+    assert [(os.path.basename(r.file), r.reason) for r in meta.rejected] == [
+        ("n01440764_2.JPEG", "WEBP is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"),
+        ("n01440764_3.JPEG", "TIFF is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"),
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one specific line, a non-zero exit, and nothing written.
 

@@ -132,6 +132,18 @@ def test_undecodable_inputs_are_rejected_with_a_reason(data, reason):
         image_processing.process_image(data)
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF"])
+@pytest.mark.parametrize("resize", [True, False])
+def test_formats_serving_does_not_decode_are_rejected_with_the_list(fmt, resize):
+    # PIL opens them; the exported model refuses them (records.IMAGE_MAGIC), so the build must too.
+    with pytest.raises(image_processing.BadImage) as e:
+        image_processing.process_image(_encode(_image(300, 300), fmt), resize=resize)
+    assert str(e.value) == f"{fmt} is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"
+    assert records.IMAGE_FORMATS == ("JPEG", "PNG", "GIF", "BMP")  # The one list, both sides.
+    for served in ("JPEG", "PNG", "GIF", "BMP"):
+        assert image_processing.served_format(_encode(_image(16, 16), served)) == served
+
+
 @pytest.mark.parametrize("side", [12_000, 30_000])  # 1.07x and 6.7x the limit (PIL refuses at 2x itself).
 def test_images_above_the_decoded_pixel_limit_are_rejected_before_decoding(side):
     from conftest import png_claiming
