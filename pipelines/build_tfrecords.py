@@ -337,6 +337,7 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             source=layout.splits[split].description,
             shards=[records.ShardInfo(s["file"], s["num_examples"], s.get("bytes"), s.get("sha256"),
                                       s.get("head_sha256")) for s in shard_list],
+            num_upscaled=sum(s["num_upscaled"] for s in shard_list),
         )
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
@@ -396,6 +397,9 @@ def _report(meta: records.Metadata, output_dir: str) -> str:
             f"  {split}: {info.num_read} read = {info.num_examples} written "
             f"in {info.num_shards} shards + {info.num_rejected} rejected"
         )
+        if info.num_upscaled:
+            lines.append(f"  {split}: {info.num_upscaled} of the {info.num_examples} images scaled up (shorter side "
+                         f"below {meta.image.size}; a tiny input becomes a blurred or flat square)")
     for r in meta.rejected[:10]:
         lines.append(f"  rejected {r.file}: {r.reason}")
     if len(meta.rejected) > 10:

@@ -42,6 +42,8 @@ class Processed:
         original size is kept (images of many sizes have no mean image).
       source_format: What the content turned out to be (JPEG, PNG, ...).
       source_mode: PIL mode of the input (RGB, CMYK, L, RGBA, ...).
+      upscaled: The input's shorter side was below the stored size: it was
+        scaled up (a 1x1 input becomes a flat square). False without resizing.
     """
 
     jpeg: bytes
@@ -51,6 +53,7 @@ class Processed:
     square: np.ndarray
     source_format: str
     source_mode: str
+    upscaled: bool = False
 
 
 def _open(data: bytes) -> Image.Image:
@@ -143,7 +146,7 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
     if served_format(data) is None:
         # Stored, it would train on images that the exported model refuses.
         raise BadImage(f"{fmt} is not one of the formats serving decodes: {', '.join(records.IMAGE_FORMATS)}")
-    size = img.size  # (width, height) of the input.
+    size = source_size = img.size  # (width, height) of the input.
     if size[0] * size[1] > MAX_PIXELS:
         raise BadImage(f"{size[0]}x{size[1]} {fmt}: {size[0] * size[1]:,} pixels, above the limit of "
                        f"{MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged)")
@@ -187,4 +190,5 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
         square=square,
         source_format=fmt,
         source_mode=mode,
+        upscaled=resize and min(source_size) < image_size,
     )

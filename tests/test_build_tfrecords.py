@@ -302,6 +302,24 @@ def test_formats_serving_does_not_decode_are_counted_rejects(tmp_path):
     ]
 
 
+def test_upscaled_images_are_counted_in_metadata_and_the_report(tmp_path, capsys):
+    sizes = {"n01440764_1.JPEG": (1, 1), "n01440764_2.JPEG": (100, 180), "n01440764_3.JPEG": (300, 400),
+             "n01440764_4.JPEG": (256, 256)}
+    src = _tiny_imagenet(tmp_path, {name: _encoded(h, w, "PNG") for name, (h, w) in sizes.items()})
+    meta = build(src, tmp_path / "out")
+    assert meta.splits["train"].num_upscaled == 2 and meta.splits["train"].num_examples == 4
+    raw = json.loads((tmp_path / "out" / records.METADATA_FILE).read_text())
+    assert raw["splits"]["train"]["num_upscaled"] == 2
+    assert records.load_metadata(str(tmp_path / "out")) == meta
+    assert "train: 2 of the 4 images scaled up (shorter side below 256" in capsys.readouterr().err
+    # Metadata of builds that did not count still reads (None), and writes back as it was.
+    del raw["splits"]["train"]["num_upscaled"]
+    old = records.Metadata.from_json(raw)
+    assert old.splits["train"].num_upscaled is None and old.to_json() == raw
+    meta = build(src, tmp_path / "kept", "--noresize")
+    assert meta.splits["train"].num_upscaled == 0
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one specific line, a non-zero exit, and nothing written.
 

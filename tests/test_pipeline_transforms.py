@@ -50,9 +50,15 @@ def test_shorter_side_scaled_then_central_crop():
     assert mean[1] > 240 and mean[0] < 15 and mean[2] < 15
 
 
-def test_small_images_are_scaled_up():
+def test_small_images_are_scaled_up_and_say_so():
     out = image_processing.process_image(_encode(_image(100, 180)))
-    assert out.pixels.shape == (256, 256, 3)
+    assert out.pixels.shape == (256, 256, 3) and out.upscaled
+    # Upscaled: the shorter side below the stored size, whatever the format; not at or above it.
+    for (h, w), fmt, upscaled in [((1, 1), "PNG", True), ((255, 900), "JPEG", True), ((256, 300), "JPEG", False),
+                                  ((2000, 3000), "JPEG", False), ((600, 300), "PNG", False)]:
+        assert image_processing.process_image(_encode(_image(h, w), fmt)).upscaled is upscaled, (h, w)
+    assert image_processing.process_image(_encode(_image(100, 180)), image_size=64).upscaled is False
+    assert image_processing.process_image(_encode(_image(100, 180)), resize=False).upscaled is False  # Kept size.
 
 
 @pytest.mark.parametrize(
@@ -270,7 +276,7 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_pa
         "a.JPEG": good,
         "b.JPEG": _encode(_image(300, 300, seed=1), "PNG"),
         "c.JPEG": good[: len(good) // 2],
-        "d.JPEG": _encode(_image(200, 300, seed=2), mode="CMYK"),
+        "d.JPEG": _encode(_image(200, 300, seed=2), mode="CMYK"),  # Scaled up: counted in the shard's info.
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -305,7 +311,7 @@ def _shard_written(out_dir):
         (info,) = actual
         data = (out_dir / info["file"]).read_bytes()
         assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
-                        "num_examples": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "num_examples": 3, "num_upscaled": 1, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                         "head_sha256": hashlib.sha256(data[:records.HEAD_BYTES]).hexdigest()}
     return match
 
