@@ -394,6 +394,28 @@ def test_bad_flags(sample, tmp_path, flag, match):
     _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], flag)
 
 
+def test_image_size_bounds_are_the_networks_patch_and_1024(tmp_path):
+    from alexnet_tf import input_pipeline
+
+    assert build_tfrecords.MIN_IMAGE_SIZE == input_pipeline.CROP  # Smaller records cannot be trained on.
+    assert "227..1024" in " ".join(build_tfrecords._parser().format_help().split())
+    for size, ok in [("227", True), ("256", True), ("1024", True), ("226", False), ("1025", False), ("8000", False),
+                     ("0", False)]:
+        args, _ = build_tfrecords._parser().parse_known_args(["--image_size", size])
+        if ok:
+            build_tfrecords._check_flags(args)
+        else:
+            with pytest.raises(build_tfrecords.BuildError, match=rf"^--image_size must be in 227\.\.1024 \(at least "
+                               rf"the network's 227x227 input patches; the paper's is 256\), got {size}$"):
+                build_tfrecords._check_flags(args)
+    # Checked before anything is read (the folder does not exist) or written: one line, exit status 1.
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(tmp_path / "nope"),
+                           "--output_dir", str(tmp_path / "out"), "--image_size=8000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not (tmp_path / "out").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("build_tfrecords: error: --image_size must be in 227..1024")
+
+
 def test_cli_error_is_one_line_and_non_zero(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(tmp_path / "nope"),
