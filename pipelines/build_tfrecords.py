@@ -407,7 +407,7 @@ def _report(meta: records.Metadata, output_dir: str) -> str:
         )
         if info.num_upscaled:
             lines.append(f"  {split}: {info.num_upscaled} of the {info.num_examples} images scaled up (shorter side "
-                         f"below {meta.image.size}; a tiny input becomes a blurred or flat square)")
+                         f"below {meta.image.size})")
     for r in meta.rejected[:10]:
         lines.append(f"  rejected {r.file}: {r.reason}")
     if len(meta.rejected) > 10:

@@ -5,6 +5,19 @@ a PNG and grayscale JPEGs under `.JPEG` names, and every one of them must
 become an RGB JPEG. Only the formats serving decodes are stored
 (`records.IMAGE_FORMATS`: JPEG, PNG, GIF, BMP); others (WebP, TIFF, ...) and
 undecodable inputs raise `BadImage` with the reason.
+
+Memory per image, beyond the file's bytes (what a worker needs per image it
+processes at once): a JPEG is decoded by libjpeg at the 1/2, 1/4 or 1/8 scale
+that keeps its shorter side at least `image_size`, so a large one is never
+decoded whole (10000x10000 decodes to 1250x1250, 6 MB); kept with
+`--noresize`, at 1/8. PNG, GIF and BMP decode whole, at most `MAX_PIXELS`
+pixels at up to 4 bytes each (512 MiB), and become RGB in bands of
+`BAND_ROWS` rows, reduced by a whole factor to a shorter side of at least
+2 x `image_size`: about one decoded copy, 4 bytes a pixel. Where the whole RGB
+image is needed (an input re-encoded at its own size with `--noresize`, or a
+long thin one), the decoded image and its RGB copy: at most 8 bytes a pixel,
+1 GiB at the limit. The band being converted adds about 13 x `BAND_ROWS`
+bytes per column.
 """
 
 from __future__ import annotations
@@ -82,7 +95,12 @@ def served_format(data: bytes) -> str | None:
     return next((name for magic, name in records.IMAGE_MAGIC.items() if data.startswith(magic)), None)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+# The colour conversions below are per pixel; they run on bands of this many
+# rows, so that besides the decoded image only the RGB result is held whole.
+BAND_ROWS = 256
+
+
+def _band_to_rgb(img: Image.Image) -> Image.Image:
     """The RGB image serving decodes from the same bytes (`tf.io.decode_image(..., channels=3)`)."""
     if img.mode == "RGB":
         return img
@@ -100,6 +118,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")  # CMYK (Adobe inversion handled by PIL), L, P, YCbCr...
+
+
+def _to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
+    """The decoded image in RGB, reduced `factor` times (box means of factor x factor blocks, `Image.reduce`).
+
+    Converted band by band (pixels as a whole-image conversion gives them):
+    the copies of a whole-image conversion (an RGBA input took 13 bytes a
+    pixel, 1.3 GB at 10000x10000) are not made; with `factor` > 1 only the
+    reduced result is held beside the decoded image.
+    """
+    if img.mode == "RGB":
+        return img.reduce(factor) if factor > 1 else img
+    w, h = img.size
+    if h <= BAND_ROWS:
+        rgb = _band_to_rgb(img)
+        return rgb.reduce(factor) if factor > 1 else rgb
+    rows = max(factor, BAND_ROWS - BAND_ROWS % factor)  # Whole blocks per band: the same means as whole.
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    for top in range(0, h, rows):
+        band = _band_to_rgb(img.crop((0, top, w, min(h, top + rows))))
+        out.paste(band.reduce(factor) if factor > 1 else band, (0, top // factor))
+    return out
 
 
 def _scale_and_crop(img: Image.Image, size: int) -> Image.Image:
@@ -151,16 +191,18 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
         raise BadImage(f"{size[0]}x{size[1]} {fmt}: {size[0] * size[1]:,} pixels, above the limit of "
                        f"{MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged)")
     keep = not resize and fmt == "JPEG" and mode == "RGB"
+    drafted = False
     if keep:
         # The bytes are kept: decoding at 1/8 scale still reads every entropy-coded
         # byte (a truncated or corrupt stream fails), skips the inverse DCTs, and
         # gives the 8x8 block means the colour statistics take in this mode.
         img.draft(mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
-    elif resize and fmt == "JPEG" and mode in ("RGB", "L"):
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far larger
-        # than needed: several times faster, and the result is still resampled down.
+    elif resize and served_format(data) == "JPEG":
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale when the image is far larger
+        # than needed (any JPEG: RGB, grayscale, CMYK): a huge JPEG is never
+        # decoded whole; several times faster, and the result is still resampled down.
         scale = image_size / min(size)
-        img.draft(mode, (int(size[0] * scale) + 1, int(size[1] * scale) + 1))
+        drafted = img.draft(mode, (int(size[0] * scale) + 1, int(size[1] * scale) + 1)) is not None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -168,7 +210,13 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         raise BadImage(f"corrupt or truncated {fmt}: {e}") from None
-    rgb = _to_rgb(img)
+    # PNG, GIF and BMP decode whole (at most MAX_PIXELS); one far larger than
+    # needed is reduced by a whole factor, to a shorter side of at least twice
+    # `image_size` (as libjpeg's scaling does for JPEGs), as it becomes RGB.
+    factor = max(1, min(img.size) // (2 * image_size)) if resize and not drafted else 1
+    rgb = _to_rgb(img, factor)
+    if rgb is not img:
+        img.close()  # The decoded image's memory, before encoding.
     # The statistics take the pixels as they are before encoding: decoding the
     # JPEG just written would cost a tenth of the work, for a difference far
     # below the lighting noise these statistics scale.

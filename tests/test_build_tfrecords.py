@@ -311,7 +311,7 @@ def test_upscaled_images_are_counted_in_metadata_and_the_report(tmp_path, capsys
     raw = json.loads((tmp_path / "out" / records.METADATA_FILE).read_text())
     assert raw["splits"]["train"]["num_upscaled"] == 2
     assert records.load_metadata(str(tmp_path / "out")) == meta
-    assert "train: 2 of the 4 images scaled up (shorter side below 256" in capsys.readouterr().err
+    assert "train: 2 of the 4 images scaled up (shorter side below 256)" in capsys.readouterr().err
     # Metadata of builds that did not count still reads (None), and writes back as it was.
     del raw["splits"]["train"]["num_upscaled"]
     old = records.Metadata.from_json(raw)

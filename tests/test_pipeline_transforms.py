@@ -311,7 +311,8 @@ def _shard_written(out_dir):
         (info,) = actual
         data = (out_dir / info["file"]).read_bytes()
         assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
-                        "num_examples": 3, "num_upscaled": 1, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "num_examples": 3, "num_upscaled": 1, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
                         "head_sha256": hashlib.sha256(data[:records.HEAD_BYTES]).hexdigest()}
     return match
 
@@ -596,3 +597,66 @@ def test_long_thin_images_take_bounded_memory():
     shape, mean, peak_mib = proc.stdout.rsplit(" ", 2)
     assert shape == "(256, 256, 3)" and int(mean) in (199, 200, 201)
     assert int(peak_mib) < 300, f"peak {peak_mib} MiB"
+
+
+_PEAK_CODE = """
+import gc, io, re, sys, numpy as np
+from PIL import Image
+from pipelines import image_processing
+fmt, mode, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ramp = np.linspace(0, 255, side).astype(np.uint8)
+a = np.stack([np.add.outer(ramp // 2, ramp // 2), np.add.outer(ramp // 4, ramp // 2),
+              np.add.outer(ramp // 2, ramp // 4)], -1)
+a[::7, ::5] = 90  # Some detail.
+buf = io.BytesIO()
+Image.fromarray(a).convert(mode).save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+data = buf.getvalue()
+del a, buf
+gc.collect()
+def kib(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # Resets the peak (VmHWM) to the current size.
+before = kib("VmRSS")
+out = image_processing.process_image(data, resize=sys.argv[4] == "resize")
+print(out.width, out.height, (kib("VmHWM") - before) * 1024 / (side * side))
+"""
+
+
+@pytest.mark.parametrize("fmt, mode, resize, bytes_per_pixel", [
+    ("JPEG", "CMYK", "resize", 0.5),  # Decoded at 1/8 scale: 8 bytes a pixel before (CMYK, then RGB, whole).
+    ("JPEG", "L", "resize", 0.5),
+    ("PNG", "RGBA", "resize", 6.0),  # Decoded whole (4 bytes a pixel), reduced as it becomes RGB: 13 before.
+    ("PNG", "P", "resize", 2.0),  # Decoded whole (1 byte a pixel).
+    ("PNG", "RGBA", "noresize", 10.0),  # At its own size: the decoded image and its RGB copy (8), bands; 13 before.
+])
+def test_per_image_memory_is_bounded(fmt, mode, resize, bytes_per_pixel):
+    import subprocess
+    import sys
+
+    side = 3000  # 9 million pixels; the bounds are per input pixel (records.MAX_PIXELS at most).
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, fmt, mode, str(side), resize], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    width, height, per_pixel = proc.stdout.split()
+    assert (int(width), int(height)) == ((256, 256) if resize == "resize" else (side, side))
+    assert float(per_pixel) < bytes_per_pixel, f"{float(per_pixel):.2f} bytes a pixel at the peak"
+
+
+def test_banded_and_reduced_conversion_gives_the_whole_images_pixels():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (700, 301, 4), dtype=np.uint8)  # Taller than a band, not a whole number of them.
+    rgba = Image.fromarray(a, "RGBA")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    for img, whole in [(rgba, white), (Image.fromarray(a[..., :3]).convert("P"), None),
+                       (Image.fromarray(a[..., :3]).convert("CMYK"), None), (Image.fromarray(a[..., 0]), None)]:
+        whole = whole or img.convert("RGB")
+        for factor in (1, 2, 3, 7):
+            expected = whole.reduce(factor) if factor > 1 else whole
+            assert np.array_equal(np.asarray(image_processing._to_rgb(img, factor)), np.asarray(expected)), (
+                img.mode, factor)
+    # Far larger than needed: reduced to a shorter side of at least 2 x 256 first, close to resampling the whole.
+    big = _image(1600, 1100)
+    out = image_processing.process_image(_encode(big, "PNG"))
+    full = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.BICUBIC, box=(0, 250, 1100, 1350)))
+    assert np.abs(out.square.astype(int) - full).mean() < 2
