@@ -13,9 +13,10 @@ decoded whole (10000x10000 decodes to 1250x1250, 6 MB); kept with
 `--noresize`, at 1/8. PNG, GIF and BMP decode whole, at most `MAX_PIXELS`
 pixels at up to 4 bytes each (512 MiB), and become RGB in bands of
 `BAND_ROWS` rows, reduced by a whole factor to a shorter side of at least
-2 x `image_size`: about one decoded copy, 4 bytes a pixel. Where the whole RGB
-image is needed (an input re-encoded at its own size with `--noresize`, or a
-long thin one), the decoded image and its RGB copy: at most 8 bytes a pixel,
+2 x `image_size`, or (a long thin one, from `READ_BOX_PIXELS` on) only where
+the scaling reads it: about one decoded copy, 4 bytes a pixel. Where the
+whole RGB image is needed (an input re-encoded at its own size with
+`--noresize`), the decoded image and its RGB copy: at most 8 bytes a pixel,
 1 GiB at the limit. The band being converted adds about 13 x `BAND_ROWS`
 bytes per column.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import warnings
 
 import numpy as np
@@ -98,6 +100,10 @@ def served_format(data: bytes) -> str | None:
 # The colour conversions below are per pixel; they run on bands of this many
 # rows, so that besides the decoded image only the RGB result is held whole.
 BAND_ROWS = 256
+# From this many pixels on, a long thin PNG, GIF or BMP (not reduced) becomes
+# RGB only where the scaling reads it: images this large are far from
+# ImageNet's (which are converted whole, as they always were).
+READ_BOX_PIXELS = 1 << 24
 
 
 def _band_to_rgb(img: Image.Image) -> Image.Image:
@@ -120,39 +126,56 @@ def _band_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (Adobe inversion handled by PIL), L, P, YCbCr...
 
 
-def _to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
-    """The decoded image in RGB, reduced `factor` times (box means of factor x factor blocks, `Image.reduce`).
+def _to_rgb(img: Image.Image, factor: int = 1, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """The decoded image (or its `box`) in RGB, reduced `factor` times (box means of factor x factor blocks).
 
     Converted band by band (pixels as a whole-image conversion gives them):
     the copies of a whole-image conversion (an RGBA input took 13 bytes a
-    pixel, 1.3 GB at 10000x10000) are not made; with `factor` > 1 only the
-    reduced result is held beside the decoded image.
+    pixel, 1.3 GB at 10000x10000) are not made; only the result (reduced,
+    or of `box`) is held beside the decoded image.
     """
+    x0, y0, x1, y1 = box or (0, 0, *img.size)
     if img.mode == "RGB":
-        return img.reduce(factor) if factor > 1 else img
-    w, h = img.size
-    if h <= BAND_ROWS:
-        rgb = _band_to_rgb(img)
+        part = img.crop(box) if box else img
+        return part.reduce(factor) if factor > 1 else part
+    if y1 - y0 <= BAND_ROWS:
+        rgb = _band_to_rgb(img.crop(box) if box else img)
         return rgb.reduce(factor) if factor > 1 else rgb
     rows = max(factor, BAND_ROWS - BAND_ROWS % factor)  # Whole blocks per band: the same means as whole.
-    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
-    for top in range(0, h, rows):
-        band = _band_to_rgb(img.crop((0, top, w, min(h, top + rows))))
-        out.paste(band.reduce(factor) if factor > 1 else band, (0, top // factor))
+    out = Image.new("RGB", (-(-(x1 - x0) // factor), -(-(y1 - y0) // factor)))
+    for top in range(y0, y1, rows):
+        band = _band_to_rgb(img.crop((x0, top, x1, min(y1, top + rows))))
+        out.paste(band.reduce(factor) if factor > 1 else band, (0, (top - y0) // factor))
     return out
 
 
-def _scale_and_crop(img: Image.Image, size: int) -> Image.Image:
+def _central_square(size: tuple[int, int]) -> tuple[float, float, int]:
+    """(left, top, side) of the central square of a (width, height) image."""
+    w, h = size
+    side = min(w, h)
+    return (w - side) / 2, (h - side) / 2, side
+
+
+def _read_box(size: tuple[int, int], out_size: int) -> tuple[int, int, int, int]:
+    """The pixels `_scale_and_crop` reads: the central square and the bicubic filter's reach beyond it."""
+    w, h = size
+    left, top, side = _central_square(size)
+    reach = 2 * max(1.0, side / out_size) + 2  # Bicubic support (2), in source pixels, and rounding.
+    return (max(0, math.floor(left - reach)), max(0, math.floor(top - reach)),
+            min(w, math.ceil(left + side + reach)), min(h, math.ceil(top + side + reach)))
+
+
+def _scale_and_crop(img: Image.Image, size: int, square: tuple[float, float, int] | None = None) -> Image.Image:
     """§2: the central size x size of the image rescaled so its shorter side is `size`.
 
     Cropped in source coordinates, then scaled (one resampling of the central
     square, the filter reading past its edges as a full rescale would): work
     and memory are bounded by size², whatever the shape. A 20000x1 image would
     otherwise be scaled to 5,120,000x256 (about 4 GB) before the crop.
+    `square` is (left, top, side) of that square in `img` when `img` holds
+    only the part of the image read (`_read_box`).
     """
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
+    left, top, side = square or _central_square(img.size)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
@@ -214,14 +237,20 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
     # needed is reduced by a whole factor, to a shorter side of at least twice
     # `image_size` (as libjpeg's scaling does for JPEGs), as it becomes RGB.
     factor = max(1, min(img.size) // (2 * image_size)) if resize and not drafted else 1
-    rgb = _to_rgb(img, factor)
+    box = square = None
+    if resize and factor == 1 and img.width * img.height >= READ_BOX_PIXELS:
+        # A long thin one, not reduced: only the part the scaling reads becomes RGB.
+        box = _read_box(img.size, image_size)
+        left, top, side = _central_square(img.size)
+        square = (left - box[0], top - box[1], side)
+    rgb = _to_rgb(img, factor, box)
     if rgb is not img:
         img.close()  # The decoded image's memory, before encoding.
     # The statistics take the pixels as they are before encoding: decoding the
     # JPEG just written would cost a tenth of the work, for a difference far
     # below the lighting noise these statistics scale.
     if resize:
-        out = _scale_and_crop(rgb, image_size)
+        out = _scale_and_crop(rgb, image_size, square)
         jpeg = _encode(out, quality)
         pixels = square = np.asarray(out)
         size = out.size

@@ -603,10 +603,9 @@ _PEAK_CODE = """
 import gc, io, re, sys, numpy as np
 from PIL import Image
 from pipelines import image_processing
-fmt, mode, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ramp = np.linspace(0, 255, side).astype(np.uint8)
-a = np.stack([np.add.outer(ramp // 2, ramp // 2), np.add.outer(ramp // 4, ramp // 2),
-              np.add.outer(ramp // 2, ramp // 4)], -1)
+fmt, mode, (width, height) = sys.argv[1], sys.argv[2], map(int, sys.argv[3].split("x"))
+x, y = np.linspace(0, 255, width).astype(np.uint8), np.linspace(0, 255, height).astype(np.uint8)
+a = np.stack([np.add.outer(y // 2, x // 2), np.add.outer(y // 4, x // 2), np.add.outer(y // 2, x // 4)], -1)
 a[::7, ::5] = 90  # Some detail.
 buf = io.BytesIO()
 Image.fromarray(a).convert(mode).save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
@@ -618,27 +617,28 @@ def kib(key):
 open("/proc/self/clear_refs", "w").write("5")  # Resets the peak (VmHWM) to the current size.
 before = kib("VmRSS")
 out = image_processing.process_image(data, resize=sys.argv[4] == "resize")
-print(out.width, out.height, (kib("VmHWM") - before) * 1024 / (side * side))
+print(out.width, out.height, (kib("VmHWM") - before) * 1024 / (width * height))
 """
 
 
-@pytest.mark.parametrize("fmt, mode, resize, bytes_per_pixel", [
-    ("JPEG", "CMYK", "resize", 0.5),  # Decoded at 1/8 scale: 8 bytes a pixel before (CMYK, then RGB, whole).
-    ("JPEG", "L", "resize", 0.5),
-    ("PNG", "RGBA", "resize", 6.0),  # Decoded whole (4 bytes a pixel), reduced as it becomes RGB: 13 before.
-    ("PNG", "P", "resize", 2.0),  # Decoded whole (1 byte a pixel).
-    ("PNG", "RGBA", "noresize", 10.0),  # At its own size: the decoded image and its RGB copy (8), bands; 13 before.
+# 9 million pixels, and a long thin 17 million; the bounds are per input pixel (records.MAX_PIXELS at most).
+@pytest.mark.parametrize("fmt, mode, size, resize, bytes_per_pixel", [
+    ("JPEG", "CMYK", "3000x3000", "resize", 0.5),  # Decoded at 1/8 scale: 8 bytes a pixel before (CMYK, RGB).
+    ("JPEG", "L", "3000x3000", "resize", 0.5),
+    ("PNG", "RGBA", "3000x3000", "resize", 6.0),  # Decoded whole (4 bytes a pixel), reduced as it becomes RGB; 13.
+    ("PNG", "P", "3000x3000", "resize", 2.0),  # Decoded whole (1 byte a pixel).
+    ("PNG", "RGBA", "17000x1000", "resize", 5.0),  # Long thin: only the central square becomes RGB; 13 before.
+    ("PNG", "RGBA", "3000x3000", "noresize", 10.0),  # Own size: decoded, its RGB copy (8) and bands; 13 before.
 ])
-def test_per_image_memory_is_bounded(fmt, mode, resize, bytes_per_pixel):
+def test_per_image_memory_is_bounded(fmt, mode, size, resize, bytes_per_pixel):
     import subprocess
     import sys
 
-    side = 3000  # 9 million pixels; the bounds are per input pixel (records.MAX_PIXELS at most).
-    proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, fmt, mode, str(side), resize], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, fmt, mode, size, resize], capture_output=True,
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-2000:]
     width, height, per_pixel = proc.stdout.split()
-    assert (int(width), int(height)) == ((256, 256) if resize == "resize" else (side, side))
+    assert f"{width}x{height}" == ("256x256" if resize == "resize" else size)
     assert float(per_pixel) < bytes_per_pixel, f"{float(per_pixel):.2f} bytes a pixel at the peak"
 
 
@@ -660,3 +660,13 @@ def test_banded_and_reduced_conversion_gives_the_whole_images_pixels():
     out = image_processing.process_image(_encode(big, "PNG"))
     full = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.BICUBIC, box=(0, 250, 1100, 1350)))
     assert np.abs(out.square.astype(int) - full).mean() < 2
+    # A long thin one, from READ_BOX_PIXELS on: converted only where the scaling reads it, as if whole.
+    rgba = np.random.default_rng(1).integers(0, 256, (80, 38, 4), dtype=np.uint8)
+    a = np.kron(rgba, np.ones((12, 480, 1), np.uint8))  # 960 x 18240 (not reduced), 17.5 million pixels.
+    assert a.shape[0] * a.shape[1] >= image_processing.READ_BOX_PIXELS
+    whole = Image.new("RGB", (a.shape[1], a.shape[0]), (255, 255, 255))
+    whole.paste(Image.fromarray(a, "RGBA"), mask=Image.fromarray(a[..., 3]))
+    left = (a.shape[1] - a.shape[0]) / 2
+    expected = whole.resize((256, 256), Image.Resampling.BICUBIC, box=(left, 0, left + a.shape[0], a.shape[0]))
+    out = image_processing.process_image(_encode(a, "PNG", compress_level=1))
+    assert np.abs(out.square.astype(int) - np.asarray(expected)).max() <= 1
