@@ -402,7 +402,9 @@ class SplitInfo:
     """One split: records written, inputs read and rejected, and its shards in shard order.
 
     `num_read == num_examples + num_rejected`; `num_examples` is the sum of the
-    shards' counts and `num_shards` their number.
+    shards' counts and `num_shards` their number. `num_upscaled` counts the
+    records whose input's shorter side was below `image.size` (scaled up to
+    it; 0 with `--noresize`); None in metadata of builds that did not count.
     """
 
     num_examples: int
@@ -411,6 +413,7 @@ class SplitInfo:
     num_rejected: int
     source: str  # Where the inputs came from, for people.
     shards: tuple[ShardInfo, ...]
+    num_upscaled: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shards", tuple(self.shards))
@@ -423,6 +426,7 @@ class SplitInfo:
             "num_rejected": self.num_rejected,
             "source": self.source,
             "shards": [s.to_json() for s in self.shards],
+            **({} if self.num_upscaled is None else {"num_upscaled": self.num_upscaled}),
         }
 
 
@@ -757,7 +761,7 @@ def _split_info(name: str, s: _Obj) -> SplitInfo:
                         _optional(x, "sha256", str), _optional(x, "head_sha256", str)) for x in s.objects("shards")]
     info = SplitInfo(num_examples=s.integer("num_examples"), num_shards=s.integer("num_shards"),
                      num_read=s.integer("num_read"), num_rejected=s.integer("num_rejected"),
-                     source=s.string("source"), shards=shards)
+                     source=s.string("source"), shards=shards, num_upscaled=_optional(s, "num_upscaled", int))
     total = sum(x.num_examples for x in shards)
     if total != info.num_examples:
         raise MetadataError(

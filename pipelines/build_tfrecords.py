@@ -53,6 +53,11 @@ STAGING_DIR = ".staging"
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 # Portable environments whose workers run a Python environment the user provides.
 SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
+# --image_size: at least the network's 227x227 input patches (alexnet_tf.input_pipeline.CROP;
+# the trainer refuses smaller records), at most 1024, 4x the paper's 256: per worker the
+# image, its JPEG and the int64 mean-image sum grow with its square (about 25 MB at 1024,
+# 1.5 GB at 8000).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 227, 1024
 # The pipeline's pieces, re-exported: the driver below only plans and finishes.
 BuildConfig, BuildRecords = transforms.BuildConfig, transforms.BuildRecords
 
@@ -86,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train_shards", type=int, default=1024)
     p.add_argument("--validation_shards", type=int, default=128)
     p.add_argument("--image_size", type=int, default=256,
-                   help="§2 of the paper: shorter side scaled to this, then the central square is stored.")
+                   help="§2 of the paper: shorter side scaled to this, then the central square is stored; "
+                   f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (the network's {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} patches "
+                   "are cut from it).")
     p.add_argument("--noresize", dest="resize", action="store_false",
                    help="Keep the original JPEG bytes of valid RGB JPEGs (others are re-encoded at their size).")
     p.add_argument("--jpeg_quality", type=int, default=90, help="Quality of re-encoded JPEGs.")
@@ -103,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 def _check_flags(args) -> None:
     if args.train_shards < 1 or args.validation_shards < 1:
         raise BuildError("--train_shards and --validation_shards must be at least 1")
-    if args.image_size < 1:
-        raise BuildError(f"--image_size must be positive, got {args.image_size}")
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise BuildError(f"--image_size must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (at least the network's "
+                         f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} input patches; the paper's is 256), got {args.image_size}")
     if not 1 <= args.jpeg_quality <= 100:
         raise BuildError(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
     if not 0.0 <= args.max_reject_fraction <= 1.0:
@@ -340,6 +348,7 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             source=layout.splits[split].description,
             shards=[records.ShardInfo(s["file"], s["num_examples"], s.get("bytes"), s.get("sha256"),
                                       s.get("head_sha256")) for s in shard_list],
+            num_upscaled=sum(s["num_upscaled"] for s in shard_list),
         )
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
@@ -402,6 +411,9 @@ def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = ()) ->
             f"  {split}: {info.num_read} read = {info.num_examples} written "
             f"in {info.num_shards} shards + {info.num_rejected} rejected"
         )
+        if info.num_upscaled:
+            lines.append(f"  {split}: {info.num_upscaled} of the {info.num_examples} images scaled up (shorter side "
+                         f"below {meta.image.size})")
     for r in meta.rejected[:10]:
         lines.append(f"  rejected {r.file}: {r.reason}")
     if len(meta.rejected) > 10:

@@ -275,6 +275,51 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
     np.testing.assert_allclose(meta.color_stats.covariance, np.cov(x, rowvar=False, bias=True), rtol=1e-10)
 
 
+def _encoded(h, w, fmt="JPEG", value=128):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _tiny_imagenet(root, files: dict) -> str:
+    """Extracted folders with one class (tench) holding `files` (name -> bytes), no validation set."""
+    folder = root / "imagenet" / "train" / "n01440764"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return str(root / "imagenet")
+
+
+def test_formats_serving_does_not_decode_are_counted_rejects(tmp_path):
+    formats = ["JPEG", "WEBP", "TIFF", "PNG"]  # Content, whatever the name says.
+    src = _tiny_imagenet(tmp_path, {f"n01440764_{i}.JPEG": _encoded(300, 300, f) for i, f in enumerate(formats, 1)})
+    meta = build(src, tmp_path / "out", "--max_reject_fraction=1")
+    train = meta.splits["train"]
+    assert (train.num_read, train.num_examples, train.num_rejected) == (4, 2, 2)
+    assert [(os.path.basename(r.file), r.reason) for r in meta.rejected] == [
+        ("n01440764_2.JPEG", "WEBP is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"),
+        ("n01440764_3.JPEG", "TIFF is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"),
+    ]
+
+
+def test_upscaled_images_are_counted_in_metadata_and_the_report(tmp_path, capsys):
+    sizes = {"n01440764_1.JPEG": (1, 1), "n01440764_2.JPEG": (100, 180), "n01440764_3.JPEG": (300, 400),
+             "n01440764_4.JPEG": (256, 256)}
+    src = _tiny_imagenet(tmp_path, {name: _encoded(h, w, "PNG") for name, (h, w) in sizes.items()})
+    meta = build(src, tmp_path / "out")
+    assert meta.splits["train"].num_upscaled == 2 and meta.splits["train"].num_examples == 4
+    raw = json.loads((tmp_path / "out" / records.METADATA_FILE).read_text())
+    assert raw["splits"]["train"]["num_upscaled"] == 2
+    assert records.load_metadata(str(tmp_path / "out")) == meta
+    assert "train: 2 of the 4 images scaled up (shorter side below 256)" in capsys.readouterr().err
+    # Metadata of builds that did not count still reads (None), and writes back as it was.
+    del raw["splits"]["train"]["num_upscaled"]
+    old = records.Metadata.from_json(raw)
+    assert old.splits["train"].num_upscaled is None and old.to_json() == raw
+    meta = build(src, tmp_path / "kept", "--noresize")
+    assert meta.splits["train"].num_upscaled == 0
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one specific line, a non-zero exit, and nothing written.
 
@@ -347,6 +392,28 @@ def test_missing_label_file(sample, tmp_path):
 )
 def test_bad_flags(sample, tmp_path, flag, match):
     _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], flag)
+
+
+def test_image_size_bounds_are_the_networks_patch_and_1024(tmp_path):
+    from alexnet_tf import input_pipeline
+
+    assert build_tfrecords.MIN_IMAGE_SIZE == input_pipeline.CROP  # Smaller records cannot be trained on.
+    assert "227..1024" in " ".join(build_tfrecords._parser().format_help().split())
+    for size, ok in [("227", True), ("256", True), ("1024", True), ("226", False), ("1025", False), ("8000", False),
+                     ("0", False)]:
+        args, _ = build_tfrecords._parser().parse_known_args(["--image_size", size])
+        if ok:
+            build_tfrecords._check_flags(args)
+        else:
+            with pytest.raises(build_tfrecords.BuildError, match=rf"^--image_size must be in 227\.\.1024 \(at least "
+                               rf"the network's 227x227 input patches; the paper's is 256\), got {size}$"):
+                build_tfrecords._check_flags(args)
+    # Checked before anything is read (the folder does not exist) or written: one line, exit status 1.
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", str(tmp_path / "nope"),
+                           "--output_dir", str(tmp_path / "out"), "--image_size=8000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not (tmp_path / "out").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("build_tfrecords: error: --image_size must be in 227..1024")
 
 
 def test_cli_error_is_one_line_and_non_zero(tmp_path):
