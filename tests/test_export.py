@@ -309,3 +309,272 @@ def test_training_refuses_to_continue_a_run_on_other_classes(exported, tmp_path)
     assert (f"train: error: the run in {model_dir} and {other} have different classes: label 0 is "
             f"{meta.classes[0].synset}") in r.stderr
     assert open(info, "rb").read() == before  # Nothing of the run was overwritten.
+
+
+# -- the export folder: what is replaced, what is refused, interruptions ------------
+
+
+def _tiny_model(num_classes=3):
+    """A small stand-in for AlexNet (same input, any classes): exports in about a second."""
+    inputs = keras.Input((227, 227, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="fc8")(x))
+
+
+def _tiny_info(classes=None):
+    classes = classes or [{"label": i, "synset": f"n0000000{i}", "name": f"class {i}"} for i in range(3)]
+    return {"num_classes": len(classes), "classes": classes, "square_size": 256}
+
+
+def _tiny_export(path, model=None, info=None):
+    info = info or _tiny_info()
+    return export.export(model or _tiny_model(info["num_classes"]), info, np.full(3, 120.0, np.float32), str(path))
+
+
+@pytest.fixture
+def tiny_run(monkeypatch):
+    """Makes `export.main` find the tiny model in any --model_dir (as if trained there)."""
+    info, model = _tiny_info(), _tiny_model()
+    monkeypatch.setattr(export.run_dir, "load_trained_model", lambda *a: (model, info, np.full(3, 120.0)))
+    return model, info
+
+
+def _main(module, argv, capsys):
+    """(exit status, stdout, stderr lines) of a command's main run in this process."""
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, [l for l in err.splitlines() if l.strip()]
+
+
+def _tree(path):
+    """{relative path: bytes} of every file under `path`."""
+    return {os.path.relpath(os.path.join(r, f), path): open(os.path.join(r, f), "rb").read()
+            for r, _, files in os.walk(path) for f in files}
+
+
+def test_export_refuses_a_folder_holding_other_files_and_keeps_them(tmp_path, capsys, tiny_run):
+    target = tmp_path / "models"
+    target.mkdir()
+    (target / "other_model.h5").write_bytes(b"someone else's weights")
+    (target / "notes").mkdir()
+    (target / "notes" / "a.txt").write_text("keep me")
+    before = _tree(target)
+    code, out, err = _main(export, ["--model_dir", str(tmp_path / "run"), "--export_dir", str(target)], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"export: error: {target} is not empty (notes, other_model.h5) and is not a SavedModel "
+                             "written by alexnet_tf.export")
+    assert _tree(target) == before
+    assert sorted(os.listdir(tmp_path)) == ["models"]  # No temporary folder either.
+    with pytest.raises(export.ExportError, match="is not empty"):  # The library call refuses the same.
+        _tiny_export(target)
+    assert _tree(target) == before
+
+
+def test_export_to_the_current_folder_is_refused_and_its_files_kept(tmp_path, capsys, monkeypatch, tiny_run):
+    (tmp_path / "data.csv").write_text("1,2,3\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "main.py").write_text("print('hi')\n")
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for where in (".", str(tmp_path), "src/.."):
+        code, out, err = _main(export, ["--model_dir", "../run", "--export_dir", where], capsys)
+        assert code == 1 and len(err) == 1 and err[0].startswith(f"export: error: --export_dir {where} is the "
+                                                                 "current folder or holds it"), err
+        assert _tree(tmp_path) == before
+    # An empty current folder too: replacing it would leave the shell in a removed folder.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    code, _, err = _main(export, ["--model_dir", "../run", "--export_dir", "."], capsys)
+    assert code == 1 and "is the current folder" in err[0] and os.listdir(empty) == []
+
+
+def test_export_replaces_an_earlier_export_whole(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "exported"
+    _tiny_export(target)
+    (target / "assets" / "stale.txt").write_text("from the earlier export")
+    assert export.is_export(str(target))
+    info = _tiny_info([{"label": i, "synset": f"n1000000{i}", "name": f"new {i}"} for i in range(4)])
+    model = _tiny_model(4)
+    monkeypatch.setattr(export.run_dir, "load_trained_model", lambda *a: (model, info, np.full(3, 120.0)))
+    export.main(["--model_dir", "run", "--export_dir", str(target)])  # Success returns (no SystemExit).
+    assert "export: wrote" in capsys.readouterr().out
+    assert not (target / "assets" / "stale.txt").exists()
+    assert export.read_class_synsets(str(target)) == [f"n1000000{i}" for i in range(4)]
+    loaded = tf.saved_model.load(str(target))
+    assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 4)
+    assert sorted(os.listdir(tmp_path)) == ["exported"]  # Nothing left beside it.
+    # An empty folder is filled.
+    (tmp_path / "empty").mkdir()
+    _tiny_export(tmp_path / "empty")
+    assert export.is_export(str(tmp_path / "empty"))
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 in the middle of the swap: nothing after it runs (no clean-up either)."""
+
+
+def _fake_export(path, tag):
+    """A folder with an export's marks (saved_model.pb, assets/classes.tsv) and `tag` in its files."""
+    os.makedirs(os.path.join(path, "assets"))
+    os.makedirs(os.path.join(path, "variables"))
+    for name in ("saved_model.pb", "variables/variables.index", "variables/variables.data-00000-of-00001"):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(f"{tag} {name}")
+    with open(os.path.join(path, "assets", export.CLASSES_ASSET), "w") as f:
+        f.write(f"0\t{tag}\tname\n")
+    return _tree(path)
+
+
+def _killing_after(n, monkeypatch):
+    """Makes the swap's renames, exchanges and deletions die (_Killed) after the first `n` of them."""
+    done = []
+    for obj, name in ((tf.io.gfile, "rename"), (tf.io.gfile, "rmtree"), (export, "_exchange")):
+        real = getattr(obj, name)
+
+        def step(*args, _real=real, **kwargs):
+            if len(done) >= n:
+                raise _Killed
+            done.append(args)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, step)
+    return done
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_a_kill_at_any_point_of_the_swap_leaves_a_whole_export(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    elif not export._exchange(str(tmp_path), str(tmp_path)):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or filesystem")
+    steps = None
+    for n in range(10):
+        case = tmp_path / str(n)
+        target, tmp = str(case / "exported"), str(case / f"exported.tmp-{os.getpid()}")
+        old, new = _fake_export(target, "old"), _fake_export(tmp, "new")
+        with monkeypatch.context() as m:
+            done = _killing_after(n, m)
+            try:
+                export.swap_in(tmp, target)
+                steps = len(done)
+            except _Killed:
+                pass
+        # Right after the kill: the old or the new export at the target, or (only between the
+        # fallback's two renames) none there and the old one put back by the next export.
+        if not os.path.exists(target):
+            assert not exchange and export.recover(target) is not None
+        assert _tree(target) in (old, new), n
+        # The next export tidies what the killed one left.
+        export.recover(target)
+        assert sorted(os.listdir(case)) == ["exported"] and _tree(target) in (old, new), (n, os.listdir(case))
+        if steps is not None:
+            assert _tree(target) == new
+            break
+    # The exchange and the deletion; or the exchange tried, two renames and the deletion.
+    assert steps == (2 if exchange else 4)
+
+
+def test_the_exchange_is_atomic_on_this_system(tmp_path):
+    a, b = _fake_export(str(tmp_path / "a"), "a"), _fake_export(str(tmp_path / "b"), "b")
+    if not export._exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or filesystem")
+    assert _tree(str(tmp_path / "a")) == b and _tree(str(tmp_path / "b")) == a
+
+
+def test_recover_leaves_folders_that_are_not_an_exports_leftovers(tmp_path):
+    target = str(tmp_path / "exported")
+    _fake_export(target, "current")
+    mine = tmp_path / "exported.tmp-1"  # A user's folder that happens to have the temporary name.
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    dead = 2 ** 22 + 1  # Above Linux's pid_max: no such process.
+    leftover = tmp_path / f"exported.tmp-{dead}"
+    _fake_export(str(leftover), "half")
+    export.recover(target)
+    assert (mine / "thesis.tex").read_text() == "keep" and not leftover.exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   tf.errors.ResourceExhaustedError(None, None, "No space left on device")],
+                         ids=["OSError", "tf.errors"])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_export(tmp_path, capsys, monkeypatch, tiny_run, error):
+    import errno
+
+    assert errno.ENOSPC == 28
+    target = tmp_path / "exported"
+    _tiny_export(target)
+    before = _tree(target)
+
+    def full_disk(obj, path, *args, **kwargs):  # Part of the SavedModel written, then the disk is full.
+        os.makedirs(os.path.join(path, "variables"))
+        with open(os.path.join(path, "variables", "variables.data-00000-of-00001"), "wb") as f:
+            f.write(b"\0" * 1000)
+        raise error
+
+    monkeypatch.setattr(tf.saved_model, "save", full_disk)  # What Keras' ExportArchive.write_out calls.
+    code, out, err = _main(export, ["--model_dir", "run", "--export_dir", str(target)], capsys)
+    assert code == 1 and err == [f"export: error: cannot write the SavedModel for {target} (No space left on "
+                                 "device); the earlier SavedModel there is unchanged"]
+    assert _tree(target) == before and sorted(os.listdir(tmp_path)) == ["exported"]  # The temporary folder is gone.
+    # A first export: nothing at all is left.
+    code, out, err = _main(export, ["--model_dir", "run", "--export_dir", str(tmp_path / "new")], capsys)
+    assert code == 1 and "No space left on device" in err[0] and sorted(os.listdir(tmp_path)) == ["exported"]
+
+
+def test_weights_that_are_not_finite_are_not_exported(tmp_path, capsys, tiny_run):
+    model, info = tiny_run
+    bias = model.get_layer("fc8").bias
+    bias.assign([0.0, np.nan, np.inf])
+    with pytest.raises(export.NonFiniteWeights, match=r"fc8/bias holds 1 NaN and 1 infinite values \(of 3\)"):
+        _tiny_export(tmp_path / "new", model, info)
+    assert os.listdir(tmp_path) == []
+    earlier = tmp_path / "exported"
+    _tiny_export(earlier)
+    before = _tree(earlier)
+    for target in (tmp_path / "new", earlier):
+        code, out, err = _main(export, ["--model_dir", "run", "--export_dir", str(target)], capsys)
+        assert code == 1 and err == ["export: error: the model's weights are not all finite: fc8/bias holds 1 NaN "
+                                     "and 1 infinite values (of 3); the run diverged, export a checkpoint from "
+                                     "before it (--checkpoint)"]
+        assert sorted(os.listdir(tmp_path)) == ["exported"] and _tree(earlier) == before
+    # The first one named: conv1's kernel comes before fc8's bias.
+    model.get_layer("fc8").kernel.assign(np.full((3, 3), np.nan))
+    with pytest.raises(export.NonFiniteWeights, match=r"fc8/kernel holds 9 NaN"):
+        export.check_finite(model)
+    with pytest.raises(export.NonFiniteWeights, match="the mean image holds 1 NaN"):
+        export.check_finite(_tiny_model(), np.array([1.0, np.nan, 2.0]))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_an_export_killed_at_any_step_leaves_an_export_in_place(tmp_path, monkeypatch, exchange):
+    """The whole export() over an earlier export, killed after 0, 1, 2, ... of its renames and deletions."""
+    import shutil
+
+    if not exchange:
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    target, earlier = tmp_path / "exported", tmp_path / "earlier"
+    old_synsets, new_synsets = [f"n2000000{i}" for i in range(3)], [f"n0000000{i}" for i in range(3)]
+    _tiny_export(earlier, info=_tiny_info([{"label": i, "synset": s, "name": s} for i, s in enumerate(old_synsets)]))
+    model = _tiny_model()
+    for n in range(6):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(earlier, target)
+        with monkeypatch.context() as m:
+            _killing_after(n, m)
+            try:
+                _tiny_export(target, model)
+                finished = True
+            except _Killed:
+                finished = False
+        export.recover(str(target))  # What the next export does first.
+        assert export.is_export(str(target)) and export._missing_part(str(target)) is None, n
+        assert export.read_class_synsets(str(target)) in ([old_synsets] if n == 0 else [old_synsets, new_synsets])
+        assert sorted(os.listdir(tmp_path)) == ["earlier", "exported"], n
+        if finished:
+            break
+    assert finished and export.read_class_synsets(str(target)) == new_synsets
+    loaded = tf.saved_model.load(str(target))  # Whole: it loads and answers.
+    assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 3)
