@@ -578,3 +578,104 @@ def test_an_export_killed_at_any_step_leaves_an_export_in_place(tmp_path, monkey
     assert finished and export.read_class_synsets(str(target)) == new_synsets
     loaded = tf.saved_model.load(str(target))  # Whole: it loads and answers.
     assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 3)
+
+
+def _jpeg(path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(buf, format="JPEG")
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+def test_predict_says_when_the_models_output_is_not_finite(tmp_path, capsys, monkeypatch):
+    from alexnet_tf import predict
+
+    model = _tiny_model()
+    model.get_layer("fc8").bias.assign([0.0, np.nan, 0.0])
+    with monkeypatch.context() as m:  # A SavedModel of a diverged run (exported before the export refused one).
+        m.setattr(export, "check_finite", lambda *a: None)
+        _tiny_export(tmp_path / "diverged", model)
+    images = [_jpeg(tmp_path / "a.jpg"), _jpeg(tmp_path / "b.jpg")]
+    code, out, err = _main(predict, ["--saved_model", str(tmp_path / "diverged"), *images], capsys)
+    assert code == 1 and "nan" not in out.lower()
+    assert err == [f"predict: error: {tmp_path / 'diverged'} gives probabilities that are not finite (NaN or "
+                   f"infinity) for {images[0]}: its weights have diverged; export a checkpoint from before that"]
+    # A sound model: the top 5 as before.
+    _tiny_export(tmp_path / "sound")
+    code, out, err = _main(predict, ["--saved_model", str(tmp_path / "sound"), images[0]], capsys)
+    assert code == 0 and err == [] and out.splitlines()[0] == f"{images[0]}:" and out.count("%") == 3
+
+
+def _damaged_copies(source, dest):
+    """{what is wrong: a copy of the export `source` damaged that way}."""
+    import shutil
+
+    damage = {
+        "saved_model.pb truncated": lambda d: _truncate(os.path.join(d, "saved_model.pb")),
+        "saved_model.pb missing": lambda d: os.remove(os.path.join(d, "saved_model.pb")),
+        "variables/ missing": lambda d: shutil.rmtree(os.path.join(d, "variables")),
+        "variables data truncated": lambda d: _truncate(
+            os.path.join(d, "variables", "variables.data-00000-of-00001")),
+        "variables data missing": lambda d: os.remove(os.path.join(d, "variables", "variables.data-00000-of-00001")),
+        "class list missing": lambda d: os.remove(os.path.join(d, "assets", export.CLASSES_ASSET)),
+    }
+    copies = {}
+    for i, (what, apply) in enumerate(damage.items()):
+        copies[what] = os.path.join(dest, f"damaged{i}")
+        shutil.copytree(source, copies[what])
+        apply(copies[what])
+    return copies
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+DAMAGE_MESSAGES = {
+    "saved_model.pb truncated": "is not a complete SavedModel: saved_model.pb cannot be parsed (truncated or damaged)",
+    "saved_model.pb missing": "is not a SavedModel (no saved_model.pb)",
+    "variables/ missing": "is not a complete SavedModel: variables/variables.index is missing",
+    "variables data truncated": "is not a complete SavedModel: its variables cannot be read (",
+    "variables data missing": "is not a complete SavedModel: variables/variables.data-* is missing",
+    "class list missing": "is not a complete SavedModel: assets/classes.tsv is missing",
+}
+
+
+def test_predict_and_evaluate_name_a_half_written_saved_model_in_one_line(tmp_path, capsys):
+    from alexnet_tf import evaluate, predict
+
+    _tiny_export(tmp_path / "whole")
+    image = _jpeg(tmp_path / "a.jpg")
+    for what, path in _damaged_copies(str(tmp_path / "whole"), str(tmp_path)).items():
+        for module, argv in ((predict, ["--saved_model", path, image]),
+                             (evaluate, ["--saved_model", path, "--data_dir", str(tmp_path)])):
+            code, out, err = _main(module, argv, capsys)
+            name = module.__name__.rsplit(".", 1)[1]
+            assert code == 1 and out == "" and len(err) == 1, (what, name, err)
+            assert err[0].startswith(f"{name}: error: {path} {DAMAGE_MESSAGES[what]}"), (what, err)
+
+
+@pytest.mark.parametrize("source", ["--saved_model", "--model_dir"])
+def test_evaluate_refuses_records_smaller_than_the_models_patches_before_any_work(built, model_folder, tmp_path,
+                                                                                 capsys, monkeypatch, source):
+    import dataclasses
+    import shutil
+
+    from alexnet_tf import evaluate, records
+
+    out, meta = built
+    small = tmp_path / "small"  # As built with --image_size=100.
+    shutil.copytree(out, small)
+    records.write_metadata(str(small), dataclasses.replace(meta, image=dataclasses.replace(meta.image, size=100)))
+    if source == "--saved_model":
+        model = str(tmp_path / "exported")
+        _tiny_export(model, info=_tiny_info([c.to_json() for c in meta.classes]))
+    else:
+        model = model_folder[0]
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    code, stdout, err = _main(evaluate, [source, model, "--data_dir", str(small)], capsys)
+    assert code == 1 and err == [f"evaluate: error: {small} holds 100x100 images, smaller than the 227x227 patches "
+                                 "the model takes; rebuild the records with --image_size of at least 227 (the "
+                                 "paper's 256)"]
