@@ -679,3 +679,18 @@ def test_evaluate_refuses_records_smaller_than_the_models_patches_before_any_wor
     assert code == 1 and err == [f"evaluate: error: {small} holds 100x100 images, smaller than the 227x227 patches "
                                  "the model takes; rebuild the records with --image_size of at least 227 (the "
                                  "paper's 256)"]
+
+
+def test_training_refuses_at_start_a_saved_model_folder_holding_other_files(built, tmp_path):
+    out, _ = built
+    folder = tmp_path / "run" / "saved_model"
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("not an export")
+    r = _cli("alexnet_tf.train", "--preset=sample", f"--data_dir={out}", f"--model_dir={tmp_path / 'run'}",
+             "--strategy=one_device", "--epochs=1", "--steps_per_epoch=1", "--batch_size=8")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"train: error: {folder} is not empty (mine.txt) and is not a "
+                                                 "SavedModel written by alexnet_tf.export; nothing was written: "
+                                                 "name a new or empty folder")
+    assert (folder / "mine.txt").read_text() == "not an export"
+    assert sorted(os.listdir(tmp_path / "run")) == ["saved_model"]  # Refused before the run wrote anything.
