@@ -694,3 +694,45 @@ def test_training_refuses_at_start_a_saved_model_folder_holding_other_files(buil
                                                  "name a new or empty folder")
     assert (folder / "mine.txt").read_text() == "not an export"
     assert sorted(os.listdir(tmp_path / "run")) == ["saved_model"]  # Refused before the run wrote anything.
+
+
+KILLED_EXPORTER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_export import _tiny_export, _tiny_info
+    print("ready", flush=True)
+    n = 0
+    while True:  # Export after export over the same folder, until killed.
+        n += 1
+        _tiny_export(sys.argv[1], info=_tiny_info([{"label": i, "synset": f"n{n:08d}", "name": str(i)}
+                                                   for i in range(3)]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_kill_9_during_exports_always_leaves_a_whole_saved_model(tmp_path, exchange):
+    """A process exporting over and over into one folder, killed with SIGKILL at random moments."""
+    import random
+    import signal
+    import time
+
+    target = tmp_path / "exported"
+    _tiny_export(target)
+    script = KILLED_EXPORTER if exchange else KILLED_EXPORTER.replace(
+        "from test_export import", "from alexnet_tf import export; export._exchange = lambda a, b: False\n"
+                                   "from test_export import")
+    rng = random.Random(0)
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(target), os.path.dirname(__file__)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.5, 4.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        export.recover(str(target))
+        assert export.is_export(str(target)) and export._missing_part(str(target)) is None
+        loaded = tf.saved_model.load(str(target))
+        assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 3)
+        assert sorted(os.listdir(tmp_path)) == ["exported"]
