@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import sys
 import tempfile
 
@@ -223,8 +224,13 @@ def swap_in(tmp: str, target: str) -> None:
 
 
 def _reason(e: BaseException) -> str:
+    """The cause of an error in a few words: the system's (e.g. 'No space left on device') where it names one."""
     if isinstance(e, tf.errors.OpError):
-        text = e.message
+        known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+        said = [k for k in known if k in e.message]
+        if said:
+            return said[0]
+        text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", e.message)
     elif isinstance(e, OSError) and e.strerror:
         text = e.strerror
     else:

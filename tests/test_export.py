@@ -496,9 +496,13 @@ def test_recover_leaves_folders_that_are_not_an_exports_leftovers(tmp_path):
     assert (mine / "thesis.tex").read_text() == "keep" and not leftover.exists()
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   tf.errors.ResourceExhaustedError(None, None, "No space left on device")],
-                         ids=["OSError", "tf.errors"])
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    # As TensorFlow's SaveV2 says it (TF 2.21, a full tmpfs).
+    tf.errors.ResourceExhaustedError(None, None, "{{function_node __wrapped__SaveV2_dtypes_37_device_/job:localhost/"
+                                     "replica:0/task:0/device:CPU:0}} /x/exported.tmp-1/variables/variables_temp/"
+                                     "part-00000-of-00001.data-00000-of-00001.tempstate1; No space left on device "
+                                     "[Op:SaveV2]")], ids=["OSError", "tf.errors"])
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_export(tmp_path, capsys, monkeypatch, tiny_run, error):
     import errno
 
