@@ -248,7 +248,8 @@ def _write_out(archive, tmp: str, export_dir: str) -> None:
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
         if isinstance(e, (OSError, tf.errors.OpError)):
-            kept = "the earlier SavedModel there is unchanged" if is_export(_resolve(export_dir)) else "nothing kept"
+            kept = ("the earlier SavedModel there is unchanged" if is_export(_resolve(export_dir))
+                    else "nothing was left there")
             raise ExportError(f"cannot write the SavedModel for {export_dir} ({_reason(e)}); {kept}") from None
         raise
 

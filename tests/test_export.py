@@ -740,3 +740,15 @@ def test_kill_9_during_exports_always_leaves_a_whole_saved_model(tmp_path, excha
         loaded = tf.saved_model.load(str(target))
         assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 3)
         assert sorted(os.listdir(tmp_path)) == ["exported"]
+
+
+def test_predict_points_to_the_earlier_export_an_interrupted_swap_left_aside(tmp_path, capsys):
+    from alexnet_tf import predict
+
+    _tiny_export(tmp_path / "exported.old-4194305")  # The fallback swap, killed between its two renames.
+    code, out, err = _main(predict, ["--saved_model", str(tmp_path / "exported"), _jpeg(tmp_path / "a.jpg")], capsys)
+    assert code == 1 and err == [f"predict: error: {tmp_path / 'exported'} is not a SavedModel (no such folder); an "
+                                 f"interrupted export left the earlier one at {tmp_path / 'exported.old-4194305'}: "
+                                 "run the export again, which puts it back"]
+    assert export.recover(str(tmp_path / "exported")) == str(tmp_path / "exported.old-4194305")
+    assert export.is_export(str(tmp_path / "exported")) and sorted(os.listdir(tmp_path)) == ["a.jpg", "exported"]
