@@ -10,7 +10,7 @@ error and the others still run; the exit status is 1 if any file failed.
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 
 
@@ -54,18 +54,23 @@ def main(argv=None) -> None:
     p.add_argument("images", nargs="+", help="Image files (JPEG, PNG, GIF, BMP).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    import tensorflow as tf
+    from alexnet_tf import export
 
-    if not tf.io.gfile.exists(os.path.join(args.saved_model, "saved_model.pb")):
-        print(f"predict: error: {args.saved_model} is not a SavedModel (no saved_model.pb)", file=sys.stderr)
+    try:
+        loaded = export.load_saved_model(args.saved_model)
+    except export.IncompleteSavedModel as e:
+        print(f"predict: error: {e}", file=sys.stderr)
         sys.exit(1)
-    loaded = tf.saved_model.load(args.saved_model)
     failed = 0
     for path, result in predict_files(loaded, args.images):
         if isinstance(result, str):
             failed += 1
             print(f"predict: error: {path}: {result}", file=sys.stderr)
             continue
+        if not all(math.isfinite(prob) for _, _, prob in result):  # Every image would get the same: stop.
+            print(f"predict: error: {args.saved_model} gives probabilities that are not finite (NaN or infinity) "
+                  f"for {path}: its weights have diverged; export a checkpoint from before that", file=sys.stderr)
+            sys.exit(1)
         print(f"{path}:")
         for rank, (name, synset, prob) in enumerate(result, 1):
             print(f"  {rank}. {name} ({synset}) {prob:.2%}")
