@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
 import os
@@ -58,7 +59,7 @@ def test_shards_are_named_balanced_and_never_empty(built):
         counts = [s.num_examples for s in info.shards]
         assert min(counts) >= 1 and max(counts) - min(counts) <= 1
     assert os.path.exists(os.path.join(out, records.METADATA_FILE))
-    assert not os.path.exists(os.path.join(out, build_tfrecords.BUILD_DIR))
+    assert not [n for n in os.listdir(out) if n.startswith(build_tfrecords.STAGING_PREFIX)]  # Nothing of the build's left.
 
 
 def test_fewer_shards_than_requested_when_images_are_few(sample, tmp_path):
@@ -429,7 +430,153 @@ def test_an_overwrite_that_fails_its_checks_leaves_the_old_dataset_whole(sample,
     meta = build(sample["output_dir"], tmp_path, "--overwrite", "--image_size=240")
     assert records.load_metadata(str(tmp_path)) == meta and meta.image.size == 240
     assert records.load_mean_image(str(tmp_path), meta).shape == (240, 240, 3)
-    assert not (tmp_path / build_tfrecords.STAGING_DIR).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(build_tfrecords.STAGING_PREFIX)]
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_a_build_leaves_a_users_own_staging_folder_alone(sample, tmp_path):
+    (tmp_path / ".staging").mkdir()
+    (tmp_path / ".staging" / "notes.txt").write_text("mine")
+    build(sample["output_dir"], tmp_path)
+    assert (tmp_path / ".staging" / "notes.txt").read_text() == "mine"
+    build(sample["output_dir"], tmp_path, "--overwrite", "--train_shards=2")
+    assert (tmp_path / ".staging" / "notes.txt").read_text() == "mine"
+
+
+def test_an_overwrite_leaves_a_users_own_build_folder_alone(sample, tmp_path):
+    build(sample["output_dir"], tmp_path)
+    (tmp_path / "_build").mkdir()
+    (tmp_path / "_build" / "notes.txt").write_text("mine")
+    meta = build(sample["output_dir"], tmp_path, "--overwrite", "--train_shards=2")
+    assert (tmp_path / "_build" / "notes.txt").read_text() == "mine"
+    assert meta.splits["train"].num_shards == 2 and records.load_metadata(str(tmp_path)) == meta
+
+
+def test_a_folder_without_the_builds_marker_is_never_removed_or_reused(tmp_path, capfd):
+    me = build_tfrecords.BuildLock(str(tmp_path)).me
+    # Removing: refused, in one line, for a folder without a marker or with another build's.
+    folder = tmp_path / (build_tfrecords.STAGING_PREFIX + "x")
+    folder.mkdir()
+    (folder / "data").write_text("mine")
+    with pytest.raises(build_tfrecords.BuildError, match=r"has no .* naming build .*: not removed") as e:
+        build_tfrecords._remove_build_folder(str(folder), me["build"])
+    assert "\n" not in str(e.value) and (folder / "data").read_text() == "mine"
+    (folder / build_tfrecords.MARKER_FILE).write_text(json.dumps({**me, "build": "another"}))
+    with pytest.raises(build_tfrecords.BuildError, match="not removed"):
+        build_tfrecords._remove_build_folder(str(folder), me["build"])
+    assert (folder / "data").read_text() == "mine"
+    # Reusing: a folder already at this build's staging path is refused, and kept.
+    taken = tmp_path / (build_tfrecords.STAGING_PREFIX + me["build"])
+    taken.mkdir()
+    (taken / "data").write_text("mine")
+    with pytest.raises(build_tfrecords.BuildError, match="already exists and has no marker of this build"):
+        build_tfrecords._make_staging(str(tmp_path), me)
+    assert (taken / "data").read_text() == "mine" and not (taken / build_tfrecords.MARKER_FILE).exists()
+    # The folder a build makes carries its marker, and only that build removes it.
+    taken.rename(tmp_path / "kept")
+    staging = build_tfrecords._make_staging(str(tmp_path), me)
+    assert json.loads(open(os.path.join(staging, build_tfrecords.MARKER_FILE)).read()) == me
+    build_tfrecords._remove_build_folder(staging, me["build"])
+    assert not os.path.exists(staging)
+
+
+def test_only_marked_folders_of_builds_that_are_gone_are_cleared(tmp_path, capfd):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = build_tfrecords.BuildLock(str(tmp_path)).me
+
+    def folder(name, marker):
+        path = tmp_path / (build_tfrecords.STAGING_PREFIX + name)
+        path.mkdir()
+        (path / "train-00000-of-00001").write_text("x")
+        if marker:
+            (path / build_tfrecords.MARKER_FILE).write_text(json.dumps({**me, **marker}))
+        return path
+
+    dead = folder("dead", {"build": "dead", "pid": gone.pid})
+    unmarked = folder("unmarked", None)
+    running = folder("running", {"build": "running", "pid": os.getpid()})
+    remote = folder("remote", {"build": "remote", "pid": gone.pid, "host": "elsewhere"})
+    build_tfrecords._clear_gone_builds(str(tmp_path), me)
+    assert not dead.exists()
+    assert unmarked.exists() and running.exists() and remote.exists()
+    err = capfd.readouterr().err
+    assert f"removed {dead}, left by build dead (pid {gone.pid}" in err
+    assert f"{running} belongs to build running (still running" in err and "elsewhere" in err
+
+
+def _disk_full_after(monkeypatch, nbytes):
+    """Writes of shard bytes fail with ENOSPC once `nbytes` have been written (in-process workers)."""
+    written = [0]
+    real = records.DigestingWriter.write
+
+    def write(self, data):
+        written[0] += len(data)
+        if written[0] > nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(records.DigestingWriter, "write", write)
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_the_earlier_dataset_whole(sample, tmp_path, monkeypatch,
+                                                                               capsys):
+    out = tmp_path / "out"
+    build(sample["output_dir"], out)
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    _disk_full_after(monkeypatch, 1_000_000)
+    with pytest.raises(SystemExit) as e:
+        build_tfrecords.main(["--imagenet_dir", sample["output_dir"], "--output_dir", str(out), "--overwrite",
+                              "--train_shards=2", *LOCAL_BEAM])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"build_tfrecords: error: no space left on device in --output_dir {out}: the build stopped and removed what "
+        "it had written; the dataset already there is intact; free some space (or choose another --output_dir) "
+        "and run it again")
+    assert "Traceback" not in err and err.lower().count("no space left") == 1
+    assert _tree(out) == before  # The old dataset, byte for byte; no staging, no partial shard.
+
+
+def test_a_full_disk_on_a_first_build_leaves_nothing_behind(sample, tmp_path, monkeypatch):
+    _disk_full_after(monkeypatch, 1_000_000)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(build_tfrecords.BuildError, match=r"^no space left on device in --output_dir .*/kept: "):
+        build(sample["output_dir"], tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == []  # A folder that was there stays, empty.
+    with pytest.raises(build_tfrecords.BuildError, match="no space left on device"):
+        build(sample["output_dir"], tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # One the build made goes.
+    monkeypatch.undo()
+    build(sample["output_dir"], tmp_path / "kept")  # The next build is not refused.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_exit_1(sample, small_disk):
+    out = small_disk / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", sample["output_dir"],
+         "--output_dir", str(out), *LOCAL_BEAM], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"build_tfrecords: error: no space left on device in --output_dir {out}: the build stopped and removed")
+    assert "Traceback" not in proc.stderr and proc.stderr.lower().count("no space left") == 1
+    assert list(small_disk.iterdir()) == []
 
 
 def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
