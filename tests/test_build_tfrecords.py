@@ -666,3 +666,67 @@ def test_the_lock_is_released_when_a_build_fails(sample, tmp_path):
     with pytest.raises(build_tfrecords.BuildError, match="max_reject_fraction"):
         build(sample["output_dir"], tmp_path / "out", "--max_reject_fraction=0.001")
     assert not (tmp_path / "out" / build_tfrecords.LOCK_FILE).exists()
+
+
+def _poll(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow  # A multi-process build killed mid-write, then another: about a minute on 2 cores.
+def test_a_build_killed_mid_write_cannot_touch_the_build_that_takes_over(sample, tmp_path):
+    out = tmp_path / "out"
+    log = open(tmp_path / "killed.log", "w+")
+    killed = subprocess.Popen([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir",
+                               sample["output_dir"], "--output_dir", str(out), "--train_shards=3",
+                               "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    # Killed (the driver alone, as the OOM killer or a lost session does) once its workers write shards.
+    _poll(lambda: any(".tmp-" in p.name or records.parse_shard_name(p.name) for p in out.rglob("*")), 240,
+          "the first shard")
+    lock = json.loads((out / build_tfrecords.LOCK_FILE).read_text())
+    killed.kill()
+    killed.wait()
+    orphans = build_tfrecords.build_processes(lock["build"])
+    # Taken over at once, and without --overwrite: what the killed build wrote is no dataset of the folder's.
+    meta = build(sample["output_dir"], out, "--train_shards=2")
+    # The old build's workers are gone before its folder is removed, and they wrote nothing outside it.
+    assert build_tfrecords.build_processes(lock["build"]) == []
+    time.sleep(1)
+    listed = {s.file for info in meta.splits.values() for s in info.shards}
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed | {records.METADATA_FILE, records.MEAN_IMAGE_FILE})
+    assert records.load_metadata(str(out)) == meta and meta.splits["train"].num_shards == 2
+    check = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, (orphans, check.stderr[-2000:], open(log.name).read()[-2000:])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="processes are found through /proc")
+def test_the_folder_of_a_killed_build_is_removed_only_once_its_workers_are_gone(tmp_path, capfd):
+    me = build_tfrecords.BuildLock(str(tmp_path)).me
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # The killed build's driver.
+    old = tmp_path / (build_tfrecords.STAGING_PREFIX + "old")
+    old.mkdir()
+    (old / build_tfrecords.MARKER_FILE).write_text(json.dumps({**me, "build": "old", "pid": gone.pid}))
+    # One of its workers, still writing into its folder for a while after the driver died.
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nfor i in range(10):\n    time.sleep(0.15)\n"
+         "    os.makedirs(sys.argv[1], exist_ok=True)\n    open(os.path.join(sys.argv[1], f'part-{i}'), 'w').close()",
+         str(old / "_build")], env={**os.environ, build_tfrecords.BUILD_ENV: "old"})
+    try:
+        _poll(lambda: build_tfrecords.build_processes("old") == [worker.pid], 10, "the worker to start")
+        build_tfrecords._clear_gone_builds(str(tmp_path), me)
+        assert worker.poll() is not None  # Waited for it...
+        time.sleep(0.3)
+        assert not old.exists()  # ...so nothing of the old build comes back.
+    finally:
+        worker.kill()
+    err = capfd.readouterr().err
+    assert f"waiting for 1 process(es) of build old to end (pids {worker.pid}; at most 300 s)" in err
+    assert f"removed {old}, left by build old" in err
