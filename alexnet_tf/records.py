@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+import unicodedata
 import uuid
 from typing import Any, Mapping, NoReturn
 
@@ -252,6 +253,21 @@ class ClassInfo(_Flat):
     label: int
     synset: str
     name: str
+
+
+# Unicode categories a class's synset or name may not hold: control characters
+# (tab, newline, ...), lone surrogates, line and paragraph separators. Class
+# lists are written one class a line, tab-separated (the exported model's
+# class table), so each must be one line of text.
+_NOT_IN_CLASS_TEXT = ("Cc", "Cs", "Zl", "Zp")
+
+
+def control_character(text: str) -> str | None:
+    """The first character of `text` a synset or class name may not hold, as U+XXXX, or None."""
+    for ch in text:
+        if unicodedata.category(ch) in _NOT_IN_CLASS_TEXT:
+            return f"U+{ord(ch):04X}"
+    return None
 
 
 class ClassMismatch(ValueError):
@@ -630,7 +646,7 @@ class Metadata:
             raise MetadataError(f"{path} has format_version {version!r}; this code reads {FORMAT_VERSION}")
         classes = []
         for c in top.objects("classes"):
-            classes.append(ClassInfo(c.integer("label"), c.string("synset"), c.string("name")))
+            classes.append(ClassInfo(c.integer("label"), _class_text(c, "synset"), _class_text(c, "name")))
         if [c.label for c in classes] != list(range(len(classes))):
             raise MetadataError(f"{path}: classes are not listed in label order 0..n-1")
         num_classes = top.integer("num_classes")
@@ -751,6 +767,15 @@ def _optional(x: _Obj, key: str, kind: type):
     if x.get(key, None) is None:
         return None
     return x.integer(key) if kind is int else x.string(key)
+
+
+def _class_text(c: _Obj, key: str) -> str:
+    """A class's synset or name: one line of text (see `control_character`)."""
+    text = c.string(key)
+    bad = control_character(text)
+    if bad:
+        c.fail(c.at(key), f"one line of text without control characters (found {bad})", text)
+    return text
 
 
 def _shard_file(x: _Obj, split: str) -> str:

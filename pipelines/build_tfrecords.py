@@ -564,6 +564,7 @@ def run(argv: list[str] | None = None) -> records.Metadata:
               file=sys.stderr)
     layout = imagenet_layout.plan(args.imagenet_dir, args.val_labels)
     print(f"build_tfrecords: {layout.describe()}", file=sys.stderr)
+    _check_class_text(layout.classes)
     options = _beam_options(beam_args)
     runner = options.view_as(StandardOptions).runner
     created = not fileio.exists(args.output_dir)
@@ -613,6 +614,21 @@ def _build_locked(args, layout, options, runner, started, me: dict) -> records.M
             os.environ[BUILD_ENV] = before
     _swap_in(staging, args.output_dir, existing, me["build"])
     return meta
+
+
+def _check_class_text(synsets) -> None:
+    """Stops on a class whose synset or name is not one line of text (a tab, newline or other control character).
+
+    Such a class would train and export, and then break the exported model's
+    class table (one class a line, tab-separated).
+    """
+    for label, (synset, name) in enumerate(zip(synsets, imagenet_layout.class_names(synsets))):
+        for what, text in (("synset", synset), ("name", name)):
+            bad = records.control_character(text)
+            if bad:
+                raise BuildError(f"class {label} (synset {json.dumps(synset)}) has a control character ({bad}) in its "
+                                 f"{what} {json.dumps(text)}: synsets and class names must be one line of text; "
+                                 "rename its folder or archive")
 
 
 def _build(args, layout, options, runner, started, target: str) -> records.Metadata:

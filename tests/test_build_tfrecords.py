@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -332,6 +333,15 @@ def test_bad_label_file(sample, tmp_path, edit, match):
     bad = tmp_path / "labels.txt"
     bad.write_text("\n".join(edit(open(sample["val_labels"]).read().split())) + "\n")
     _fails(tmp_path, match, "--imagenet_dir", sample["output_dir"], "--val_labels", str(bad))
+
+
+def test_a_class_whose_synset_holds_a_control_character_is_refused(sample, tmp_path):
+    src = extract_sample(sample, tmp_path / "in")
+    shutil.rmtree(os.path.join(src, "val"))
+    os.rename(os.path.join(src, "train", "n01440764"), os.path.join(src, "train", "n01440764\n"))
+    _fails(tmp_path, r'^class 0 \(synset "n01440764\\n"\) has a control character \(U\+000A\) in its synset '
+           r'"n01440764\\n": synsets and class names must be one line of text; rename its folder or archive$',
+           "--imagenet_dir", src)
 
 
 def test_missing_label_file(sample, tmp_path):

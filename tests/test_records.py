@@ -254,3 +254,17 @@ def test_the_mean_image_must_be_the_builds_file_inside_the_folder(raw, file):
     raw["color_stats"]["mean_image_file"] = file
     assert _error(raw) == (f'{PATH}: color_stats.mean_image_file must be "mean_image.npy" (a plain name inside the '
                            f"records folder), got {json.dumps(file)}")
+
+
+@pytest.mark.parametrize("key", ["synset", "name"])
+@pytest.mark.parametrize("char", ["\t", "\n", "\r", "\x00", "\x7f", "\x85", "\u2028", "\u2029"])
+def test_class_text_with_a_control_character_is_refused(raw, key, char):
+    text = raw["classes"][3][key]
+    raw["classes"][3][key] = text[:4] + char + text[4:]
+    assert _error(raw) == (f"{PATH}: classes[3].{key} must be one line of text without control characters (found "
+                           f"U+{ord(char):04X}), got {json.dumps(raw['classes'][3][key])}")
+
+
+def test_class_text_may_be_any_printable_text(raw):
+    raw["classes"][3]["name"] = "Æsop's tench, café \u00e9t\u00e9 \U0001F41F \u200d"
+    assert records.Metadata.from_json(raw, PATH).classes[3].name == raw["classes"][3]["name"]
