@@ -19,6 +19,7 @@ metadata.json (typed: `records.Metadata`) last, atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -28,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -616,6 +618,69 @@ def _build_locked(args, layout, options, runner, started, me: dict) -> records.M
     return meta
 
 
+class TracebackFilter:
+    """Drops Python tracebacks from a stream of lines, keeping every other line.
+
+    Beam's SDK worker prints the traceback of every failing bundle to its
+    stderr, unconditionally; on the local runner those are this console, and
+    the driver reports the same failure once (in one line where it knows it).
+    """
+
+    START = "Traceback (most recent call last):"
+    CHAINED = ("During handling of the above exception, another exception occurred:",
+               "The above exception was the direct cause of the following exception:")
+
+    def __init__(self):
+        self.inside = self.ended = False
+
+    def keep(self, line: str) -> bool:
+        text = line.rstrip("\r\n")
+        if text == self.START or text in self.CHAINED:
+            self.inside, self.ended = True, False
+            return False
+        if self.inside:
+            if not text or text.startswith(" "):  # Frames, source lines, carets.
+                return False
+            self.inside, self.ended = False, True  # The exception's own line ends it.
+            return False
+        if self.ended and not text:  # The blank line printed after one.
+            return False
+        self.ended = False
+        return True
+
+
+@contextlib.contextmanager
+def _tracebacks_dropped(join_s: float = 10.0):
+    """Routes this process's stderr (fd 2), which the local workers inherit, through a `TracebackFilter`."""
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    console = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def relay():
+        keep, pending = TracebackFilter(), b""
+        while chunk := os.read(read_end, 1 << 16):  # Until every writer (the workers too) has closed.
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if keep.keep(line.decode(errors="replace")):
+                    os.write(console, line + b"\n")
+        if pending and keep.keep(pending.decode(errors="replace")):
+            os.write(console, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=relay, name="stderr-relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # Back to the console; the workers' copies close as they exit.
+        thread.join(join_s)
+        if not thread.is_alive():  # Otherwise still relaying a worker that is finishing.
+            os.close(console)
+
+
 def _check_class_text(synsets) -> None:
     """Stops on a class whose synset or name is not one line of text (a tab, newline or other control character).
 
@@ -646,13 +711,16 @@ def _build(args, layout, options, runner, started, target: str) -> records.Metad
     fileio.makedirs(target)
     build_dir = os.path.join(target, BUILD_DIR)
     units = [u for s in layout.splits.values() for u in s.units]
-    with beam.Pipeline(options=options) as p:
-        _ = (
-            p
-            # ListMembers spreads the units itself.
-            | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
-            | "Build" >> BuildRecords(config, target, build_dir)
-        )
+    local_processes = (runner in LOCAL_RUNNERS
+                       and options.view_as(DirectOptions).direct_running_mode == "multi_processing")
+    with _tracebacks_dropped() if local_processes else contextlib.nullcontext():
+        with beam.Pipeline(options=options) as p:
+            _ = (
+                p
+                # ListMembers spreads the units itself.
+                | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
+                | "Build" >> BuildRecords(config, target, build_dir)
+            )
     return _finalize(target, build_dir, layout, args, config, started)
 
 

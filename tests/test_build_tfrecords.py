@@ -577,16 +577,42 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_a_really_full_disk_is_one_line_and_exit_1(sample, small_disk):
+@pytest.mark.parametrize("workers", [LOCAL_BEAM, ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]],
+                         ids=["in-process", "worker-processes"])
+def test_a_really_full_disk_is_one_line_and_exit_1(sample, small_disk, workers):
     out = small_disk / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", sample["output_dir"],
-         "--output_dir", str(out), *LOCAL_BEAM], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--output_dir", str(out), *workers], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"build_tfrecords: error: no space left on device in --output_dir {out}: the build stopped and removed")
     assert "Traceback" not in proc.stderr and proc.stderr.lower().count("no space left") == 1
     assert list(small_disk.iterdir()) == []
+
+
+def test_the_workers_tracebacks_are_dropped_and_every_other_line_kept():
+    text = """build_tfrecords: worker 7: 100 images (9.0 images/s), 0 rejected
+Traceback (most recent call last):
+  File "x.py", line 1, in process
+    f.write(data)
+           ^^^^^
+OSError: [Errno 28] No space left on device
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "y.py", line 2, in run
+RuntimeError: OSError: [Errno 28] No space left on device [while running 'Write']
+
+WARNING:root:a warning
+
+build_tfrecords: worker 8: 50 images (8.0 images/s), 1 rejected
+"""
+    keep = build_tfrecords.TracebackFilter()
+    assert [line for line in text.splitlines() if keep.keep(line)] == [
+        "build_tfrecords: worker 7: 100 images (9.0 images/s), 0 rejected", "WARNING:root:a warning", "",
+        "build_tfrecords: worker 8: 50 images (8.0 images/s), 1 rejected"]
 
 
 def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
