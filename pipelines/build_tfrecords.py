@@ -14,6 +14,10 @@ This module is the driver: it plans the reading (`imagenet_layout`), runs
 colour statistics and counts; each step a named composite transform), then
 checks read = written + rejected per split and writes mean_image.npy and
 metadata.json (typed: `records.Metadata`) last, atomically.
+
+Each build writes into a staging folder of its own inside --output_dir
+(marked with the build's id) and moves the checked dataset in at the end: a
+failed, killed or out-of-space build leaves the folder's dataset as it was.
 """
 
 from __future__ import annotations
@@ -273,9 +277,10 @@ def _remove_build_folder(folder: str, build: str) -> None:
 
 
 def build_processes(build: str) -> list[int]:
-    """Pids of this host's processes started by the build `build` (its driver and local workers).
+    """Pids of this host's processes that the build `build` started (its local workers).
 
-    Found by `BUILD_ENV` in their environment (Linux /proc; [] where there is none).
+    Found by `BUILD_ENV` in the environment they were started with (Linux
+    /proc; [] where there is none). The driver itself is found by its pid.
     """
     needle = f"{BUILD_ENV}={build}".encode()
     try:
