@@ -6,6 +6,7 @@ import collections
 import errno
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -539,9 +540,15 @@ def test_a_full_disk_stops_with_one_line_and_leaves_the_earlier_dataset_whole(sa
     (out / "notes.txt").write_text("mine")
     before = _tree(out)
     _disk_full_after(monkeypatch, 1_000_000)
-    with pytest.raises(SystemExit) as e:
-        build_tfrecords.main(["--imagenet_dir", sample["output_dir"], "--output_dir", str(out), "--overwrite",
-                              "--train_shards=2", *LOCAL_BEAM])
+    loggers = [logging.getLogger(n) for n in ("apache_beam", *build_tfrecords.BUNDLE_ERROR_LOGGERS)]
+    levels = [x.level for x in loggers]
+    try:
+        with pytest.raises(SystemExit) as e:
+            build_tfrecords.main(["--imagenet_dir", sample["output_dir"], "--output_dir", str(out), "--overwrite",
+                                  "--train_shards=2", *LOCAL_BEAM])
+    finally:  # main() sets them for the command line.
+        for x, level in zip(loggers, levels):
+            x.setLevel(level)
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
