@@ -186,8 +186,12 @@ class BuildLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+        except BaseException:  # A full disk: no empty lock left to stop every later build.
+            os.remove(self.path)
+            raise
         return True
 
     def __enter__(self) -> "BuildLock":
@@ -578,10 +582,14 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     try:
         with BuildLock(args.output_dir) as lock:
             meta = _build_locked(args, layout, options, runner, started, lock.me)
-    except BaseException:
+    except BaseException as e:
         # A folder this run created and left empty goes too.
         if created and fileio.isdir(args.output_dir) and not fileio.listdir(args.output_dir):
             fileio.rmtree(args.output_dir)
+        full = None if isinstance(e, BuildError) else _disk_full(e)
+        if full:  # Before the pipeline: the lock, the staging folder's marker.
+            raise BuildError(f"{full} in --output_dir {args.output_dir}: the build stopped before writing any "
+                             "records; free some space (or choose another --output_dir) and run it again") from None
         raise
     print(f"build_tfrecords: {_report(meta, args.output_dir)}", file=sys.stderr)
     return meta

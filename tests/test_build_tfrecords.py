@@ -773,3 +773,28 @@ def test_the_folder_of_a_killed_build_is_removed_only_once_its_workers_are_gone(
     err = capfd.readouterr().err
     assert f"waiting for 1 process(es) of build old to end (pids {worker.pid}; at most 300 s)" in err
     assert f"removed {old}, left by build old" in err
+
+
+def test_a_disk_full_before_the_pipeline_leaves_no_lock_and_no_folder(sample, tmp_path, monkeypatch):
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", Full)  # The lock's body does not fit.
+    with pytest.raises(build_tfrecords.BuildError, match=r"^no space left on device in --output_dir .*/out: the "
+                       "build stopped before writing any records"):
+        build(sample["output_dir"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert build(sample["output_dir"], tmp_path / "out").splits["train"].num_examples > 0  # Not locked out.
