@@ -314,3 +314,21 @@ def test_a_shard_outside_the_folder_is_refused_by_verify_and_the_readers(copy, t
     assert len(problems) == 1 and message in problems[0], problems
     with pytest.raises(records.MetadataError, match=re.escape(message)):  # What every reader opens a folder with.
         records.load_metadata(str(dst))
+
+
+def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(copy, tmp_path):
+    dst, _ = copy
+    raw = _raw(dst)
+    first = raw["splits"]["train"]["shards"][0]["file"]
+    (dst / first).rename(tmp_path / first)
+    raw["splits"]["train"]["shards"][0]["file"] = str(tmp_path / first)
+    _save(dst, raw)
+    proc = subprocess.run([sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={dst}",
+                           f"--model_dir={tmp_path / 'run'}", "--cpu_devices=1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train: error: {dst / records.METADATA_FILE}: splits.train.shards[0].file must be a shard file name of "
+        f"split train such as train-00000-of-00001 (a plain name inside the records folder), got "
+        f"{records._show(str(tmp_path / first))}")
+    assert not (tmp_path / "run").exists()
