@@ -947,8 +947,11 @@ def data_loss_message(error, data_dir: str, meta: Metadata | None = None) -> str
     import concurrent.futures
     import re
 
-    what = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip().splitlines()[0]).strip()
-    found = re.search(r"corrupted record at (\d+)", what)
+    # Inside a tf.function (the training loop) the cause is not on the first
+    # line ("Graph execution error:") but further down.
+    found = re.search(r"corrupted record at (\d+)", error.message)
+    what = found.group(0) if found else re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "",
+                                               error.message.strip().splitlines()[0]).strip()
     named = []
     if meta is not None and found:
         offset = int(found.group(1))

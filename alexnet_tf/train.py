@@ -94,7 +94,7 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import data_service, distribute, records, trainer
+    from alexnet_tf import data_service, distribute, records, run_dir, trainer
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
@@ -109,6 +109,8 @@ def main(argv):
     try:
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
     except (distribute.RunConflict, records.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
+        fail(str(e))
+    except (run_dir.RunDirError, trainer.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)

@@ -49,7 +49,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from alexnet_tf import fileio, records
-from pipelines import imagenet_layout, transforms
+from pipelines import imagenet_layout, members, transforms
 
 log = logging.getLogger("pipelines.build_tfrecords")
 
@@ -99,13 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--imagenet_dir", default=None,
                    help="Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or extracted "
-                   "train/<synset>/ and val/ (flat or per synset). Default: the embedded sample, "
-                   "built into a cache folder on first use.")
+                   "train/<synset>/ and val/ (flat or per synset). Only regular files (or links to them) of at most "
+                   f"{members.MAX_MEMBER_BYTES // 2**20} MiB are read as images; others are rejected. Default: the "
+                   "embedded sample, built into a cache folder on first use.")
     p.add_argument("--val_labels", default=None,
                    help="Validation labels, one synset per line in file-number order. Default: "
                    "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
-                   "list shipped with tensorflow-datasets.")
-    p.add_argument("--output_dir", default="tfrecords", help="Where shards and metadata.json go.")
+                   "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
+                   f"its mark, at most {imagenet_layout.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
+    p.add_argument("--output_dir", default="tfrecords",
+                   help="Where shards and metadata.json go; outside --imagenet_dir.")
     p.add_argument("--train_shards", type=int, default=1024)
     p.add_argument("--validation_shards", type=int, default=128)
     p.add_argument("--image_size", type=int, default=256,
@@ -494,6 +497,9 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
         )
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
+    for r in summary["rejected"]:  # A class archive cut at a member boundary: its images are missing.
+        if members.TRUNCATED in r["reason"]:
+            raise BuildError(r["reason"][r["reason"].index("truncated: "):] + "; metadata.json was not written")
     if total_read and total_rejected / total_read > args.max_reject_fraction:
         examples = "; ".join(f"{r['file']}: {r['reason']}" for r in summary["rejected"][:3])
         raise BuildError(
@@ -543,7 +549,7 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
     return meta
 
 
-def _report(meta: records.Metadata, output_dir: str) -> str:
+def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = ()) -> str:
     lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
     for split, info in meta.splits.items():
         lines.append(
@@ -554,6 +560,7 @@ def _report(meta: records.Metadata, output_dir: str) -> str:
         lines.append(f"  rejected {r.file}: {r.reason}")
     if len(meta.rejected) > 10:
         lines.append(f"  ... {len(meta.rejected) - 10} more rejected, listed in metadata.json")
+    lines += [f"  {line}" for line in skipped]
     return "\n".join(lines)
 
 
@@ -574,6 +581,7 @@ def run(argv: list[str] | None = None) -> records.Metadata:
         print(f"build_tfrecords: no --imagenet_dir, using the embedded sample in {args.imagenet_dir}",
               file=sys.stderr)
     layout = imagenet_layout.plan(args.imagenet_dir, args.val_labels)
+    imagenet_layout.check_output_outside(args.imagenet_dir, args.output_dir)
     print(f"build_tfrecords: {layout.describe()}", file=sys.stderr)
     _check_class_text(layout.classes)
     options = _beam_options(beam_args)
@@ -591,7 +599,7 @@ def run(argv: list[str] | None = None) -> records.Metadata:
             raise BuildError(f"{full} in --output_dir {args.output_dir}: the build stopped before writing any "
                              "records; free some space (or choose another --output_dir) and run it again") from None
         raise
-    print(f"build_tfrecords: {_report(meta, args.output_dir)}", file=sys.stderr)
+    print(f"build_tfrecords: {_report(meta, args.output_dir, layout.skipped)}", file=sys.stderr)
     return meta
 
 
