@@ -47,6 +47,7 @@ class Loaded:
     kernel: object  # conv1's kernel, or None (older exports).
     groups: int  # Bands of conv1's kernels (conv2's groups).
     history: list | None  # A model folder's history.json.
+    crop: int = 227  # The side of the square patches the model takes.
 
 
 def load(saved_model: str | None, model_dir: str | None) -> Loaded:
@@ -56,16 +57,24 @@ def load(saved_model: str | None, model_dir: str | None) -> Loaded:
     from alexnet_tf import export, figures, run_dir
 
     if saved_model:
-        if not tf.io.gfile.exists(os.path.join(saved_model, "saved_model.pb")):
-            raise FileNotFoundError(f"{saved_model} is not a SavedModel (no saved_model.pb)")
-        loaded = tf.saved_model.load(saved_model)
+        loaded = export.load_saved_model(saved_model)  # IncompleteSavedModel, a ValueError, names what is wrong.
         adapter = _SavedModelAdapter(loaded)
         kernel = loaded.conv1_kernel[0].numpy() if hasattr(loaded, "conv1_kernel") else None
+        crop = loaded.signatures["preprocessed"].structured_input_signature[1]["images"].shape[1]
         return Loaded(adapter, loaded.mean[0].numpy(), export.read_class_synsets(saved_model), adapter.forward,
-                      kernel, export.conv1_groups(loaded), None)
+                      kernel, export.conv1_groups(loaded), None, int(crop))
     model, info, mean = run_dir.load_trained_model(model_dir)
     return Loaded(model, mean, [c["synset"] for c in info["classes"]], figures.keras_forward(model),
-                  figures.conv1_kernel(model), figures.conv1_groups(info["grouped"]), run_dir.read_history(model_dir))
+                  figures.conv1_kernel(model), figures.conv1_groups(info["grouped"]), run_dir.read_history(model_dir),
+                  int(model.input_shape[1]))
+
+
+def check_image_size(meta, data_dir: str, crop: int) -> None:
+    """Raises ValueError when the records' stored squares are smaller than the model's `crop` x `crop` patches."""
+    square = meta.image.square
+    if square is not None and square < crop:
+        raise ValueError(f"{data_dir} holds {square}x{square} images, smaller than the {crop}x{crop} patches the "
+                         f"model takes; rebuild the records with --image_size of at least {crop} (the paper's 256)")
 
 
 def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: int = 100,
@@ -149,6 +158,7 @@ def main(argv=None) -> None:
         loaded = load(args.saved_model, args.model_dir)
         meta = records.load_metadata(args.data_dir)
         records.check_same_classes(loaded.synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
+        check_image_size(meta, args.data_dir, loaded.crop)
         result = evaluate(loaded.model, loaded.mean, args.data_dir, args.split, args.batch_size,
                           ten_crops=args.ten_crops, per_class=bool(args.report))
         per_class = result["central_crop"].pop("per_class", None)

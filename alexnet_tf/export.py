@@ -28,11 +28,27 @@ looked up; the loaded object also carries `mean` (the mean image subtracted)
 and `conv1_kernel` and `conv1_groups` (the first layer's kernels and the
 groups they feed, for the paper's Figure 3).
 Loading needs TensorFlow only.
+
+The folder: a new or empty folder is filled; one that holds an earlier export
+(`saved_model.pb` and `assets/classes.tsv`) is replaced whole; any other
+folder is refused (exit 1) and left as it is. The SavedModel is written into
+a sibling `<export_dir>.tmp-<pid>` and swapped in with one atomic exchange
+(Linux `renameat2(RENAME_EXCHANGE)`), so a SavedModel is at `<export_dir>` at
+every moment; the earlier one is deleted after. Where the exchange is not
+available (other systems, some filesystems, object stores) the earlier export
+is first renamed aside to `<export_dir>.old-<pid>`, the new one renamed in,
+then the aside copy deleted; an export killed between those two renames
+leaves the earlier SavedModel at `<export_dir>.old-<pid>`, which the next
+export (or `recover`) renames back. Leftover temporary folders of exports
+that died are removed by the next export into the same folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import sys
 import tempfile
 
@@ -48,6 +64,204 @@ CLASSES_ASSET = "classes.tsv"
 # one chunk's (about 200 MB over the loaded model on a CPU) plus the request's own
 # bytes and its outputs. Served whole, 2,000 JPEGs took 9.4 GB over the model.
 SERVING_CHUNK = 64
+SAVED_MODEL_PB = "saved_model.pb"
+TMP_TAG = ".tmp-"  # <export_dir>.tmp-<pid>: the new SavedModel while written.
+OLD_TAG = ".old-"  # <export_dir>.old-<pid>: the earlier one, set aside (only without an atomic exchange).
+
+
+class ExportError(Exception):
+    """An export that cannot be written; the message is one line, and nothing at the export folder changed."""
+
+
+class NonFiniteWeights(ExportError, ValueError):
+    """The weights hold NaN or infinite values (a diverged run): such a model is not exported."""
+
+
+class IncompleteSavedModel(ValueError):
+    """A folder given as a SavedModel that is not (or not a whole) one."""
+
+
+def is_export(path: str) -> bool:
+    """Whether `path` holds a SavedModel written by this module (its saved_model.pb and assets/classes.tsv)."""
+    return (tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_PB))
+            and tf.io.gfile.exists(os.path.join(path, "assets", CLASSES_ASSET)))
+
+
+def _local(path: str) -> bool:
+    return "://" not in path
+
+
+def _siblings(target: str, tag: str) -> list[tuple[str, int]]:
+    """(path, pid) of the folders `<target><tag><pid>` beside `target`."""
+    parent, base = os.path.split(target.rstrip("/"))
+    prefix = base + tag
+    try:
+        names = tf.io.gfile.listdir(parent or ".")
+    except tf.errors.NotFoundError:
+        return []
+    found = []
+    for name in names:
+        name = name.rstrip("/")
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            found.append((os.path.join(parent, name), int(name[len(prefix):])))
+    return found
+
+
+def _abandoned(pid: int) -> bool:
+    """Whether `pid`'s export is over: this process's own, or no such process on this host."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # Alive, someone else's.
+        return False
+    return False
+
+
+SAVED_MODEL_PARTS = {SAVED_MODEL_PB, "variables", "assets", "fingerprint.pb"}
+
+
+def _export_leftover(path: str) -> bool:
+    """Whether `path` is a folder holding nothing but parts of a SavedModel (an interrupted export's)."""
+    return tf.io.gfile.isdir(path) and {e.rstrip("/") for e in tf.io.gfile.listdir(path)} <= SAVED_MODEL_PARTS
+
+
+def recover(export_dir: str) -> str | None:
+    """Puts back an earlier SavedModel an interrupted export left aside; tidies its temporary folders.
+
+    When `export_dir` is missing and `<export_dir>.old-<pid>` holds an export
+    (the fallback swap was killed between its two renames), that copy is
+    renamed back; returns its former path (None when nothing was put back).
+    Temporary and aside folders of exports no longer running are removed,
+    and only when `export_dir` holds an export (nothing there is the only copy).
+    """
+    target = _resolve(export_dir)
+    restored = None
+    if not tf.io.gfile.exists(target):
+        aside = [(p, pid) for p, pid in _siblings(target, OLD_TAG) if is_export(p)]
+        if aside:
+            restored = max(aside, key=lambda a: tf.io.gfile.stat(a[0]).mtime_nsec)[0]
+            tf.io.gfile.rename(restored, target)
+    if _local(target) and is_export(target):
+        for path, pid in _siblings(target, TMP_TAG) + _siblings(target, OLD_TAG):
+            if _abandoned(pid) and _export_leftover(path):
+                tf.io.gfile.rmtree(path)
+    return restored
+
+
+def _resolve(export_dir: str) -> str:
+    """The folder itself (a symbolic link's target), without a trailing slash."""
+    return os.path.realpath(export_dir) if _local(export_dir) else export_dir.rstrip("/")
+
+
+def check_export_dir(export_dir: str) -> None:
+    """Raises ExportError unless `export_dir` is new, empty, or an earlier export (what may be replaced)."""
+    target = _resolve(export_dir)
+    if _local(target):
+        cwd = os.path.realpath(os.getcwd())
+        if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
+            raise ExportError(f"--export_dir {export_dir} is the current folder or holds it; the export replaces "
+                              "its folder whole, so name a folder outside the current one")
+    if not tf.io.gfile.exists(target):
+        return
+    if not tf.io.gfile.isdir(target):
+        raise ExportError(f"{export_dir} is a file, not a folder; name a new or empty folder for the SavedModel")
+    entries = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(target))
+    if entries and not is_export(target):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ExportError(f"{export_dir} is not empty ({shown}) and is not a SavedModel written by "
+                          "alexnet_tf.export; nothing was written: name a new or empty folder")
+
+
+def check_finite(model, mean=None) -> None:
+    """Raises NonFiniteWeights naming the first weight (in the model's order) that holds NaN or infinity."""
+    named = [(w.path, w) for w in model.weights]
+    if mean is not None:
+        named.append(("the mean image", mean))
+    for name, value in named:
+        a = np.asarray(value)
+        if not np.isfinite(a).all():
+            nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            raise NonFiniteWeights(f"the model's weights are not all finite: {name} holds {nan} NaN and {inf} "
+                                   f"infinite values (of {a.size}); the run diverged, export a checkpoint from "
+                                   "before it (--checkpoint)")
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28 and later.
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # Old kernel, or the filesystem.
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def swap_in(tmp: str, target: str) -> None:
+    """Moves the complete SavedModel `tmp` to `target`, with a SavedModel at `target` (or recoverable) throughout.
+
+    A new or empty `target`: one rename. An earlier export: an atomic exchange,
+    then the old one (now at `tmp`) deleted; without the exchange, the old one
+    renamed aside to `<target>.old-<pid>`, `tmp` renamed in, the aside copy
+    deleted (`recover` puts it back if the second rename never happens).
+    """
+    if not tf.io.gfile.exists(target) or not tf.io.gfile.listdir(target):
+        if tf.io.gfile.exists(target):
+            tf.io.gfile.rmtree(target)  # Empty.
+        tf.io.gfile.rename(tmp, target)
+        return
+    if _local(target) and _exchange(tmp, target):
+        tf.io.gfile.rmtree(tmp)  # The earlier export.
+        return
+    old = f"{target}{OLD_TAG}{os.getpid()}"
+    if tf.io.gfile.exists(old):
+        tf.io.gfile.rmtree(old)
+    tf.io.gfile.rename(target, old)
+    tf.io.gfile.rename(tmp, target)
+    tf.io.gfile.rmtree(old)
+
+
+def _reason(e: BaseException) -> str:
+    """The cause of an error in a few words: the system's (e.g. 'No space left on device') where it names one."""
+    if isinstance(e, tf.errors.OpError):
+        known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+        said = [k for k in known if k in e.message]
+        if said:
+            return said[0]
+        text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", e.message)
+    elif isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def _write_out(archive, tmp: str, export_dir: str) -> None:
+    """archive.write_out(tmp); a failure (a full disk) removes `tmp` and raises ExportError."""
+    try:
+        archive.write_out(tmp, verbose=False)
+        if not tf.io.gfile.exists(os.path.join(tmp, SAVED_MODEL_PB)):
+            raise OSError(f"{SAVED_MODEL_PB} was not written")
+    except (Exception, KeyboardInterrupt) as e:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+        if isinstance(e, (OSError, tf.errors.OpError)):
+            kept = ("the earlier SavedModel there is unchanged" if is_export(_resolve(export_dir))
+                    else "nothing was left there")
+            raise ExportError(f"cannot write the SavedModel for {export_dir} ({_reason(e)}); {kept}") from None
+        raise
 
 
 def read_class_synsets(saved_model: str) -> list[str]:
@@ -63,6 +277,46 @@ def read_class_synsets(saved_model: str) -> list[str]:
     return [r[1] for r in rows]
 
 
+def _missing_part(saved_model: str) -> str | None:
+    """What an export at `saved_model` lacks, in words; None when all its parts are there."""
+    variables = os.path.join(saved_model, "variables")
+    if not tf.io.gfile.exists(os.path.join(variables, "variables.index")):
+        return "variables/variables.index is missing"
+    if not tf.io.gfile.glob(os.path.join(variables, "variables.data-*")):
+        return "variables/variables.data-* is missing"
+    if not tf.io.gfile.exists(os.path.join(saved_model, "assets", CLASSES_ASSET)):
+        return f"assets/{CLASSES_ASSET} is missing"
+    return None
+
+
+def load_saved_model(saved_model: str):
+    """`tf.saved_model.load` of an export; IncompleteSavedModel (one line, naming the folder) for anything less.
+
+    Checks its parts (saved_model.pb, the variables' index and data, the
+    class list) before loading; a damaged part (a truncated file) is named
+    by the loader's first line.
+    """
+    if not tf.io.gfile.exists(os.path.join(saved_model, SAVED_MODEL_PB)):
+        what = "no saved_model.pb" if tf.io.gfile.isdir(saved_model) else "no such folder"
+        aside = [p for p, _ in _siblings(_resolve(saved_model), OLD_TAG) if is_export(p)]
+        hint = (f"; an interrupted export left the earlier one at {aside[0]}: run the export again, which puts it "
+                "back") if aside and not tf.io.gfile.exists(saved_model) else ""
+        raise IncompleteSavedModel(f"{saved_model} is not a SavedModel ({what}){hint}")
+    missing = _missing_part(saved_model)
+    if missing:
+        raise IncompleteSavedModel(f"{saved_model} is not a complete SavedModel: {missing}")
+    from google.protobuf.message import DecodeError
+
+    try:
+        return tf.saved_model.load(saved_model)
+    except (DecodeError, OSError, ValueError, LookupError, tf.errors.OpError) as e:
+        if isinstance(e, DecodeError) or SAVED_MODEL_PB in str(e):
+            what = f"{SAVED_MODEL_PB} cannot be parsed (truncated or damaged)"
+        else:
+            what = f"its variables cannot be read ({_reason(e)})"
+        raise IncompleteSavedModel(f"{saved_model} is not a complete SavedModel: {what}") from None
+
+
 def conv1_groups(loaded) -> int:
     """Groups conv1's kernels feed (conv2's) in a loaded export; 1 for exports that do not say."""
     return int(loaded.conv1_groups[0].numpy()) if hasattr(loaded, "conv1_groups") else 1
@@ -73,7 +327,17 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
 
     Built with Keras' `ExportArchive`, which saves the variables where
     graph-mode loaders (saved_model_cli, TF Serving) find them.
+
+    Raises ExportError (nothing written, nothing removed) when `export_dir`
+    is a folder holding anything but an earlier export, NonFiniteWeights when
+    the weights are not all finite, ExportError when writing fails (a full
+    disk: the temporary folder removed, the earlier export kept).
+    See the module's docstring for the sequence that replaces a folder.
     """
+    recover(export_dir)
+    check_export_dir(export_dir)
+    check_finite(model, mean)
+    target = _resolve(export_dir)
     crop = model.input_shape[1]
     k = min(5, info["num_classes"])
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
@@ -166,7 +430,11 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
             outputs["fc7"] = [int(both.outputs[0].shape[-1])]
         return in_chunks(preprocessed_chunk, images, outputs)
 
-    tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
+    tmp = f"{target}{TMP_TAG}{os.getpid()}"
+    if tf.io.gfile.exists(tmp):
+        if not _export_leftover(tmp):
+            raise ExportError(f"{tmp} (the export's temporary folder) exists and holds other files; move it away")
+        tf.io.gfile.rmtree(tmp)
     with tempfile.TemporaryDirectory() as scratch:
         asset_path = os.path.join(scratch, CLASSES_ASSET)
         with open(asset_path, "w") as f:  # Line i holds label i: "label<TAB>synset<TAB>name".
@@ -191,12 +459,12 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         archive.add_endpoint("serving_default", serve, [tf.TensorSpec([None], tf.string, name="images")])
         archive.add_endpoint("preprocessed", preprocessed,
                              [tf.TensorSpec([None, crop, crop, 3], tf.float32, name="images")])
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
-        archive.write_out(tmp, verbose=False)
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp, export_dir)
+        _write_out(archive, tmp, export_dir)
+    try:
+        swap_in(tmp, target)
+    except (OSError, tf.errors.OpError) as e:
+        raise ExportError(f"cannot move the new SavedModel {tmp} to {export_dir} ({_reason(e)}); "
+                          "the next export puts back or tidies what is left") from None
     return export_dir
 
 
@@ -218,15 +486,22 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m alexnet_tf.export", description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", required=True, help="Model folder written by alexnet_tf.train.")
-    p.add_argument("--export_dir", default=None, help="Where the SavedModel goes (default <model_dir>/saved_model).")
+    p.add_argument("--export_dir", default=None,
+                   help="Where the SavedModel goes (default <model_dir>/saved_model): a new or empty folder, or an "
+                        "earlier export, which is replaced whole; any other folder is refused and left as it is.")
     p.add_argument("--checkpoint", default=None, help="A checkpoint path (default: the latest).")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    export_dir = args.export_dir or run_dir.path(args.model_dir, run_dir.SAVED_MODEL)
     try:
+        check_export_dir(export_dir)  # Before the checkpoint is read: a refused folder costs nothing.
         model, info, mean = run_dir.load_trained_model(args.model_dir, args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+        out = export(model, info, mean, export_dir)
+    except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         sys.exit(1)
-    out = export(model, info, mean, args.export_dir or run_dir.path(args.model_dir, run_dir.SAVED_MODEL))
+    except (OSError, tf.errors.OpError) as e:
+        print(f"export: error: cannot export to {export_dir}: {_reason(e)}", file=sys.stderr)
+        sys.exit(1)
     print(f"export: wrote {out} (signatures serving_default, preprocessed)")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -93,8 +94,12 @@ def native_stderr_held():
     is lost.
     """
     sys.stderr.flush()
+    try:
+        on_descriptor = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # Replaced in this process (a caller capturing it).
+        on_descriptor = False
     real = os.dup(2)
-    own = os.fdopen(os.dup(real), "w", buffering=1)
+    own = os.fdopen(os.dup(real), "w", buffering=1) if on_descriptor else sys.stderr
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
@@ -110,7 +115,8 @@ def native_stderr_held():
             sys.stderr.flush()
             os.dup2(real, 2)
             os.close(real)
-            own.close()
+            if own is not sys.stderr:
+                own.close()
 
 
 def main(argv=None) -> None:
@@ -130,18 +136,23 @@ def main(argv=None) -> None:
 
 def _run(args, stderr) -> int:
     """Prints each image's top 5; returns how many failed (their one-line errors go to `stderr`)."""
-    import tensorflow as tf
+    from alexnet_tf import export
 
-    if not tf.io.gfile.exists(os.path.join(args.saved_model, "saved_model.pb")):
-        print(f"predict: error: {args.saved_model} is not a SavedModel (no saved_model.pb)", file=stderr)
+    try:
+        loaded = export.load_saved_model(args.saved_model)
+    except export.IncompleteSavedModel as e:
+        print(f"predict: error: {e}", file=stderr)
         return 1
-    loaded = tf.saved_model.load(args.saved_model)
     failed = 0
     for path, result in predict_files(loaded, args.images):
         if isinstance(result, str):
             failed += 1
             print(f"predict: error: {path}: {result}", file=stderr)
             continue
+        if not all(math.isfinite(prob) for _, _, prob in result):  # Every image would get the same: stop.
+            print(f"predict: error: {args.saved_model} gives probabilities that are not finite (NaN or infinity) "
+                  f"for {path}: its weights have diverged; export a checkpoint from before that", file=stderr)
+            sys.exit(1)
         print(f"{path}:")
         for rank, (name, synset, prob) in enumerate(result, 1):
             print(f"  {rank}. {name} ({synset}) {prob:.2%}")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+import unicodedata
 import uuid
 from typing import Any, Mapping, NoReturn
 
@@ -48,7 +49,8 @@ IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM"
 # serving: decompression bombs and damaged headers stop here.
 MAX_PIXELS = 128 * 1024 * 1024
 
-_SHARD_RE = re.compile(r"^(train|validation)-(\d{5})-of-(\d{5})$")
+# Whole names only (`fullmatch`); ASCII digits (`\d` would take any script's).
+_SHARD_RE = re.compile(r"(train|validation)-([0-9]{5})-of-([0-9]{5})")
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -62,7 +64,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 def parse_shard_name(name: str) -> tuple[str, int, int] | None:
     """Inverse of `shard_name`: (split, index, num_shards), or None if not a shard."""
-    m = _SHARD_RE.match(name)
+    m = _SHARD_RE.fullmatch(name)
     if not m:
         return None
     return m.group(1), int(m.group(2)), int(m.group(3))
@@ -253,6 +255,21 @@ class ClassInfo(_Flat):
     name: str
 
 
+# Unicode categories a class's synset or name may not hold: control characters
+# (tab, newline, ...), lone surrogates, line and paragraph separators. Class
+# lists are written one class a line, tab-separated (the exported model's
+# class table), so each must be one line of text.
+_NOT_IN_CLASS_TEXT = ("Cc", "Cs", "Zl", "Zp")
+
+
+def control_character(text: str) -> str | None:
+    """The first character of `text` a synset or class name may not hold, as U+XXXX, or None."""
+    for ch in text:
+        if unicodedata.category(ch) in _NOT_IN_CLASS_TEXT:
+            return f"U+{ord(ch):04X}"
+    return None
+
+
 class ClassMismatch(ValueError):
     """A model and a set of records (or two runs) have different class lists."""
 
@@ -402,7 +419,9 @@ class SplitInfo:
     """One split: records written, inputs read and rejected, and its shards in shard order.
 
     `num_read == num_examples + num_rejected`; `num_examples` is the sum of the
-    shards' counts and `num_shards` their number.
+    shards' counts and `num_shards` their number. `num_upscaled` counts the
+    records whose input's shorter side was below `image.size` (scaled up to
+    it; 0 with `--noresize`); None in metadata of builds that did not count.
     """
 
     num_examples: int
@@ -411,6 +430,7 @@ class SplitInfo:
     num_rejected: int
     source: str  # Where the inputs came from, for people.
     shards: tuple[ShardInfo, ...]
+    num_upscaled: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shards", tuple(self.shards))
@@ -423,6 +443,7 @@ class SplitInfo:
             "num_rejected": self.num_rejected,
             "source": self.source,
             "shards": [s.to_json() for s in self.shards],
+            **({} if self.num_upscaled is None else {"num_upscaled": self.num_upscaled}),
         }
 
 
@@ -629,7 +650,7 @@ class Metadata:
             raise MetadataError(f"{path} has format_version {version!r}; this code reads {FORMAT_VERSION}")
         classes = []
         for c in top.objects("classes"):
-            classes.append(ClassInfo(c.integer("label"), c.string("synset"), c.string("name")))
+            classes.append(ClassInfo(c.integer("label"), _class_text(c, "synset"), _class_text(c, "name")))
         if [c.label for c in classes] != list(range(len(classes))):
             raise MetadataError(f"{path}: classes are not listed in label order 0..n-1")
         num_classes = top.integer("num_classes")
@@ -752,12 +773,35 @@ def _optional(x: _Obj, key: str, kind: type):
     return x.integer(key) if kind is int else x.string(key)
 
 
+def _class_text(c: _Obj, key: str) -> str:
+    """A class's synset or name: one line of text (see `control_character`)."""
+    text = c.string(key)
+    bad = control_character(text)
+    if bad:
+        c.fail(c.at(key), f"one line of text without control characters (found {bad})", text)
+    return text
+
+
+def _shard_file(x: _Obj, split: str) -> str:
+    """A shard's `file`: a plain file name of the shard pattern for `split`, never a path.
+
+    Readers open it inside the records folder: a name with `/`, `..` or an
+    absolute path would reach outside it.
+    """
+    file = x.string("file")
+    parsed = parse_shard_name(file)
+    if parsed is None or parsed[0] != split:
+        x.fail(x.at("file"), f"a shard file name of split {split} such as {shard_name(split, 0, 1)} (a plain "
+               "name inside the records folder)", file)
+    return file
+
+
 def _split_info(name: str, s: _Obj) -> SplitInfo:
-    shards = [ShardInfo(x.string("file"), x.integer("num_examples"), _optional(x, "bytes", int),
+    shards = [ShardInfo(_shard_file(x, name), x.integer("num_examples"), _optional(x, "bytes", int),
                         _optional(x, "sha256", str), _optional(x, "head_sha256", str)) for x in s.objects("shards")]
     info = SplitInfo(num_examples=s.integer("num_examples"), num_shards=s.integer("num_shards"),
                      num_read=s.integer("num_read"), num_rejected=s.integer("num_rejected"),
-                     source=s.string("source"), shards=shards)
+                     source=s.string("source"), shards=shards, num_upscaled=_optional(s, "num_upscaled", int))
     total = sum(x.num_examples for x in shards)
     if total != info.num_examples:
         raise MetadataError(
@@ -765,6 +809,14 @@ def _split_info(name: str, s: _Obj) -> SplitInfo:
     if info.num_shards != len(shards):
         raise MetadataError(f"{s.path}: split {name} says {info.num_shards} shards but lists {len(shards)}")
     return info
+
+
+def _mean_image_file(c: _Obj) -> str:
+    """`color_stats.mean_image_file`: the build's MEAN_IMAGE_FILE, never a path (see `_shard_file`)."""
+    file = c.string("mean_image_file")
+    if file != MEAN_IMAGE_FILE:
+        c.fail(c.at("mean_image_file"), f'"{MEAN_IMAGE_FILE}" (a plain name inside the records folder)', file)
+    return file
 
 
 def _color_stats_info(c: _Obj) -> ColorStatsInfo:
@@ -783,7 +835,7 @@ def _color_stats_info(c: _Obj) -> ColorStatsInfo:
         covariance=c.numbers("covariance", (3, 3)),
         eigenvalues=c.numbers("eigenvalues", (3,)),
         eigenvectors=c.numbers("eigenvectors", (3, 3)),
-        mean_image_file=None if file is None else c.string("mean_image_file"),
+        mean_image_file=None if file is None else _mean_image_file(c),
         mean_image_shape=shape,
     )
 
@@ -899,8 +951,11 @@ def data_loss_message(error, data_dir: str, meta: Metadata | None = None) -> str
     import concurrent.futures
     import re
 
-    what = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip().splitlines()[0]).strip()
-    found = re.search(r"corrupted record at (\d+)", what)
+    # Inside a tf.function (the training loop) the cause is not on the first
+    # line ("Graph execution error:") but further down.
+    found = re.search(r"corrupted record at (\d+)", error.message)
+    what = found.group(0) if found else re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "",
+                                               error.message.strip().splitlines()[0]).strip()
     named = []
     if meta is not None and found:
         offset = int(found.group(1))

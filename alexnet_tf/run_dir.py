@@ -12,8 +12,12 @@ Used by training, `alexnet_tf.export`, `alexnet_tf.evaluate` and `alexnet_tf.pre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import socket
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +30,13 @@ SAVED_MODEL = "saved_model"
 HISTORY = "history.json"
 MODEL_INFO = "model_info.json"
 MEAN_IMAGE = "mean_image.npy"
+LOCK = ".train.lock"
+CHECKPOINT_STATE = "checkpoint"  # tf.train.CheckpointManager's list of the checkpoints it keeps.
+
+
+class RunDirError(RuntimeError):
+    """The model folder cannot be used as it is (held by another run, its
+    checkpoints unreadable): one line that names the problem and the way on."""
 
 
 def path(model_dir: str, name: str) -> str:
@@ -62,8 +73,100 @@ def build_model(info: dict):
                                    dtype="float32")
 
 
-def latest_checkpoint(model_dir: str) -> str | None:
-    return tf.train.latest_checkpoint(path(model_dir, CHECKPOINTS))
+@contextlib.contextmanager
+def run_lock(model_dir: str):
+    """Holds `<model_dir>/.train.lock` while a training run writes the folder.
+
+    A second run on the same folder stops at once, naming the holder: two
+    runs would interleave their checkpoints. The lock is the kernel's
+    (`flock`), so a run that dies, even by kill -9, releases it: nothing
+    stale is left to remove. On gs:// and other remote stores there is no
+    such lock: the folder is not locked there.
+
+    Raises:
+      RunDirError: Another process holds the folder.
+    """
+    if "://" in model_dir:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(model_dir, exist_ok=True)
+    with open(path(model_dir, LOCK), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not yet said which"
+            raise RunDirError(f"--model_dir {model_dir} is in use by another training run ({holder}); wait for it "
+                              "to end, or use another --model_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def checkpoint_steps(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, prefix) of every `ckpt-N` in `ckpt_dir` with an index file, oldest first."""
+    if not tf.io.gfile.isdir(ckpt_dir):
+        return []
+    found = [re.fullmatch(r"ckpt-(\d+)\.index", name) for name in tf.io.gfile.listdir(ckpt_dir)]
+    return sorted((int(m.group(1)), os.path.join(ckpt_dir, f"ckpt-{m.group(1)}")) for m in found if m)
+
+
+def _readable(prefix: str) -> bool:
+    try:
+        tf.train.load_checkpoint(prefix)
+        return True
+    except (tf.errors.OpError, ValueError):
+        return False
+
+
+def latest_checkpoint(model_dir: str, repair: bool = False) -> str | None:
+    """The newest checkpoint of a model folder.
+
+    tf.train.CheckpointManager names it in `checkpoints/checkpoint`. Where
+    that file is missing, garbled or names a checkpoint that is gone, but
+    `ckpt-N` files are there, the newest readable one is the latest: trusting
+    the file would start the run again from step 0 and overwrite its
+    checkpoints. With `repair` (the chief of a training run), the file is
+    written again, naming the readable checkpoints, and a warning says so.
+
+    Raises:
+      RunDirError: There are checkpoint files, but none is readable.
+    """
+    ckpt_dir = path(model_dir, CHECKPOINTS)
+    try:
+        latest = tf.train.latest_checkpoint(ckpt_dir)
+    except (tf.errors.OpError, ValueError):  # Garbled beyond TensorFlow's own checks (not UTF-8).
+        latest = None
+    found = checkpoint_steps(ckpt_dir)
+    if latest or not found:
+        return latest
+    readable = [prefix for _, prefix in found if _readable(prefix)]
+    if not readable:
+        raise RunDirError(f"{ckpt_dir} holds checkpoints ({', '.join(os.path.basename(p) for _, p in found)}) but "
+                          "none is readable, and its `checkpoint` file names none: move them aside to start the "
+                          "run again, or use another --model_dir")
+    if repair:
+        # With their times, so that the manager counts them among the ones it keeps.
+        state = "".join([f'model_checkpoint_path: "{os.path.basename(readable[-1])}"\n'] +
+                        [f'all_model_checkpoint_paths: "{os.path.basename(p)}"\n' for p in readable] +
+                        [f"all_model_checkpoint_timestamps: {tf.io.gfile.stat(p + '.index').mtime_nsec / 1e9}\n"
+                         for p in readable])
+        with tf.io.gfile.GFile(path(ckpt_dir, CHECKPOINT_STATE) + ".tmp", "w") as f:
+            f.write(state)
+        tf.io.gfile.rename(path(ckpt_dir, CHECKPOINT_STATE) + ".tmp", path(ckpt_dir, CHECKPOINT_STATE), overwrite=True)
+        print(f"WARNING: {ckpt_dir}/{CHECKPOINT_STATE} was missing or unreadable; resuming from "
+              f"{os.path.basename(readable[-1])}, the newest readable checkpoint (the file is written again)",
+              flush=True)
+    return readable[-1]
 
 
 def load_trained_model(model_dir: str, checkpoint: str | None = None):

@@ -94,14 +94,16 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import data_service, distribute, records, trainer
+    from alexnet_tf import data_service, distribute, export, records, run_dir, trainer
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
         records.load_metadata(config.data_dir)
         if config.data_service:
             data_service.check_reachable(config.data_service)
-    except (records.MetadataError, data_service.ServiceError, ValueError) as e:
+        if config.export:  # The folder the run ends by exporting into: refused now, not after the training.
+            export.check_export_dir(run_dir.path(FLAGS.model_dir, run_dir.SAVED_MODEL))
+    except (records.MetadataError, data_service.ServiceError, ValueError, export.ExportError) as e:
         fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
@@ -110,6 +112,10 @@ def main(argv):
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
     except (distribute.RunConflict, records.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
         fail(str(e))
+    except (run_dir.RunDirError, trainer.Diverged) as e:  # The checkpoints written so far stay.
+        fail(str(e))
+    except export.ExportError as e:  # At the end: the checkpoints are written, only the SavedModel is not.
+        fail(f"{e} (the run's checkpoints in {FLAGS.model_dir} are kept)")
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.

@@ -23,10 +23,12 @@ a resumed epoch skips the records already trained on, see `settle_stream`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 import time
 
@@ -214,6 +216,9 @@ class TrainLoop:
             return sums
 
         self.replica_step = replica_step
+        # One value: the replicas' weights are equal after each step's all-reduce.
+        self.weights_finite = tf.function(lambda: tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))
         ramp = float(warmup_steps)
 
         def one_step(inputs, sums):
@@ -440,6 +445,16 @@ def read_data(config: TrainConfig, strategy) -> Data:
     return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
 
+def one_line(error: Exception) -> str:
+    """TensorFlow's or the system's message, without the op names and the traceback."""
+    message = getattr(error, "message", None) or str(error)
+    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", message.strip().splitlines()[0]).strip()
+
+
+class Diverged(RuntimeError):
+    """The weights became non-finite: the run cannot go on from here."""
+
+
 # LoopState fields that checkpoints of earlier versions lack.
 NEWER_FIELDS = ("run_id",)
 
@@ -455,8 +470,9 @@ class _Checkpoints:
         self.chief = chief
         self.trackables = trackables
         self.checkpoint = tf.train.Checkpoint(**trackables)
+        # Before the manager, which reads the state file the chief may write again.
+        self.latest = run_dir.latest_checkpoint(model_dir, repair=chief)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir, max_to_keep=3)
-        self.latest = tf.train.latest_checkpoint(ckpt_dir)
 
     def restore(self) -> str | None:
         """Restores the latest checkpoint; every object it should hold must be there,
@@ -467,11 +483,30 @@ class _Checkpoints:
             older = [k for k in NEWER_FIELDS if k in self.trackables and k not in saved]
             checkpoint = (tf.train.Checkpoint(**{k: v for k, v in self.trackables.items() if k not in older})
                           if older else self.checkpoint)
-            checkpoint.restore(self.latest).assert_existing_objects_matched()
+            try:
+                checkpoint.restore(self.latest).assert_existing_objects_matched()
+            except tf.errors.OpError as e:  # A damaged .data or .index file.
+                earlier = [os.path.basename(p) for _, p in run_dir.checkpoint_steps(os.path.dirname(self.latest))
+                           if p != self.latest]
+                raise run_dir.RunDirError(
+                    f"checkpoint {self.latest} cannot be read ({one_line(e)}): it is damaged. Move its files "
+                    f"({os.path.basename(self.latest)}.*) aside to resume from "
+                    f"{earlier[-1] if earlier else 'the start'}") from None
         return self.latest
 
     def save(self, step: int) -> None:
-        self.manager.save(checkpoint_number=step)
+        """Writes checkpoint `step`; where that fails (a full disk), removes its
+        partial files and stops the run, the earlier checkpoints intact."""
+        try:
+            self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            for name in tf.io.gfile.listdir(self.save_dir):
+                if name.startswith(f"ckpt-{step}_temp") or name.startswith(f"ckpt-{step}."):
+                    full = os.path.join(self.save_dir, name)
+                    (tf.io.gfile.rmtree if tf.io.gfile.isdir(full) else tf.io.gfile.remove)(full)
+            raise run_dir.RunDirError(
+                f"cannot write checkpoint ckpt-{step} into {self.save_dir} ({one_line(e)}); its partial files are "
+                f"removed and the earlier checkpoints kept: free space, then run the same command to resume") from None
 
     def clean_up(self) -> None:
         if not self.chief and tf.io.gfile.exists(self.save_dir):
@@ -625,21 +660,38 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
         window, ran = loop.run(iterator, n)
         ran = int(ran) if loop.finite else n  # An endless stream runs every step: no wait for the device.
         step_in_epoch, global_step = step_in_epoch + ran, global_step + ran
+        window = window.numpy()
         if watch is not None:
-            watch.check(window.numpy(), global_step)
+            watch.check(window, global_step)
+        saving = save and config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0
+        if saving or not math.isfinite(float(window[0])):
+            ensure_finite(loop, global_step)  # Never a checkpoint of non-finite weights.
         if profile_dir and global_step - 1 == config.profile_steps[-1]:
             tf.profiler.experimental.stop()
         if bar is not None:
             rates = evaluation.rates(state.sums.numpy())  # The host's one wait for the device per loop.
             bar.update(step_in_epoch, [("loss", rates["loss"]), ("top1_err", rates["top1_error"]),
                                        ("top5_err", rates["top5_error"])])
-        if save and config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0:
+        if saving:
             state.train_seconds.assign_add(time.monotonic() - tick)
             tick = time.monotonic()
             save(global_step)
         if ran < n:  # The stream's epoch has ended.
             break
     state.train_seconds.assign_add(time.monotonic() - tick)
+
+
+def ensure_finite(loop: TrainLoop, global_step: int) -> None:
+    """Stops a diverged run before it writes anything of it.
+
+    Raises:
+      Diverged: A weight is NaN or infinite.
+    """
+    if not bool(loop.weights_finite()):
+        raise Diverged(f"the run diverged: its weights became non-finite by step {global_step}. Stopped; the "
+                       "checkpoints written so far (each with finite weights) are kept and nothing is exported: "
+                       "lower --learning_rate, add --warmup_epochs, or try another --recipe, with another "
+                       "--model_dir (or resume this one from its last checkpoint)")
 
 
 def epoch_result(state: LoopState) -> dict:
@@ -684,21 +736,30 @@ def epoch_line(r: dict) -> str:
     return line
 
 
-def check_same_network(info: dict, config: TrainConfig, model_dir: str) -> None:
-    """Refuses to resume a run under another recipe (other bias learning rates,
-    decay targets and schedule from here on) or another network layout (its
-    checkpoint would not fit). Folders written before the recipe was recorded
-    are checked for the layout only.
+def check_same_run(info: dict, mean: np.ndarray, config: TrainConfig, data: Data, model_dir: str) -> None:
+    """Refuses to resume a run under settings its checkpoint was not trained
+    with: another recipe (other bias learning rates, decay targets and
+    schedule from here on), network layout (the checkpoint would not fit),
+    dropout, mean (kind, or the image itself) or records' image size. Keys
+    that folders of earlier versions lack are not checked.
 
     Raises:
-      distribute.RunConflict: naming the flag, the run's value and this one's.
+      distribute.RunConflict: naming the setting, the run's value and this one's.
     """
-    for key, flag, now in (("recipe", "--recipe", config.recipe), ("grouped", "--grouped", config.grouped)):
+    now = {"recipe": config.recipe, "grouped": config.grouped, "dropout": config.dropout, "mean": config.mean,
+           "square_size": data.stats.square_size}
+    flags = {"square_size": "the records' image size (pipelines.build_tfrecords --image_size)"}
+    for key, value in now.items():
         was = info.get(key)
-        if was is not None and was != now:
+        if was is not None and was != value:
+            what = flags.get(key, f"--{key}")
             raise distribute.RunConflict(
-                f"the run in {model_dir} has {flag}={was}, this one {flag}={now}: a resumed run keeps its "
-                f"network and recipe; use another --model_dir to start a new run")
+                f"the run in {model_dir} has {what}={was}, this one {what}={value}: a resumed run keeps the settings "
+                f"its checkpoints were trained with; use another --model_dir to start a new run")
+    if np.shape(mean) != np.shape(data.stats.mean) or not np.array_equal(mean, np.asarray(data.stats.mean, np.float32)):
+        raise distribute.RunConflict(
+            f"the run in {model_dir} subtracts another mean ({run_dir.MEAN_IMAGE}) than {config.data_dir} gives: "
+            "a resumed run keeps its input; use the records it was trained on, or another --model_dir")
 
 
 def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> TrainResult:
@@ -714,6 +775,13 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
     """
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)
+    data = read_data(config, strategy)  # Its errors leave no trace in model_dir.
+    # The chief holds the folder: a second run on it stops before it writes.
+    with run_dir.run_lock(model_dir) if chief else contextlib.nullcontext():
+        return _train_and_evaluate(config, model_dir, strategy, chief, data)
+
+
+def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bool, data: Data) -> TrainResult:
     if config.deterministic:
         # Deterministic kernels where an op has several (cuDNN's convolutions,
         # GPU reductions); raises on an op that has no deterministic one.
@@ -724,30 +792,29 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         # MirroredStrategy are traced concurrently, in threads: two runs would
         # then add in different orders and differ in the last bits.
         tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
-    data = read_data(config, strategy)
-    # A run continued on records of other classes would pair every output with
-    # the wrong class: refuse before anything in the folder is written.
+    # Nothing in the folder is written before every check of a resumed run.
+    # Continued on records of other classes it would pair every output with
+    # the wrong class; under other settings it would not be the run it was.
     if tf.io.gfile.exists(run_dir.path(model_dir, run_dir.MODEL_INFO)):
-        info, _ = run_dir.read_model_info(model_dir)
+        info, mean = run_dir.read_model_info(model_dir)
         try:
             records.check_same_classes([c["synset"] for c in info["classes"]], [c.synset for c in data.meta.classes],
                                        f"the run in {model_dir}", config.data_dir)
         except records.ClassMismatch as e:
             raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
         if run_dir.latest_checkpoint(model_dir):
-            check_same_network(info, config, model_dir)
+            check_same_run(info, mean, config, data, model_dir)
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     model, optimizer = build_model_and_optimizer(config, data.num_classes, strategy, dtype)
     state = LoopState(config.learning_rate)
+    checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
+    history = []
+    resumed = checkpoints.restore() is not None
     if chief:  # What an export needs besides the weights, beside the checkpoints.
         run_dir.write_model_info(model_dir, num_classes=data.num_classes, grouped=config.grouped,
                                  dropout=config.dropout, recipe=config.recipe,
                                  classes=[c.to_json() for c in data.meta.classes],
                                  mean=data.stats.mean, mean_kind=config.mean, square_size=data.stats.square_size)
-
-    checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
-    history = []
-    resumed = checkpoints.restore() is not None
     distribute.check_workers_agree(strategy, run_facts(config, data, state, checkpoints.latest))
     stream_seed = settle_stream(config, state, strategy, resumed)
     if resumed:
@@ -817,6 +884,7 @@ def train_and_evaluate(config: TrainConfig, model_dir: str, strategy=None) -> Tr
         bias_lr.assign(recipe.bias_lr_multiplier(int(state.epoch) / config.epochs))
         run_epoch(loop, iterator, state, config, epoch_steps, checkpoints.save, profile_dir, bar, watch)
 
+        ensure_finite(loop, int(state.global_step))
         result = epoch_result(state)
         if config.data_service:
             say(chief, f"epoch {result['epoch']}: the service's epoch gave {result['steps']} steps, "

@@ -7,6 +7,9 @@ Two layouts are recognised per split, independently:
 * extracted folders: `train/<synset>/*.JPEG`, and `val/*.JPEG` (flat) or
   `val/<synset>/*.JPEG`.
 
+The test set (`ILSVRC2012_img_test_v10102019.tar`, `ILSVRC2012_img_test.tar` or
+an extracted `test/`) has no labels: it is reported as skipped (an archive by its size, unopened).
+
 This module is the driver's side: it lists only what is cheap to list (the
 outer archives' headers, folder names) and turns it into `ReadUnit`s. Workers
 list the members of each unit and read each image by its byte range
@@ -16,6 +19,7 @@ list the members of each unit and read each image by its byte range
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
 import os
@@ -24,14 +28,21 @@ import tarfile
 from typing import Sequence
 
 from alexnet_tf import fileio
+from pipelines import members as members_lib
 from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (the plan is made of these)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 TRAIN_DIR = "train"
 VAL_DIR = "val"
+# The test set's archives (TFDS's manual folder holds the 2019 one) and folder.
+TEST_TARS = ("ILSVRC2012_img_test_v10102019.tar", "ILSVRC2012_img_test.tar")
+TEST_DIR = "test"
+# A validation label file is 50,000 short lines (about 500 KB); anything past
+# this bound is not one.
+MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
 
-SYNSET_RE = re.compile(r"^n\d{8}$")
+SYNSET_RE = re.compile(r"n[0-9]{8}")  # Matched whole (fullmatch): no trailing newline, ASCII digits.
 VAL_NUMBER_RE = re.compile(r"ILSVRC2012_val_(\d{8})")
 # Validation members are grouped into units of this size: small enough to spread
 # over workers, large enough that per-unit overhead (one file open) is negligible.
@@ -61,6 +72,7 @@ class Layout:
     splits: dict[str, SplitSource]
     classes: list[str]  # Synsets in label order.
     val_labels: str | None = None  # The label file used, if any.
+    skipped: list[str] = dataclasses.field(default_factory=list)  # Inputs not built, and why.
 
     def describe(self) -> str:
         lines = [f"ImageNet input {self.imagenet_dir}:"]
@@ -73,6 +85,8 @@ class Layout:
                 )
         if self.val_labels:
             lines.append(f"  validation labels: {self.val_labels}")
+        for line in self.skipped:
+            lines.append(f"  {line}")
         lines.append(f"  classes: {len(self.classes)}")
         return "\n".join(lines)
 
@@ -120,22 +134,33 @@ def class_names(synsets: Sequence[str]) -> list[str]:
 
 
 def _list_tar(path: str) -> list[tarfile.TarInfo]:
+    """The entries of an archive, which must end with its end-of-archive blocks."""
     try:
         with fileio.open_file(path, "rb") as f:
             # Seekable mode: headers are read and member data skipped by seeking.
             with tarfile.open(fileobj=f, mode="r:") as tar:
-                return tar.getmembers()
+                infos = tar.getmembers()
+                complete = members_lib.ends_with_marker(f, tar.offset)
     except tarfile.TarError as e:
+        if "unexpected end of data" in str(e):
+            raise LayoutError(f"truncated: {path} ends inside a member; download it again") from e
         raise LayoutError(f"{path} is not a readable tar archive ({e})") from e
+    if not complete:  # Cut at a member boundary: tarfile reads it without an error.
+        raise LayoutError(f"truncated: {path} {members_lib.TRUNCATED}; download it again")
+    return infos
 
 
-def _check_inner_tar(path: str, info: tarfile.TarInfo) -> None:
-    """Reads the first header of a class archive, so a non-tar fails before any output."""
+def _check_inner_tar(path: str, info: tarfile.TarInfo, synset: str) -> None:
+    """Reads the first header of a class archive, so a non-tar or an empty class fails before any output."""
     if info.size == 0:
-        raise LayoutError(f"{path}: member {info.name} is empty, expected a class archive")
+        raise LayoutError(f"class {synset} has no images: {path}: member {info.name} is an empty file, "
+                          "expected a class archive")
     with fileio.open_file(path, "rb") as f:
         f.seek(info.offset_data)
         block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):  # An end-of-archive block first.
+        raise LayoutError(f"class {synset} has no images: {path}: member {info.name} is an empty tar "
+                          "archive (labels are positions among the classes: remove the class or fill it)")
     try:
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
     except tarfile.HeaderError as e:
@@ -147,13 +172,18 @@ def _check_inner_tar(path: str, info: tarfile.TarInfo) -> None:
 def _train_from_tar(path: str) -> SplitSource:
     units, ignored = [], []
     archive = os.path.basename(path)
+    seen: dict[str, str] = {}
     for info in _list_tar(path):
         base = os.path.basename(info.name)
         stem = base[: -len(".tar")] if base.endswith(".tar") else None
-        if not info.isfile() or stem is None or not SYNSET_RE.match(stem):
-            ignored.append(info.name)
+        if not info.isfile() or stem is None or not SYNSET_RE.fullmatch(stem):
+            ignored.append(members_lib.printable(info.name))
             continue
-        _check_inner_tar(path, info)
+        if stem in seen:
+            raise LayoutError(f"{path} holds two archives of class {stem}: {seen[stem]} and {info.name} "
+                              "(each image would be read twice); keep one")
+        seen[stem] = info.name
+        _check_inner_tar(path, info, stem)
         units.append(
             ReadUnit(
                 split="train",
@@ -186,10 +216,25 @@ def _subdirs_and_files(path: str) -> tuple[list[str], list[str]]:
     return dirs, files
 
 
+def _has_files(path: str) -> bool:
+    if fileio.is_remote(path):
+        return bool(fileio.listdir(path))
+    with os.scandir(path) as entries:  # Stops at the first file: one read for a full folder.
+        return any(not e.is_dir() for e in entries)
+
+
+def _check_not_empty(path: str, rel: str, synsets: list[str]) -> None:
+    for s in synsets:
+        if not _has_files(os.path.join(path, s)):
+            raise LayoutError(f"class {s} has no images: {rel}/{s} is empty (labels are positions among "
+                              "the classes: remove the folder or fill it)")
+
+
 def _split_from_class_dirs(split: str, path: str, rel: str) -> SplitSource:
     dirs, files = _subdirs_and_files(path)
-    synsets = [d for d in dirs if SYNSET_RE.match(d)]
-    ignored = [f"{rel}/{e}" for e in dirs + files if e not in synsets]
+    synsets = [d for d in dirs if SYNSET_RE.fullmatch(d)]
+    _check_not_empty(path, rel, synsets)
+    ignored = [members_lib.printable(f"{rel}/{e}") for e in dirs + files if e not in synsets]
     units = [
         ReadUnit(split=split, kind="class_dir", path=os.path.join(path, s), name=f"{rel}/{s}", synset=s)
         for s in synsets
@@ -213,24 +258,56 @@ def _chunk(split: str, kind: str, path: str, name: str, members: list[Member]) -
     ]
 
 
+def _decode_labels(path: str, data: bytes) -> str:
+    """The text of a label file: UTF-8 (a byte-order mark is skipped) or UTF-16 with its mark."""
+    def line_of(at: int) -> int:
+        return data[:at].decode(encoding, "replace").count("\n") + 1
+
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+        nul = data.find(b"\0")
+        if nul >= 0:  # Binary, or UTF-16 without its byte-order mark.
+            raise LayoutError(f"validation label file {path}:{line_of(nul)}: a NUL byte, not "
+                              "text (UTF-16 needs its byte-order mark); expected one synset per line")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        what = "UTF-16 text" if encoding == "utf-16" else "UTF-8 text"
+        raise LayoutError(f"validation label file {path}:{line_of(e.start)}: not {what} (byte "
+                          f"{data[e.start]:#04x}); expected one synset per line") from None
+
+
 def read_val_labels(path: str) -> list[str]:
     """Reads a validation label file: line i (1-based) is the synset of val file i.
 
+    UTF-8 (with or without a byte-order mark) or UTF-16 with its byte-order
+    mark; at most MAX_LABEL_FILE_BYTES.
+
     Raises:
-      LayoutError: if the file is missing, empty, or has a line that is not a synset.
+      LayoutError: if the file is missing, empty, not text, over the bound, or
+        has a line that is not a synset.
     """
     if not fileio.exists(path):
         raise LayoutError(f"validation label file {path} not found")
-    with fileio.open_file(path, "r") as f:
-        lines = [line.strip() for line in f.read().splitlines()]
+    if fileio.isdir(path):
+        raise LayoutError(f"validation label file {path} is a folder")
+    with fileio.open_file(path, "rb") as f:
+        data = f.read(MAX_LABEL_FILE_BYTES + 1)
+    if len(data) > MAX_LABEL_FILE_BYTES:
+        raise LayoutError(f"validation label file {path} is over {MAX_LABEL_FILE_BYTES:,} bytes: not a label "
+                          "file (one synset per line)")
+    lines = [line.strip() for line in _decode_labels(path, data).splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
         raise LayoutError(f"validation label file {path} is empty")
     for i, line in enumerate(lines, 1):
-        if not SYNSET_RE.match(line):
+        if not SYNSET_RE.fullmatch(line):
+            shown = repr(line[:40]) + ("..." if len(line) > 40 else "")
             raise LayoutError(
-                f"{path}:{i}: {line!r} is not a WordNet synset id (expected nXXXXXXXX, one per line)"
+                f"{path}:{i}: {shown} is not a WordNet synset id (expected nXXXXXXXX, one per line)"
             )
     return lines
 
@@ -256,15 +333,88 @@ def _label_flat_members(
     ]
 
 
+def _split_entries(entries) -> tuple[list[Member], list[Skipped]]:
+    entries = list(entries)
+    members = [e for e in entries if isinstance(e, Member)]
+    return members, [e for e in entries if isinstance(e, Skipped)]
+
+
+def _check_unique(where: str, members: list[Member]) -> None:
+    """One validation image, one label: a file name listed twice stops the build."""
+    first: dict[str, Member] = {}
+    for m in members:
+        base = os.path.basename(m.name)
+        if base in first:
+            other = first[base]
+            classes = f" (classes {other.synset} and {m.synset})" if m.synset and other.synset else ""
+            raise LayoutError(f"{where}: validation file {base} is listed twice, as {other.name} and "
+                              f"{m.name}{classes}; keep one")
+        first[base] = m
+
+
 def _val_from_tar(path: str) -> tuple[list[Member], list[Skipped], str]:
-    """The archive's files, and its entries that are neither files nor folders (links: rejected, not followed)."""
+    """The archive's files, and its entries that are not read (links: rejected, not followed)."""
     archive = os.path.basename(path)
-    entries = list(_list_tar(path))
-    members = [Member(f"{archive}/{i.name}", None, path, i.offset_data, i.size) for i in entries if i.isfile()]
-    links = [skipped(f"{archive}/{i.name}", i) for i in entries if not i.isfile() and not i.isdir()]
-    if not members:
+    members, links = _split_entries(
+        members_lib.tar_entry(f"{archive}/{i.name}", None, path, i) for i in _list_tar(path))
+    if not members and not links:
         raise LayoutError(f"{path} holds no files")
+    _check_unique(path, members)
     return members, links, f"archive {archive} ({len(members)} images, flat)"
+
+
+def _val_from_class_dirs(vdir: str, sub: list[str]) -> tuple[list[Member], list[Skipped], list[str]]:
+    """The files of val/<synset>/ folders, listed here so that a file in two classes is found."""
+    synsets = [d for d in sub if SYNSET_RE.fullmatch(d)]
+    _check_not_empty(vdir, VAL_DIR, synsets)
+    entries = []
+    for s in synsets:
+        folder = os.path.join(vdir, s)
+        for entry in sorted(fileio.listdir(folder)):
+            entries.append(members_lib.folder_entry(folder, entry, f"{VAL_DIR}/{s}/{entry}", s))
+    members, links = _split_entries(entries)
+    _check_unique(vdir, members)
+    return members, links, synsets
+
+
+def _count_test_images(imagenet_dir: str, dirs: list[str], files: list[str]) -> list[str]:
+    """Lines reporting the test set, which is not built: it has no labels."""
+    lines = []
+    for name in TEST_TARS:
+        if name in files:
+            # Its size, not a count of its images: ImageNet's is 13 GB in 100,000
+            # members, a walk over every header (minutes on a remote store).
+            try:
+                with fileio.open_file(os.path.join(imagenet_dir, name)) as f:
+                    found = f"{f.seek(0, os.SEEK_END):,} bytes, not opened"
+            except OSError as e:  # Not built either way: reported, never fatal.
+                found = f"unreadable: {e}"
+            lines.append(f"test: archive {name} ({found}): skipped, the test set has no labels")
+    if TEST_DIR in dirs:
+        try:
+            found = f"{len(fileio.listdir(os.path.join(imagenet_dir, TEST_DIR)))} entries"
+        except OSError as e:
+            found = f"unreadable: {e}"
+        lines.append(f"test: extracted folder {TEST_DIR}/ ({found}): skipped, the test set has no labels")
+    return lines
+
+
+def check_output_outside(imagenet_dir: str, output_dir: str) -> None:
+    """Refuses an output folder inside the input folder (or the same): a later
+    build would read its own shards as input.
+
+    Raises:
+      LayoutError: naming both folders.
+    """
+    def norm(p: str) -> str:
+        if fileio.is_remote(p):
+            return p.rstrip("/")
+        return os.path.realpath(os.path.abspath(p))
+
+    inp, out = norm(imagenet_dir), norm(output_dir)
+    if out == inp or out.startswith(inp.rstrip("/") + "/"):
+        raise LayoutError(f"--output_dir {output_dir} is inside --imagenet_dir {imagenet_dir}: a later build "
+                          "would read the shards as input; choose an output folder outside it")
 
 
 def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
@@ -308,10 +458,19 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     elif VAL_DIR in dirs:
         vdir = os.path.join(imagenet_dir, VAL_DIR)
         sub, vfiles = _subdirs_and_files(vdir)
-        if any(SYNSET_RE.match(d) for d in sub):
-            splits["validation"] = _split_from_class_dirs("validation", vdir, VAL_DIR)
+        if any(SYNSET_RE.fullmatch(d) for d in sub):
+            found, found_links, synsets = _val_from_class_dirs(vdir, sub)
+            ignored = [members_lib.printable(f"{VAL_DIR}/{e}") for e in sub + vfiles if e not in synsets]
+            splits["validation"] = SplitSource(
+                "validation",
+                f"extracted folder {VAL_DIR}/<synset>/ ({len(synsets)} class folders, {len(found)} images)",
+                _chunk("validation", "files", imagenet_dir, VAL_DIR, found + found_links),
+                set(synsets),
+                ignored,
+            )
         elif vfiles:
-            flat = [Member(f"{VAL_DIR}/{f}", None, os.path.join(vdir, f)) for f in vfiles]
+            flat, links = _split_entries(
+                members_lib.folder_entry(vdir, f, f"{VAL_DIR}/{f}", None) for f in vfiles)
             description = f"extracted folder {VAL_DIR}/ ({len(flat)} images, flat)"
             val_kind, val_path, val_name = "files", imagenet_dir, VAL_DIR
         else:
@@ -351,4 +510,4 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     # full ImageNet); without a training split, the validation synsets decide.
     source = splits["train"] if "train" in splits else splits["validation"]
     classes = sorted(source.synsets)
-    return Layout(imagenet_dir, splits, classes, labels_path)
+    return Layout(imagenet_dir, splits, classes, labels_path, _count_test_images(imagenet_dir, dirs, files))

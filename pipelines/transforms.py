@@ -200,7 +200,7 @@ class AssignShards(beam.PTransform):
 
 
 class WriteShardFn(beam.DoFn):
-    """((split, shard, shards), [(key, Member)]) -> shard info dict.
+    """((split, shard, shards), [(key, Member)]) -> shard info dict (with its count of upscaled images).
 
     Reads, checks and re-encodes each image in key order and streams it into the
     shard, so memory does not grow with the shard or the dataset. Also outputs,
@@ -242,7 +242,7 @@ class WriteShardFn(beam.DoFn):
         name = records.shard_name(split, shard, shards)
         final = os.path.join(self.output_dir, name)
         sums = color_stats.PixelSums()
-        count = 0
+        count = upscaled = 0
         # Write then rename: a retried or killed worker never leaves half a shard
         # under the final name.
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
@@ -259,6 +259,7 @@ class WriteShardFn(beam.DoFn):
                     continue
                 records.write_record(f, example)
                 count += 1
+                upscaled += out.upscaled
                 self.written.inc()
                 self.progress.tick(False)
                 if split == "train":
@@ -267,7 +268,7 @@ class WriteShardFn(beam.DoFn):
         if sums.num_images:
             yield beam.pvalue.TaggedOutput(MOMENTS, sums.moments())
         yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count,
-               **f.digest.info()}
+               "num_upscaled": upscaled, **f.digest.info()}
 
 
 class WriteShards(beam.PTransform):

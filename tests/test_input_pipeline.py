@@ -215,6 +215,7 @@ def _transparent_inputs():
                                append_images=[palette.rotate(90)], loop=0),
         "rgba_png_16_bit": _png16(rng.integers(0, 65536, (37, 53, 4), dtype=np.uint16), 6),
         "la_png_16_bit": _png16(rng.integers(0, 65536, (37, 53, 2), dtype=np.uint16), 4),
+        "gray_png_16_bit": _png16(rng.integers(0, 65536, (37, 53, 1), dtype=np.uint16), 0),
         # No transparency the build composites: a palette without tRNS (TensorFlow's
         # 4-channel decode gives it alpha 15 at 4 bits a pixel), a GIF without a
         # transparent index, an RGB or gray PNG's single transparent colour.

@@ -50,9 +50,15 @@ def test_shorter_side_scaled_then_central_crop():
     assert mean[1] > 240 and mean[0] < 15 and mean[2] < 15
 
 
-def test_small_images_are_scaled_up():
+def test_small_images_are_scaled_up_and_say_so():
     out = image_processing.process_image(_encode(_image(100, 180)))
-    assert out.pixels.shape == (256, 256, 3)
+    assert out.pixels.shape == (256, 256, 3) and out.upscaled
+    # Upscaled: the shorter side below the stored size, whatever the format; not at or above it.
+    for (h, w), fmt, upscaled in [((1, 1), "PNG", True), ((255, 900), "JPEG", True), ((256, 300), "JPEG", False),
+                                  ((2000, 3000), "JPEG", False), ((600, 300), "PNG", False)]:
+        assert image_processing.process_image(_encode(_image(h, w), fmt)).upscaled is upscaled, (h, w)
+    assert image_processing.process_image(_encode(_image(100, 180)), image_size=64).upscaled is False
+    assert image_processing.process_image(_encode(_image(100, 180)), resize=False).upscaled is False  # Kept size.
 
 
 @pytest.mark.parametrize(
@@ -78,6 +84,41 @@ def test_cmyk_colours_survive_conversion():
     assert r > 150 and g < 80 and b < 80, (r, g, b)
 
 
+def _png16(array) -> bytes:
+    """A 16-bit PNG of a (h, w, c) uint16 array (c: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA); PIL writes only gray."""
+    import struct
+    import zlib
+
+    h, w, c = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_pngs_become_the_8_bits_tensorflow_decodes(channels):
+    import tensorflow as tf
+
+    # 0, 257 (1 in the high byte), 2000 (7), 65535 and the edges between 8-bit levels,
+    # then random values; 256x256 so the stored square is the decoded image itself.
+    edges = [0, 1, 255, 256, 257, 383, 384, 2000, 32767, 32768, 65279, 65280, 65534, 65535]
+    array = np.random.default_rng(channels).integers(0, 65536, (256, 256, channels)).astype(np.uint16)
+    array[0, :len(edges), 0] = edges
+    if channels in (2, 4):
+        array[..., -1] = 65535  # Opaque: TensorFlow drops alpha, the build puts it on white.
+    data = _png16(array)
+    served = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    assert list(served[0, [0, 4, 7, 13], 0]) == [0, 1, 7, 255]  # 2000 -> 7 (high byte), not 8 (rounded).
+    out = image_processing.process_image(data)
+    np.testing.assert_array_equal(out.square, served)
+    if channels == 1:
+        assert out.source_mode == "I;16"
+
+
 def test_transparent_areas_become_white():
     a = np.zeros((64, 64, 4), np.uint8)  # Fully transparent black.
     out = image_processing.process_image(_encode(a, "PNG"))
@@ -95,6 +136,18 @@ def test_transparent_areas_become_white():
 def test_undecodable_inputs_are_rejected_with_a_reason(data, reason):
     with pytest.raises(image_processing.BadImage, match=reason):
         image_processing.process_image(data)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF"])
+@pytest.mark.parametrize("resize", [True, False])
+def test_formats_serving_does_not_decode_are_rejected_with_the_list(fmt, resize):
+    # PIL opens them; the exported model refuses them (records.IMAGE_MAGIC), so the build must too.
+    with pytest.raises(image_processing.BadImage) as e:
+        image_processing.process_image(_encode(_image(300, 300), fmt), resize=resize)
+    assert str(e.value) == f"{fmt} is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"
+    assert records.IMAGE_FORMATS == ("JPEG", "PNG", "GIF", "BMP")  # The one list, both sides.
+    for served in ("JPEG", "PNG", "GIF", "BMP"):
+        assert image_processing.served_format(_encode(_image(16, 16), served)) == served
 
 
 @pytest.mark.parametrize("side", [12_000, 30_000])  # 1.07x and 6.7x the limit (PIL refuses at 2x itself).
@@ -223,7 +276,7 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_pa
         "a.JPEG": good,
         "b.JPEG": _encode(_image(300, 300, seed=1), "PNG"),
         "c.JPEG": good[: len(good) // 2],
-        "d.JPEG": _encode(_image(200, 300, seed=2), mode="CMYK"),
+        "d.JPEG": _encode(_image(200, 300, seed=2), mode="CMYK"),  # Scaled up: counted in the shard's info.
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -258,7 +311,8 @@ def _shard_written(out_dir):
         (info,) = actual
         data = (out_dir / info["file"]).read_bytes()
         assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
-                        "num_examples": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "num_examples": 3, "num_upscaled": 1, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
                         "head_sha256": hashlib.sha256(data[:records.HEAD_BYTES]).hexdigest()}
     return match
 
@@ -543,3 +597,76 @@ def test_long_thin_images_take_bounded_memory():
     shape, mean, peak_mib = proc.stdout.rsplit(" ", 2)
     assert shape == "(256, 256, 3)" and int(mean) in (199, 200, 201)
     assert int(peak_mib) < 300, f"peak {peak_mib} MiB"
+
+
+_PEAK_CODE = """
+import gc, io, re, sys, numpy as np
+from PIL import Image
+from pipelines import image_processing
+fmt, mode, (width, height) = sys.argv[1], sys.argv[2], map(int, sys.argv[3].split("x"))
+x, y = np.linspace(0, 255, width).astype(np.uint8), np.linspace(0, 255, height).astype(np.uint8)
+a = np.stack([np.add.outer(y // 2, x // 2), np.add.outer(y // 4, x // 2), np.add.outer(y // 2, x // 4)], -1)
+a[::7, ::5] = 90  # Some detail.
+buf = io.BytesIO()
+Image.fromarray(a).convert(mode).save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+data = buf.getvalue()
+del a, buf
+gc.collect()
+def kib(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # Resets the peak (VmHWM) to the current size.
+before = kib("VmRSS")
+out = image_processing.process_image(data, resize=sys.argv[4] == "resize")
+print(out.width, out.height, (kib("VmHWM") - before) * 1024 / (width * height))
+"""
+
+
+# 9 million pixels, and a long thin 17 million; the bounds are per input pixel (records.MAX_PIXELS at most).
+@pytest.mark.parametrize("fmt, mode, size, resize, bytes_per_pixel", [
+    ("JPEG", "CMYK", "3000x3000", "resize", 0.5),  # Decoded at 1/8 scale: 8 bytes a pixel before (CMYK, RGB).
+    ("JPEG", "L", "3000x3000", "resize", 0.5),
+    ("PNG", "RGBA", "3000x3000", "resize", 6.0),  # Decoded whole (4 bytes a pixel), reduced as it becomes RGB; 13.
+    ("PNG", "P", "3000x3000", "resize", 2.0),  # Decoded whole (1 byte a pixel).
+    ("PNG", "RGBA", "17000x1000", "resize", 5.0),  # Long thin: only the central square becomes RGB; 13 before.
+    ("PNG", "RGBA", "3000x3000", "noresize", 10.0),  # Own size: decoded, its RGB copy (8) and bands; 13 before.
+])
+def test_per_image_memory_is_bounded(fmt, mode, size, resize, bytes_per_pixel):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, fmt, mode, size, resize], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    width, height, per_pixel = proc.stdout.split()
+    assert f"{width}x{height}" == ("256x256" if resize == "resize" else size)
+    assert float(per_pixel) < bytes_per_pixel, f"{float(per_pixel):.2f} bytes a pixel at the peak"
+
+
+def test_banded_and_reduced_conversion_gives_the_whole_images_pixels():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (700, 301, 4), dtype=np.uint8)  # Taller than a band, not a whole number of them.
+    rgba = Image.fromarray(a, "RGBA")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    for img, whole in [(rgba, white), (Image.fromarray(a[..., :3]).convert("P"), None),
+                       (Image.fromarray(a[..., :3]).convert("CMYK"), None), (Image.fromarray(a[..., 0]), None)]:
+        whole = whole or img.convert("RGB")
+        for factor in (1, 2, 3, 7):
+            expected = whole.reduce(factor) if factor > 1 else whole
+            assert np.array_equal(np.asarray(image_processing._to_rgb(img, factor)), np.asarray(expected)), (
+                img.mode, factor)
+    # Far larger than needed: reduced to a shorter side of at least 2 x 256 first, close to resampling the whole.
+    big = _image(1600, 1100)
+    out = image_processing.process_image(_encode(big, "PNG"))
+    full = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.BICUBIC, box=(0, 250, 1100, 1350)))
+    assert np.abs(out.square.astype(int) - full).mean() < 2
+    # A long thin one, from READ_BOX_PIXELS on: converted only where the scaling reads it, as if whole.
+    rgba = np.random.default_rng(1).integers(0, 256, (80, 38, 4), dtype=np.uint8)
+    a = np.kron(rgba, np.ones((12, 480, 1), np.uint8))  # 960 x 18240 (not reduced), 17.5 million pixels.
+    assert a.shape[0] * a.shape[1] >= image_processing.READ_BOX_PIXELS
+    whole = Image.new("RGB", (a.shape[1], a.shape[0]), (255, 255, 255))
+    whole.paste(Image.fromarray(a, "RGBA"), mask=Image.fromarray(a[..., 3]))
+    left = (a.shape[1] - a.shape[0]) / 2
+    expected = whole.resize((256, 256), Image.Resampling.BICUBIC, box=(left, 0, left + a.shape[0], a.shape[0]))
+    out = image_processing.process_image(_encode(a, "PNG", compress_level=1))
+    assert np.abs(out.square.astype(int) - np.asarray(expected)).max() <= 1

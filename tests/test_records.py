@@ -235,3 +235,36 @@ def test_class_lists_must_be_the_same_synsets_in_the_same_order():
         records.check_same_classes(["n1", "n2"], ["n1", "n2", "n3"], "the model", "recs")
     with pytest.raises(records.ClassMismatch, match=r"label 1 is n2 in the model, n9 in recs$"):
         records.check_same_classes(["n1", "n2"], ["n1", "n9"], "the model", "recs")
+
+
+@pytest.mark.parametrize("file", [
+    "../outside/train-00000-of-00003", "/data/train-00000-of-00003", "sub/train-00000-of-00003",
+    "train-00000-of-00003/../../../etc/passwd", "..", "", "validation-00000-of-00001", "train-00000-of-00003\n",
+    "train-00000-of-00003.tmp-1", "train-\u0660\u0660\u0660\u0660\u0660-of-00003",
+])
+def test_a_shard_name_must_be_a_plain_name_of_its_split(raw, file):
+    raw["splits"]["train"]["shards"][0]["file"] = file
+    assert _error(raw).startswith(
+        f"{PATH}: splits.train.shards[0].file must be a shard file name of split train such as "
+        "train-00000-of-00001 (a plain name inside the records folder), got ")
+
+
+@pytest.mark.parametrize("file", ["../mean_image.npy", "/tmp/mean_image.npy", "sub/mean_image.npy", "x.npy"])
+def test_the_mean_image_must_be_the_builds_file_inside_the_folder(raw, file):
+    raw["color_stats"]["mean_image_file"] = file
+    assert _error(raw) == (f'{PATH}: color_stats.mean_image_file must be "mean_image.npy" (a plain name inside the '
+                           f"records folder), got {json.dumps(file)}")
+
+
+@pytest.mark.parametrize("key", ["synset", "name"])
+@pytest.mark.parametrize("char", ["\t", "\n", "\r", "\x00", "\x7f", "\x85", "\u2028", "\u2029"])
+def test_class_text_with_a_control_character_is_refused(raw, key, char):
+    text = raw["classes"][3][key]
+    raw["classes"][3][key] = text[:4] + char + text[4:]
+    assert _error(raw) == (f"{PATH}: classes[3].{key} must be one line of text without control characters (found "
+                           f"U+{ord(char):04X}), got {json.dumps(raw['classes'][3][key])}")
+
+
+def test_class_text_may_be_any_printable_text(raw):
+    raw["classes"][3]["name"] = "Æsop's tench, café \u00e9t\u00e9 \U0001F41F \u200d"
+    assert records.Metadata.from_json(raw, PATH).classes[3].name == raw["classes"][3]["name"]

@@ -208,6 +208,7 @@ def test_every_hyperparameter_is_a_flag_and_bad_values_are_clear_errors(tmp_path
 
     proc = subprocess.run([sys.executable, "-m", "alexnet_tf.train", "--helpfull"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # Asking for help is not an error.
     for field in dataclasses.fields(TrainConfig):
         assert f"--{field.name}:" in proc.stdout or f"--[no]{field.name}:" in proc.stdout, field.name
     for bad, message in (("--mixed_precision=fp8", "mixed_precision"), ("--steps_per_loop=0", "steps_per_loop"),

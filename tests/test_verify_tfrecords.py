@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,3 +297,38 @@ def test_verify_names_the_damaged_record_and_still_digests_the_rest(copy):
     assert f"{shard.file}: unreadable after 5 records (corrupted record at {offset + 12})" in problems
     assert f"{shard.file}: holds 5 records, metadata.json says {shard.num_examples}" in problems
     assert any(p.startswith(f"{shard.file} differs from the file this build wrote") for p in problems)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_shard_outside_the_folder_is_refused_by_verify_and_the_readers(copy, tmp_path, where):
+    dst, _ = copy
+    raw = _raw(dst)
+    first = raw["splits"]["train"]["shards"][0]["file"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dst / first).rename(outside / first)  # The same bytes: only where metadata.json points is wrong.
+    raw["splits"]["train"]["shards"][0]["file"] = f"../outside/{first}" if where == "parent" else str(outside / first)
+    _save(dst, raw)
+    message = "splits.train.shards[0].file must be a shard file name of split train"
+    problems = verify_tfrecords.verify(str(dst), progress=False)
+    assert len(problems) == 1 and message in problems[0], problems
+    with pytest.raises(records.MetadataError, match=re.escape(message)):  # What every reader opens a folder with.
+        records.load_metadata(str(dst))
+
+
+def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(copy, tmp_path):
+    dst, _ = copy
+    raw = _raw(dst)
+    first = raw["splits"]["train"]["shards"][0]["file"]
+    (dst / first).rename(tmp_path / first)
+    raw["splits"]["train"]["shards"][0]["file"] = str(tmp_path / first)
+    _save(dst, raw)
+    proc = subprocess.run([sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={dst}",
+                           f"--model_dir={tmp_path / 'run'}", "--cpu_devices=1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train: error: {dst / records.METADATA_FILE}: splits.train.shards[0].file must be a shard file name of "
+        f"split train such as train-00000-of-00001 (a plain name inside the records folder), got "
+        f"{records._show(str(tmp_path / first))}")
+    assert not (tmp_path / "run").exists()

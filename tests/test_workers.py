@@ -118,7 +118,7 @@ def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
 
 
 
-def test_a_resumed_run_keeps_its_recipe_and_network(built, tmp_path):
+def test_a_resumed_run_keeps_its_settings_and_writes_nothing_before_it_knows(built, tmp_path):
     from alexnet_tf import run_dir
 
     out, meta = built
@@ -127,18 +127,26 @@ def test_a_resumed_run_keeps_its_recipe_and_network(built, tmp_path):
     run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.5,
                              classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
                              square_size=stats.square_size, recipe="paper")
-    info_before = (tmp_path / run_dir.MODEL_INFO).read_bytes()
+    before = {name: (tmp_path / name).read_bytes() for name in (run_dir.MODEL_INFO, run_dir.MEAN_IMAGE)}
     strategy = tf.distribute.get_strategy()
     for change, message in (({"recipe": "caffe"}, "has --recipe=paper, this one --recipe=caffe"),
-                            ({"grouped": False}, "has --grouped=True, this one --grouped=False")):
+                            ({"grouped": False}, "has --grouped=True, this one --grouped=False"),
+                            ({"dropout": 0.9}, "has --dropout=0.5, this one --dropout=0.9"),
+                            ({"mean": "rgb"}, "has --mean=image, this one --mean=rgb")):
         config = TrainConfig(data_dir=out, batch_size=8, steps_per_epoch=1, epochs=1, seed=0, **change)
         with pytest.raises(distribute.RunConflict, match=f"the run in {tmp_path} {message}: a resumed run keeps"):
             trainer.train_and_evaluate(config, str(tmp_path), strategy)
-        assert (tmp_path / run_dir.MODEL_INFO).read_bytes() == info_before  # Refused before writing.
-    info, _ = run_dir.read_model_info(str(tmp_path))
-    trainer.check_same_network(info, TrainConfig(), str(tmp_path))  # The same recipe and layout: resumes.
+        # Refused before writing: a later export of the run still has its own mean.
+        assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    config = TrainConfig(data_dir=out, batch_size=8, steps_per_epoch=1, epochs=1, seed=0)
+    data = trainer.read_data(config, strategy)
+    info, mean = run_dir.read_model_info(str(tmp_path))
+    trainer.check_same_run(info, mean, config, data, str(tmp_path))  # The same settings: resumes.
+    with pytest.raises(distribute.RunConflict, match="subtracts another mean"):
+        trainer.check_same_run(info, mean + 1, config, data, str(tmp_path))
     # A folder written before the recipe was recorded: any recipe, but still the same layout.
     del info["recipe"]
-    trainer.check_same_network(info, TrainConfig(recipe="caffe"), str(tmp_path))
+    trainer.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe"), data, str(tmp_path))
     with pytest.raises(distribute.RunConflict, match="--grouped"):
-        trainer.check_same_network(info, TrainConfig(recipe="caffe", grouped=False), str(tmp_path))
+        trainer.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe", grouped=False), data,
+                               str(tmp_path))
