@@ -1,7 +1,7 @@
 r"""The tf.data service: the input stream's decoding and augmentation on other hosts.
 
-    python -m alexnet_tf.data_service dispatcher --port=5050 --work_dir=/shared/dispatcher
-    python -m alexnet_tf.data_service worker --dispatcher=head:5050 --port=5051     # on each input host
+    python -m alexnet_tf.data_service dispatcher --bind=0.0.0.0 --port=5050 --work_dir=/shared/dispatcher
+    python -m alexnet_tf.data_service worker --bind=0.0.0.0 --dispatcher=head:5050 --port=5051  # each input host
     python -m alexnet_tf.train --data_service=grpc://head:5050 ...                  # any strategy
 
 One dispatcher hands each epoch's training shards to the service workers as
@@ -19,11 +19,32 @@ restarts them (systemd, a Kubernetes Deployment) with a fixed `--port`. With
 continues every job where it was. Workers read the records themselves: the
 trainers' `--data_dir` must mean the same files on every worker (gs://, a
 shared file system).
+
+Who can reach it. The service has no authentication: whoever can open a
+connection to a dispatcher's or a worker's port can register any dataset
+graph, and the workers run it as the user who started them (a graph can read
+and write files, e.g. `tf.io.read_file("/etc/hostname")`). TensorFlow's
+servers cannot be bound to one interface: `DispatcherConfig` has no address,
+`WorkerConfig.worker_address` is only the name the worker gives the
+dispatcher, and the gRPC server always listens on 0.0.0.0 (every IPv4 and,
+through gRPC's dual-stack socket, IPv6 interface; `GrpcDataServerBase::Start`
+in tensorflow/core/data/service/server_lib.cc). So neither server starts
+until the user says so with `--bind=0.0.0.0` (the default, 127.0.0.1, is
+refused with a line saying why), and each prints one line at start-up saying
+who can reach it. Keep the ports on a private network, or let only the
+trainer and service hosts in, e.g. with 10.0.0.0/24 as those hosts:
+
+    iptables  -A INPUT -p tcp --dport 5050:5051 -s 10.0.0.0/24 -j ACCEPT
+    iptables  -A INPUT -p tcp --dport 5050:5051 -j DROP
+    ip6tables -A INPUT -p tcp --dport 5050:5051 -j DROP
+
+(or a cloud firewall rule / security group that admits the same hosts).
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import socket
 import subprocess
@@ -38,6 +59,12 @@ DEFAULT_JOB_GC_TIMEOUT_S = 3600
 # How long the dispatcher waits for a worker's heartbeat before it counts it lost.
 DEFAULT_WORKER_TIMEOUT_S = 60
 HEARTBEAT_S = 5
+# The one address TensorFlow's tf.data service servers listen on (server_lib.cc
+# binds "0.0.0.0:<port>"; gRPC makes that every IPv4 and IPv6 interface).
+EVERY_INTERFACE = "0.0.0.0"
+# What --bind asks for unless told otherwise: loopback, which TensorFlow cannot
+# honour, so a server only starts once its user has chosen to expose it.
+DEFAULT_BIND = "127.0.0.1"
 
 
 class ServiceError(Exception):
@@ -80,6 +107,29 @@ def check_reachable(service: str, timeout: float = 10.0) -> None:
                            "with `python -m alexnet_tf.data_service dispatcher`") from e
 
 
+def check_bind(bind: str, port: int) -> None:
+    """Raises `ServiceError` unless `bind` is the one address TensorFlow can listen on (`EVERY_INTERFACE`).
+
+    TensorFlow cannot bind its tf.data servers to one interface: asked for
+    loopback or one network's address, a server would listen on all of them
+    instead, so it does not start.
+    """
+    if bind != EVERY_INTERFACE:
+        which = f"port {port}" if port else "its port"
+        raise ServiceError(
+            f"--bind={bind}: TensorFlow's tf.data service cannot listen on one address, it always listens on every "
+            f"interface ({EVERY_INTERFACE} and ::), where anyone who can reach {which} can run any TensorFlow graph "
+            f"as user {getpass.getuser()}; firewall the port to your private network (python -m "
+            f"alexnet_tf.data_service --help shows how) and start again with --bind={EVERY_INTERFACE}")
+
+
+def exposure_line(role: str, port: int) -> str:
+    """The start-up line of a server on `port`: who can reach it, and what that lets them do."""
+    return (f"data_service: {role} listening on {EVERY_INTERFACE} (every interface of {socket.gethostname()}, "
+            f"IPv4 and IPv6): anyone who can reach port {port} on {EVERY_INTERFACE} can run any TensorFlow graph "
+            f"as user {getpass.getuser()}; keep it on a private network")
+
+
 def check_port_free(port: int) -> None:
     """Raises `ServiceError` if something listens on `port` already.
 
@@ -102,7 +152,11 @@ def check_port_free(port: int) -> None:
 def start_dispatcher(port: int = DEFAULT_DISPATCHER_PORT, work_dir: str | None = None,
                      job_gc_timeout_s: float = DEFAULT_JOB_GC_TIMEOUT_S,
                      worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S):
-    """A started `tf.data.experimental.service.DispatchServer` (fault tolerant with `work_dir`)."""
+    """A started `tf.data.experimental.service.DispatchServer` (fault tolerant with `work_dir`).
+
+    It listens on every interface of this host (TensorFlow cannot bind one):
+    anyone who can reach `port` can run any TensorFlow graph as this user.
+    """
     import tensorflow as tf
 
     svc = tf.data.experimental.service
@@ -114,7 +168,12 @@ def start_dispatcher(port: int = DEFAULT_DISPATCHER_PORT, work_dir: str | None =
 
 
 def start_worker(dispatcher: str, port: int = DEFAULT_WORKER_PORT, host: str | None = None):
-    """A started `WorkerServer` registered with `dispatcher` (host:port), reachable at host:port."""
+    """A started `WorkerServer` registered with `dispatcher` (host:port), reachable at host:port.
+
+    It listens on every interface of this host whatever `host` is (that is
+    only the name it gives the dispatcher): anyone who can reach `port` can
+    run any TensorFlow graph as this user.
+    """
     import tensorflow as tf
 
     dhost, dport = address(dispatcher)
@@ -139,9 +198,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LocalService:
-    """A service of local processes on 127.0.0.1: one dispatcher, `workers` workers.
+    """A service of local processes reached on 127.0.0.1: one dispatcher, `workers` workers.
 
-    For trying the service on one host, tests and benchmarks. Each is a
+    For trying the service on one host, tests and benchmarks. Like every
+    tf.data service server they listen on every interface (`check_bind`):
+    keep the host on a private network while they run. Each is a
     `python -m alexnet_tf.data_service` process on a free port; use as a
     context manager (every process is killed at the end). Logs go to files
     in `log_dir`, never to an unread pipe.
@@ -153,7 +214,7 @@ class LocalService:
         self.port, self.worker_ports = ports[0], ports[1:]
         self.address = f"grpc://127.0.0.1:{self.port}"
         self.dispatcher = self._start(f"dispatcher-{self.port}", "dispatcher", "--port", str(self.port),
-                                      *dispatcher_flags)
+                                      f"--bind={EVERY_INTERFACE}", *dispatcher_flags)
         self.workers = [self.start_worker(i) for i in range(workers)]
 
     def _start(self, name: str, *argv: str) -> subprocess.Popen:
@@ -183,7 +244,7 @@ class LocalService:
         """Starts worker i (again, after a kill: at the same port, as a supervisor would)."""
         port = self.worker_ports[i]
         return self._start(f"worker-{port}", "worker", "--dispatcher", f"127.0.0.1:{self.port}",
-                           "--port", str(port), "--host", "127.0.0.1")
+                           "--port", str(port), "--host", "127.0.0.1", f"--bind={EVERY_INTERFACE}")
 
     def kill_worker(self, i: int) -> None:
         self.workers[i].kill()
@@ -199,10 +260,17 @@ class LocalService:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m alexnet_tf.data_service", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m alexnet_tf.data_service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     roles = p.add_subparsers(dest="role", required=True, metavar="{dispatcher,worker}")
+    bind_help = (f"the address to listen on. TensorFlow's tf.data service can only listen on {EVERY_INTERFACE}, every "
+                 "interface (IPv4 and IPv6), where anyone who can reach the port can run any TensorFlow graph as "
+                 "this user: give --bind=0.0.0.0 once the port is on a private network or firewalled to the trainer "
+                 f"and service hosts (`python -m alexnet_tf.data_service --help` shows how). Default {DEFAULT_BIND}, which it cannot honour: "
+                 "the server does not start")
     d = roles.add_parser("dispatcher", help="the one dispatcher of a service")
     d.add_argument("--port", type=int, default=DEFAULT_DISPATCHER_PORT, help="port to listen on")
+    d.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDRESS", help=bind_help)
     d.add_argument("--work_dir", default=None,
                    help="journal folder: a restarted dispatcher continues its jobs (fault tolerant)")
     d.add_argument("--job_gc_timeout", type=float, default=DEFAULT_JOB_GC_TIMEOUT_S, metavar="SECONDS",
@@ -214,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--dispatcher", required=True, metavar="HOST:PORT", help="the dispatcher's address")
     w.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT,
                    help="port to listen on (fixed, so that a restarted worker is found at the same address)")
+    w.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDRESS", help=bind_help)
     w.add_argument("--host", default=None,
                    help=f"the name trainers reach this worker by (default: this host's name, {socket.gethostname()})")
     return p
@@ -225,15 +294,21 @@ def main(argv=None) -> None:
         if args.role == "dispatcher":
             if args.job_gc_timeout <= 0 or args.worker_timeout <= 0:
                 raise ServiceError("--job_gc_timeout and --worker_timeout must be positive")
+            check_bind(args.bind, args.port)
             check_port_free(args.port)
             server = start_dispatcher(args.port, args.work_dir, args.job_gc_timeout, args.worker_timeout)
+            port = server._server.bound_port()
             where = f"journal in {args.work_dir}" if args.work_dir else "no --work_dir: a restart forgets its jobs"
-            print(f"data_service: dispatcher at grpc://{socket.gethostname()}:{args.port} ({where})", flush=True)
+            print(exposure_line("dispatcher", port), flush=True)
+            print(f"data_service: dispatcher at grpc://{socket.gethostname()}:{port} ({where})", flush=True)
         else:
+            check_bind(args.bind, args.port)
             check_reachable(args.dispatcher)
             check_port_free(args.port)
             server = start_worker(args.dispatcher, args.port, args.host)
-            print(f"data_service: worker at {args.host or socket.gethostname()}:{args.port} for dispatcher "
+            port = server._server.bound_port()
+            print(exposure_line("worker", port), flush=True)
+            print(f"data_service: worker at {args.host or socket.gethostname()}:{port} for dispatcher "
                   f"{target(args.dispatcher)}", flush=True)
     except (ServiceError, ValueError) as e:
         print(f"data_service: error: {e}", file=sys.stderr)

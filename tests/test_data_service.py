@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import getpass
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -55,16 +57,60 @@ def test_bad_addresses_are_named(bad, says):
 
 def test_cli_refuses_a_taken_port_and_a_missing_dispatcher(tmp_path):
     (nobody,) = cluster.free_ports(1)
-    r = _cli("worker", "--dispatcher", f"127.0.0.1:{nobody}")
+    r = _cli("worker", "--bind=0.0.0.0", "--dispatcher", f"127.0.0.1:{nobody}")
     assert r.returncode == 1
     assert f"no tf.data service dispatcher at grpc://127.0.0.1:{nobody}" in r.stderr
     with data_service.LocalService(str(tmp_path), workers=0) as svc:  # A dispatcher holds the port.
-        r = _cli("dispatcher", "--port", str(svc.port))
+        r = _cli("dispatcher", "--bind=0.0.0.0", "--port", str(svc.port))
         assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
-        r = _cli("worker", "--dispatcher", f"127.0.0.1:{svc.port}", "--port", str(svc.port))
+        r = _cli("worker", "--bind=0.0.0.0", "--dispatcher", f"127.0.0.1:{svc.port}", "--port", str(svc.port))
         assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
-    r = _cli("dispatcher", "--port", "0", "--job_gc_timeout", "0")
+    r = _cli("dispatcher", "--bind=0.0.0.0", "--port", "0", "--job_gc_timeout", "0")
     assert r.returncode == 1 and "must be positive" in r.stderr
+
+
+@pytest.mark.parametrize("role", [["dispatcher"], ["worker", "--dispatcher", "127.0.0.1:1"]])
+@pytest.mark.parametrize("bind", [[], ["--bind", "127.0.0.1"], ["--bind", "10.1.2.3"]])
+def test_servers_start_only_when_told_to_listen_on_every_interface(role, bind):
+    """TensorFlow listens on 0.0.0.0 whatever it is asked: by default (and for any one
+    address) a server refuses to start, with one line saying why and what to do."""
+    r = _cli(*role, "--port", "5999", *bind)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("data_service: error: --bind=")
+    asked = bind[1] if bind else data_service.DEFAULT_BIND
+    assert (f"--bind={asked}: TensorFlow's tf.data service cannot listen on one address, it always listens on every "
+            f"interface (0.0.0.0 and ::), where anyone who can reach port 5999 can run any TensorFlow graph as user "
+            f"{getpass.getuser()}") in r.stderr
+    assert r.stderr.rstrip().endswith("start again with --bind=0.0.0.0")
+
+
+def _other_address() -> str | None:
+    """An address of this host other than loopback, or None."""
+    for family, _, _, _, sockaddr in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+        if not sockaddr[0].startswith("127."):
+            return sockaddr[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # No packet is sent: this only picks the outgoing interface.
+        except OSError:
+            return None
+        mine = s.getsockname()[0]
+    return None if mine.startswith("127.") or mine == "0.0.0.0" else mine
+
+
+def test_the_start_up_line_says_who_can_reach_a_server(tmp_path):
+    """With --bind=0.0.0.0 a server says, in one line, that anyone who reaches its port
+    can run any graph as this user; and the line is true: it answers on another
+    interface than loopback."""
+    with data_service.LocalService(str(tmp_path), workers=0) as svc:
+        lines = [line for line in open(svc.dispatcher.log) if line.startswith("data_service: ")]
+        assert lines[0] == (f"data_service: dispatcher listening on 0.0.0.0 (every interface of {socket.gethostname()}, "
+                            f"IPv4 and IPv6): anyone who can reach port {svc.port} on 0.0.0.0 can run any TensorFlow "
+                            f"graph as user {getpass.getuser()}; keep it on a private network\n")
+        other = _other_address()
+        if other is None:
+            pytest.skip("this host has no address besides loopback")
+        socket.create_connection((other, svc.port), timeout=10).close()
 
 
 def test_deterministic_runs_refuse_the_service():
