@@ -129,6 +129,123 @@ def test_train_names_an_unreachable_dispatcher(built, tmp_path):
     assert not (tmp_path / "run").exists()  # Stopped before it wrote anything.
 
 
+# -- a lost dispatcher -------------------------------------------------------------
+
+
+def test_the_watch_ends_a_wait_for_a_lost_dispatcher_only(capfd):
+    """A dispatcher back within the wait lets the run carry on; one gone for longer ends
+    it, but never while a checkpoint is written, nor while the loop is not reading."""
+    lost = []
+    (port,) = cluster.free_ports(1)
+    service = f"grpc://127.0.0.1:{port}"
+    dispatcher = data_service.start_dispatcher(port=port)
+    watch = data_service.DispatcherWatch(service, timeout_s=1.0, on_lost=lost.append)
+    try:
+        with watch.watching():
+            assert data_service.dispatcher_answers(service)
+            dispatcher.stop()
+            time.sleep(0.6)
+            dispatcher = data_service.start_dispatcher(port=port)  # Back within the wait.
+            time.sleep(1.5)
+            assert lost == []
+            dispatcher.stop()
+            watch.unwatched(time.sleep)(2.0)  # A checkpoint being written.
+            assert lost == []
+        time.sleep(2.0)  # Not reading from the service (evaluation): no wait to end.
+        assert lost == []
+        with watch.watching():
+            deadline = time.monotonic() + 10
+            while not lost and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+    assert lost == [f"the tf.data service dispatcher at {service} has not answered for 1 s (--data_service_timeout): "
+                    "the run stops here, its checkpoints kept; start the dispatcher again (with the same --work_dir "
+                    "it continues the epoch's job) and run this command again to resume"]
+    err = capfd.readouterr().err
+    assert f"train: the tf.data service dispatcher at {service} does not answer; waiting up to 1 s" in err
+    assert f"train: the tf.data service dispatcher at {service} answers again (after" in err
+    assert not data_service.dispatcher_answers(service)
+
+
+def test_dispatcher_timeout_is_checked():
+    with pytest.raises(ValueError, match="data_service_timeout must be 0 or more, got -1"):
+        TrainConfig(data_service="grpc://head:5050", data_service_timeout=-1)
+    assert not data_service.DispatcherWatch("grpc://head:5050", timeout_s=0).active  # 0: wait for ever.
+
+
+def _start_training(out, model_dir, address, log, *flags):
+    return subprocess.Popen(
+        [sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}", f"--model_dir={model_dir}",
+         "--epochs=1", "--batch_size=8", "--steps_per_loop=1", "--checkpoint_every_steps=2", "--log_images=0",
+         "--nohistograms", "--nofigures", "--noexport", "--strategy=one_device", f"--data_service={address}", *flags],
+        cwd=cluster.REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_step(proc, log_path, step, deadline):
+    # The service's epoch has no known length: "4/Unknown".
+    while not re.search(rf"\b{step}/(\d+|Unknown)", open(log_path).read()):
+        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # A dispatcher, a worker and a trainer compiling AlexNet: about a minute on 2 cores.
+def test_training_ends_with_one_line_when_the_dispatcher_is_gone(built, tmp_path):
+    out, meta = built
+    model_dir = tmp_path / "run"
+    log_path = tmp_path / "train.log"
+    with data_service.LocalService(str(tmp_path), workers=1,
+                                   dispatcher_flags=("--work_dir", str(tmp_path / "journal"))) as svc:
+        with open(log_path, "w") as log:
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=5")
+        try:
+            _wait_for_step(proc, log_path, 6, time.monotonic() + 300)
+            svc.kill_dispatcher()
+            killed = time.monotonic()
+            ckpt_dir = str(model_dir / "checkpoints")
+            code = proc.wait(120)  # TensorFlow alone would wait for ever.
+        finally:
+            proc.kill()
+    waited = time.monotonic() - killed
+    text = open(log_path).read()
+    assert code == 1, text[-3000:]
+    assert 5 <= waited < 60
+    last = text.rstrip().splitlines()[-1]
+    assert last == (f"train: error: the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} has not answered "
+                    "for 5 s (--data_service_timeout): the run stops here, its checkpoints kept; start the dispatcher "
+                    "again (with the same --work_dir it continues the epoch's job) and run this command again to "
+                    "resume")
+    assert "Traceback" not in text
+    # The checkpoints written before are whole: the latest restores, at the step it was written.
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    assert latest and int(latest.rsplit("-", 1)[1]) >= 6
+    step = dict(tf.train.list_variables(latest))
+    assert step and int(tf.train.load_variable(latest, "global_step/.ATTRIBUTES/VARIABLE_VALUE")) == int(
+        latest.rsplit("-", 1)[1])
+
+
+@pytest.mark.slow  # A training run with its dispatcher killed and restarted: about a minute and a half on 2 cores.
+def test_training_carries_on_when_the_dispatcher_is_back_within_the_wait(built, tmp_path):
+    out, meta = built
+    model_dir = tmp_path / "run"
+    log_path = tmp_path / "train.log"
+    journal = str(tmp_path / "journal")
+    with data_service.LocalService(str(tmp_path), workers=1, dispatcher_flags=("--work_dir", journal)) as svc:
+        with open(log_path, "w") as log:
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=120")
+        try:
+            _wait_for_step(proc, log_path, 2, time.monotonic() + 300)
+            svc.kill_dispatcher()
+            svc.dispatcher = svc.start_dispatcher()  # The same --work_dir: its jobs go on.
+            code = proc.wait(600)
+        finally:
+            proc.kill()
+    text = open(log_path).read()
+    assert code == 0, text[-3000:]
+    assert f"the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} answers again (after" in text
+    _check_epochs(str(model_dir), meta, batch=8, replicas=1, epochs=1, complete=False)
+
+
 # -- at most once ----------------------------------------------------------------
 
 
