@@ -2,7 +2,7 @@ r"""The tf.data service: the input stream's decoding and augmentation on other h
 
     python -m alexnet_tf.data_service dispatcher --bind=0.0.0.0 --port=5050 --work_dir=/shared/dispatcher
     python -m alexnet_tf.data_service worker --bind=0.0.0.0 --dispatcher=head:5050 --port=5051  # each input host
-    python -m alexnet_tf.train --data_service=grpc://head:5050 ...                  # any strategy
+    python -m alexnet_tf.train --data_service=grpc://head:5050 ...                             # any strategy
 
 One dispatcher hands each epoch's training shards to the service workers as
 they ask for them (`ShardingPolicy.DYNAMIC`); each worker reads, decodes and
@@ -16,7 +16,9 @@ trained on that epoch: at most once, never twice); the trainers wait for it
 to come back at the same address, so run workers under a supervisor that
 restarts them (systemd, a Kubernetes Deployment) with a fixed `--port`. With
 `--work_dir` the dispatcher writes a journal there and a restarted dispatcher
-continues every job where it was. Workers read the records themselves: the
+continues every job where it was; a trainer waits `--data_service_timeout`
+seconds (default 300) for a dispatcher that stops answering, then ends with
+one line and exit status 1, its checkpoints kept (`DispatcherWatch`). Workers read the records themselves: the
 trainers' `--data_dir` must mean the same files on every worker (gs://, a
 shared file system).
 
@@ -36,7 +38,7 @@ trainer and service hosts in, e.g. with 10.0.0.0/24 as those hosts:
 
     iptables  -A INPUT -p tcp --dport 5050:5051 -s 10.0.0.0/24 -j ACCEPT
     iptables  -A INPUT -p tcp --dport 5050:5051 -j DROP
-    ip6tables -A INPUT -p tcp --dport 5050:5051 -j DROP
+    ip6tables -A INPUT -p tcp --dport 5050:5051 -j DROP    # after an ACCEPT for their IPv6 network, if any
 
 (or a cloud firewall rule / security group that admits the same hosts).
 """
@@ -400,9 +402,18 @@ class LocalService:
             p.wait()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error line: one line on stderr and exit status 1 (argparse's
+    own prints the usage too and exits 2); -h/--help still prints the help and exits 0."""
+
+    def error(self, message: str):
+        print(f"data_service: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m alexnet_tf.data_service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m alexnet_tf.data_service", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     roles = p.add_subparsers(dest="role", required=True, metavar="{dispatcher,worker}")
     bind_help = (f"the address to listen on. TensorFlow's tf.data service can only listen on {EVERY_INTERFACE}, every "
                  "interface (IPv4 and IPv6), where anyone who can reach the port can run any TensorFlow graph as "

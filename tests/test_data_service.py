@@ -113,6 +113,23 @@ def test_the_start_up_line_says_who_can_reach_a_server(tmp_path):
         socket.create_connection((other, svc.port), timeout=10).close()
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["dispatcher", "--help"], ["worker", "-h"]])
+def test_help_exits_0(argv):
+    r = _cli(*argv)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("usage: python -m alexnet_tf.data_service")
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "the following arguments are required: {dispatcher,worker}"),
+    (["dispatcher", "--port=abc"], "argument --port: invalid int value: 'abc'"),
+    (["worker"], "the following arguments are required: --dispatcher"),
+    (["dispatcher", "--bogus"], "unrecognized arguments: --bogus")])
+def test_bad_command_lines_are_one_line_and_exit_1(argv, says):
+    r = _cli(*argv)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"data_service: error: {says} (see --help)\n"
+
+
 def test_deterministic_runs_refuse_the_service():
     with pytest.raises(ValueError, match="deterministic cannot use data_service"):
         TrainConfig(seed=1, deterministic=True, data_service="grpc://head:5050")
