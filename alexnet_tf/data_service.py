@@ -241,6 +241,25 @@ class DispatcherWatch:
             last = now
 
 
+def forgotten_job_message(error: Exception, service: str) -> str | None:
+    """The line for a trainer whose dispatcher came back without its journal, or None for any other error.
+
+    A dispatcher restarted without --work_dir knows none of the jobs it had:
+    TensorFlow's client then fails with NotFoundError ("Unknown iteration
+    client id ... could be caused by a dispatcher restart").
+    """
+    import tensorflow as tf
+
+    text = str(getattr(error, "message", error))
+    if not isinstance(error, tf.errors.NotFoundError) or not (
+            "Unknown iteration client id" in text or "caused by a dispatcher restart" in text):
+        return None
+    return (f"the tf.data service dispatcher at {target(service)} was restarted without a --work_dir journal and "
+            "forgot this run's job: the run stops here, its checkpoints kept; run this command again to resume (the "
+            "epoch's job starts over: its records already trained on come again), and start the dispatcher with "
+            "--work_dir so that a restart continues its jobs")
+
+
 def check_bind(bind: str, port: int) -> None:
     """Raises `ServiceError` unless `bind` is the one address TensorFlow can listen on (`EVERY_INTERFACE`).
 

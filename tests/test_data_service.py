@@ -185,6 +185,36 @@ def test_the_watch_ends_a_wait_for_a_lost_dispatcher_only(capfd):
     assert not data_service.dispatcher_answers(service)
 
 
+def test_a_dispatcher_back_without_its_journal_is_named(built):
+    """Restarted without --work_dir it forgot the job: the reader's error is recognised
+    (train turns it into one line), and other NotFoundErrors are not."""
+    out, meta = built
+    (port,) = cluster.free_ports(1)
+    service = f"grpc://127.0.0.1:{port}"
+    dispatcher = data_service.start_dispatcher(port=port)
+    worker = data_service.start_worker(f"127.0.0.1:{port}", port=0, host="localhost")
+    epoch = input_pipeline.epoch_records(out, meta, seed=2, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
+    error = None
+    try:
+        for i, _ in enumerate(input_pipeline.distribute_epoch(epoch.batch(1), service, "forgotten")):
+            if i == 1:
+                dispatcher.stop()
+                dispatcher = data_service.start_dispatcher(port=port)  # No journal.
+            time.sleep(0.05)
+    except tf.errors.NotFoundError as e:
+        error = e
+    finally:
+        worker.stop()
+        dispatcher.stop()
+    assert error is not None
+    assert data_service.forgotten_job_message(error, service) == (
+        f"the tf.data service dispatcher at {service} was restarted without a --work_dir journal and forgot this "
+        "run's job: the run stops here, its checkpoints kept; run this command again to resume (the epoch's job "
+        "starts over: its records already trained on come again), and start the dispatcher with --work_dir so that "
+        "a restart continues its jobs")
+    assert data_service.forgotten_job_message(tf.errors.NotFoundError(None, None, "no such file"), service) is None
+
+
 def test_dispatcher_timeout_is_checked():
     with pytest.raises(ValueError, match="data_service_timeout must be 0 or more, got -1"):
         TrainConfig(data_service="grpc://head:5050", data_service_timeout=-1)
