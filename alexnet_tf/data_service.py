@@ -171,11 +171,12 @@ class DispatcherWatch:
         return bool(self.service) and self.timeout_s > 0
 
     def _say(self, message: str) -> None:
+        # On a line of its own: the progress bar on stdout stops mid-line between its updates.
+        print(file=sys.stdout, flush=True)
         print(f"{self.prog}: {message}", file=sys.stderr, flush=True)
 
     def _exit(self, message: str) -> None:
-        sys.stdout.flush()
-        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        self._say(f"error: {message}")
         os._exit(1)
 
     def _set(self, on: bool) -> bool:

@@ -257,7 +257,7 @@ def test_training_ends_with_one_line_when_the_dispatcher_is_gone(built, tmp_path
     text = open(log_path).read()
     assert code == 1, text[-3000:]
     assert 5 <= waited < 60
-    last = text.rstrip().splitlines()[-1]
+    last = text.rstrip().split("\n")[-1]  # A line of its own, not after the progress bar's last update.
     assert last == (f"train: error: the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} has not answered "
                     "for 5 s (--data_service_timeout): the run stops here, its checkpoints kept; start the dispatcher "
                     "again (with the same --work_dir it continues the epoch's job) and run this command again to "
