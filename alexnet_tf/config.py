@@ -70,6 +70,10 @@ class TrainConfig:
     data_service: str = _field("", "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
                                 "alexnet_tf.data_service): its workers read, decode and crop the training records, "
                                 "each at most once per epoch; empty: this host's own input stream.")
+    data_service_timeout: float = _field(300.0, "Seconds a trainer waits for a --data_service dispatcher that stops "
+                                         "answering while it reads from it: one back within that time (restarted "
+                                         "with the same --work_dir) carries the run on; after it the run ends with "
+                                         "exit status 1, its checkpoints kept (0: wait for ever).")
     steps_per_epoch: int = _field(0, "Steps per epoch (0: training examples // batch size).")
     profile_steps: tuple[int, ...] = _field((), "first,last global step to trace with the TensorFlow profiler.")
     log_images: int = _field(16, "Augmented training images per epoch in TensorBoard (0: none).")
@@ -118,7 +122,7 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1) (the share of fc6/fc7 units dropped), got {self.dropout}")
-        for name in ("weight_decay", "warmup_epochs"):
+        for name in ("weight_decay", "warmup_epochs", "data_service_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr_patience", "histogram_every", "shuffle_buffer"):

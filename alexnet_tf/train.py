@@ -118,6 +118,11 @@ def main(argv):
         fail(f"{e} (the run's checkpoints in {FLAGS.model_dir} are kept)")
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
+    except tf.errors.NotFoundError as e:  # A dispatcher restarted without its journal; checkpoints stay.
+        message = data_service.forgotten_job_message(e, config.data_service) if config.data_service else None
+        if message is None:
+            raise
+        fail(message)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
         print(f"train: error: {records.data_loss_message(e, config.data_dir, records.load_metadata(config.data_dir))}", file=sys.stderr)
         sys.exit(1)

@@ -871,9 +871,14 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
     if int(state.epoch) >= config.epochs:
         say(chief, f"training already finished ({config.epochs} epochs)")
     iterator = None
+    # The service's dispatcher, watched while the loop makes or reads its datasets (TensorFlow would wait for a
+    # lost one for ever); checkpoint writes are never cut short.
+    from alexnet_tf.data_service import DispatcherWatch
+    service = DispatcherWatch(config.data_service, config.data_service_timeout)
     while int(state.epoch) < config.epochs:
         if iterator is None:
-            iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+            with service.watching():
+                iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         verbose = chief and config.verbose
         if verbose:
             print(f"Epoch {int(state.epoch) + 1}/{config.epochs} (learning rate "
@@ -882,7 +887,9 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
                                   stateful_metrics=["loss", "top1_err", "top5_err"])
         bar.update(int(state.step_in_epoch))
         bias_lr.assign(recipe.bias_lr_multiplier(int(state.epoch) / config.epochs))
-        run_epoch(loop, iterator, state, config, epoch_steps, checkpoints.save, profile_dir, bar, watch)
+        with service.watching():
+            run_epoch(loop, iterator, state, config, epoch_steps, service.unwatched(checkpoints.save), profile_dir,
+                      bar, watch)
 
         ensure_finite(loop, int(state.global_step))
         result = epoch_result(state)

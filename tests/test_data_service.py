@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import getpass
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -55,16 +57,77 @@ def test_bad_addresses_are_named(bad, says):
 
 def test_cli_refuses_a_taken_port_and_a_missing_dispatcher(tmp_path):
     (nobody,) = cluster.free_ports(1)
-    r = _cli("worker", "--dispatcher", f"127.0.0.1:{nobody}")
+    r = _cli("worker", "--bind=0.0.0.0", "--dispatcher", f"127.0.0.1:{nobody}")
     assert r.returncode == 1
     assert f"no tf.data service dispatcher at grpc://127.0.0.1:{nobody}" in r.stderr
     with data_service.LocalService(str(tmp_path), workers=0) as svc:  # A dispatcher holds the port.
-        r = _cli("dispatcher", "--port", str(svc.port))
+        r = _cli("dispatcher", "--bind=0.0.0.0", "--port", str(svc.port))
         assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
-        r = _cli("worker", "--dispatcher", f"127.0.0.1:{svc.port}", "--port", str(svc.port))
+        r = _cli("worker", "--bind=0.0.0.0", "--dispatcher", f"127.0.0.1:{svc.port}", "--port", str(svc.port))
         assert r.returncode == 1 and f"port {svc.port} is in use" in r.stderr
-    r = _cli("dispatcher", "--port", "0", "--job_gc_timeout", "0")
+    r = _cli("dispatcher", "--bind=0.0.0.0", "--port", "0", "--job_gc_timeout", "0")
     assert r.returncode == 1 and "must be positive" in r.stderr
+
+
+@pytest.mark.parametrize("role", [["dispatcher"], ["worker", "--dispatcher", "127.0.0.1:1"]])
+@pytest.mark.parametrize("bind", [[], ["--bind", "127.0.0.1"], ["--bind", "10.1.2.3"]])
+def test_servers_start_only_when_told_to_listen_on_every_interface(role, bind):
+    """TensorFlow listens on 0.0.0.0 whatever it is asked: by default (and for any one
+    address) a server refuses to start, with one line saying why and what to do."""
+    r = _cli(*role, "--port", "5999", *bind)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("data_service: error: --bind=")
+    asked = bind[1] if bind else data_service.DEFAULT_BIND
+    assert (f"--bind={asked}: TensorFlow's tf.data service cannot listen on one address, it always listens on every "
+            f"interface (0.0.0.0 and ::), where anyone who can reach port 5999 can run any TensorFlow graph as user "
+            f"{getpass.getuser()}") in r.stderr
+    assert r.stderr.rstrip().endswith("start again with --bind=0.0.0.0")
+
+
+def _other_address() -> str | None:
+    """An address of this host other than loopback, or None."""
+    for family, _, _, _, sockaddr in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+        if not sockaddr[0].startswith("127."):
+            return sockaddr[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # No packet is sent: this only picks the outgoing interface.
+        except OSError:
+            return None
+        mine = s.getsockname()[0]
+    return None if mine.startswith("127.") or mine == "0.0.0.0" else mine
+
+
+def test_the_start_up_line_says_who_can_reach_a_server(tmp_path):
+    """With --bind=0.0.0.0 a server says, in one line, that anyone who reaches its port
+    can run any graph as this user; and the line is true: it answers on another
+    interface than loopback."""
+    with data_service.LocalService(str(tmp_path), workers=0) as svc:
+        lines = [line for line in open(svc.dispatcher.log) if line.startswith("data_service: ")]
+        assert lines[0] == (f"data_service: dispatcher listening on 0.0.0.0 (every interface of {socket.gethostname()}, "
+                            f"IPv4 and IPv6): anyone who can reach port {svc.port} on 0.0.0.0 can run any TensorFlow "
+                            f"graph as user {getpass.getuser()}; keep it on a private network\n")
+        other = _other_address()
+        if other is None:
+            pytest.skip("this host has no address besides loopback")
+        socket.create_connection((other, svc.port), timeout=10).close()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["dispatcher", "--help"], ["worker", "-h"]])
+def test_help_exits_0(argv):
+    r = _cli(*argv)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("usage: python -m alexnet_tf.data_service")
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "the following arguments are required: {dispatcher,worker}"),
+    (["dispatcher", "--port=abc"], "argument --port: invalid int value: 'abc'"),
+    (["worker"], "the following arguments are required: --dispatcher"),
+    (["dispatcher", "--bogus"], "unrecognized arguments: --bogus")])
+def test_bad_command_lines_are_one_line_and_exit_1(argv, says):
+    r = _cli(*argv)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"data_service: error: {says} (see --help)\n"
 
 
 def test_deterministic_runs_refuse_the_service():
@@ -81,6 +144,153 @@ def test_train_names_an_unreachable_dispatcher(built, tmp_path):
     assert r.returncode == 1
     assert f"train: error: no tf.data service dispatcher at grpc://127.0.0.1:{nobody}" in r.stderr
     assert not (tmp_path / "run").exists()  # Stopped before it wrote anything.
+
+
+# -- a lost dispatcher -------------------------------------------------------------
+
+
+def test_the_watch_ends_a_wait_for_a_lost_dispatcher_only(capfd):
+    """A dispatcher back within the wait lets the run carry on; one gone for longer ends
+    it, but never while a checkpoint is written, nor while the loop is not reading."""
+    lost = []
+    (port,) = cluster.free_ports(1)
+    service = f"grpc://127.0.0.1:{port}"
+    dispatcher = data_service.start_dispatcher(port=port)
+    watch = data_service.DispatcherWatch(service, timeout_s=1.0, on_lost=lost.append)
+    try:
+        with watch.watching():
+            assert data_service.dispatcher_answers(service)
+            dispatcher.stop()
+            time.sleep(0.6)
+            dispatcher = data_service.start_dispatcher(port=port)  # Back within the wait.
+            time.sleep(1.5)
+            assert lost == []
+            dispatcher.stop()
+            watch.unwatched(time.sleep)(2.0)  # A checkpoint being written.
+            assert lost == []
+        time.sleep(2.0)  # Not reading from the service (evaluation): no wait to end.
+        assert lost == []
+        with watch.watching():
+            deadline = time.monotonic() + 10
+            while not lost and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+    assert lost == [f"the tf.data service dispatcher at {service} has not answered for 1 s (--data_service_timeout): "
+                    "the run stops here, its checkpoints kept; start the dispatcher again (with the same --work_dir "
+                    "it continues the epoch's job) and run this command again to resume"]
+    err = capfd.readouterr().err
+    assert f"train: the tf.data service dispatcher at {service} does not answer; waiting up to 1 s" in err
+    assert f"train: the tf.data service dispatcher at {service} answers again (after" in err
+    assert not data_service.dispatcher_answers(service)
+
+
+def test_a_dispatcher_back_without_its_journal_is_named(built):
+    """Restarted without --work_dir it forgot the job: the reader's error is recognised
+    (train turns it into one line), and other NotFoundErrors are not."""
+    out, meta = built
+    (port,) = cluster.free_ports(1)
+    service = f"grpc://127.0.0.1:{port}"
+    dispatcher = data_service.start_dispatcher(port=port)
+    worker = data_service.start_worker(f"127.0.0.1:{port}", port=0, host="localhost")
+    epoch = input_pipeline.epoch_records(out, meta, seed=2, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
+    error = None
+    try:
+        for i, _ in enumerate(input_pipeline.distribute_epoch(epoch.batch(1), service, "forgotten")):
+            if i == 1:
+                dispatcher.stop()
+                dispatcher = data_service.start_dispatcher(port=port)  # No journal.
+            time.sleep(0.05)
+    except tf.errors.NotFoundError as e:
+        error = e
+    finally:
+        worker.stop()
+        dispatcher.stop()
+    assert error is not None
+    assert data_service.forgotten_job_message(error, service) == (
+        f"the tf.data service dispatcher at {service} was restarted without a --work_dir journal and forgot this "
+        "run's job: the run stops here, its checkpoints kept; run this command again to resume (the epoch's job "
+        "starts over: its records already trained on come again), and start the dispatcher with --work_dir so that "
+        "a restart continues its jobs")
+    assert data_service.forgotten_job_message(tf.errors.NotFoundError(None, None, "no such file"), service) is None
+
+
+def test_dispatcher_timeout_is_checked():
+    with pytest.raises(ValueError, match="data_service_timeout must be 0 or more, got -1"):
+        TrainConfig(data_service="grpc://head:5050", data_service_timeout=-1)
+    assert not data_service.DispatcherWatch("grpc://head:5050", timeout_s=0).active  # 0: wait for ever.
+
+
+def _start_training(out, model_dir, address, log, *flags):
+    return subprocess.Popen(
+        [sys.executable, "-m", "alexnet_tf.train", "--preset=sample", f"--data_dir={out}", f"--model_dir={model_dir}",
+         "--epochs=1", "--batch_size=8", "--steps_per_loop=1", "--checkpoint_every_steps=2", "--log_images=0",
+         "--nohistograms", "--nofigures", "--noexport", "--strategy=one_device", f"--data_service={address}", *flags],
+        cwd=cluster.REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_step(proc, log_path, step, deadline):
+    # The service's epoch has no known length: "4/Unknown".
+    while not re.search(rf"\b{step}/(\d+|Unknown)", open(log_path).read()):
+        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # A dispatcher, a worker and a trainer compiling AlexNet: about a minute on 2 cores.
+def test_training_ends_with_one_line_when_the_dispatcher_is_gone(built, tmp_path):
+    out, meta = built
+    model_dir = tmp_path / "run"
+    log_path = tmp_path / "train.log"
+    with data_service.LocalService(str(tmp_path), workers=1,
+                                   dispatcher_flags=("--work_dir", str(tmp_path / "journal"))) as svc:
+        with open(log_path, "w") as log:
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=5")
+        try:
+            _wait_for_step(proc, log_path, 6, time.monotonic() + 300)
+            svc.kill_dispatcher()
+            killed = time.monotonic()
+            ckpt_dir = str(model_dir / "checkpoints")
+            code = proc.wait(120)  # TensorFlow alone would wait for ever.
+        finally:
+            proc.kill()
+    waited = time.monotonic() - killed
+    text = open(log_path).read()
+    assert code == 1, text[-3000:]
+    assert 5 <= waited < 60
+    last = text.rstrip().split("\n")[-1]  # A line of its own, not after the progress bar's last update.
+    assert last == (f"train: error: the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} has not answered "
+                    "for 5 s (--data_service_timeout): the run stops here, its checkpoints kept; start the dispatcher "
+                    "again (with the same --work_dir it continues the epoch's job) and run this command again to "
+                    "resume")
+    assert "Traceback" not in text
+    # The checkpoints written before are whole: the latest restores, at the step it was written.
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    assert latest and int(latest.rsplit("-", 1)[1]) >= 6
+    step = dict(tf.train.list_variables(latest))
+    assert step and int(tf.train.load_variable(latest, "global_step/.ATTRIBUTES/VARIABLE_VALUE")) == int(
+        latest.rsplit("-", 1)[1])
+
+
+@pytest.mark.slow  # A training run with its dispatcher killed and restarted: about a minute and a half on 2 cores.
+def test_training_carries_on_when_the_dispatcher_is_back_within_the_wait(built, tmp_path):
+    out, meta = built
+    model_dir = tmp_path / "run"
+    log_path = tmp_path / "train.log"
+    journal = str(tmp_path / "journal")
+    with data_service.LocalService(str(tmp_path), workers=1, dispatcher_flags=("--work_dir", journal)) as svc:
+        with open(log_path, "w") as log:
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=120")
+        try:
+            _wait_for_step(proc, log_path, 2, time.monotonic() + 300)
+            svc.kill_dispatcher()
+            svc.dispatcher = svc.start_dispatcher()  # The same --work_dir: its jobs go on.
+            code = proc.wait(600)
+        finally:
+            proc.kill()
+    text = open(log_path).read()
+    assert code == 0, text[-3000:]
+    assert f"the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} answers again (after" in text
+    _check_epochs(str(model_dir), meta, batch=8, replicas=1, epochs=1, complete=False)
 
 
 # -- at most once ----------------------------------------------------------------
