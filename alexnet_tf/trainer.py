@@ -178,11 +178,13 @@ class TrainLoop:
         kernels = [v for v, b in zip(model.trainable_variables, is_bias) if decay_biases or not b]
         finish = finish or (lambda inputs, labels: (inputs, labels))
 
-        def gradients(inputs, labels):
+        def gradients(inputs, labels, keep=None):
             images, labels = finish(inputs, labels)
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
                 per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                if keep is not None:  # 0.0 masks the stand-in example of an empty batch; 1.0 changes nothing.
+                    per_example *= tf.cast(keep, per_example.dtype)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 total = loss
                 if weight_decay:
@@ -192,20 +194,25 @@ class TrainLoop:
                     total += tf.nn.scale_regularization_loss(decay)
                 scaled = optimizer.scale_loss(total)
             grads = tape.gradient(scaled, model.trainable_variables)
-            return grads, tf.stack(evaluation.metric_sums(per_example, logits, labels))
+            sums = tf.stack(evaluation.metric_sums(per_example, logits, labels))
+            return grads, sums if keep is None else sums * keep
 
         # One compiled function per replica: a function traced on replica 0
         # captures replica 0's variables, and XLA cannot read them from another device.
         compiled = {}
 
         def replica_step(inputs, labels):
+            extra = ()
+            if finite:  # The service's stream: a replica may get an empty batch at a step.
+                inputs, labels, keep = at_least_one_example(inputs, labels)
+                extra = (keep,)
             if jit_compile:
                 replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
                 if replica not in compiled:
                     compiled[replica] = tf.function(gradients, jit_compile=True)
-                grads, sums = compiled[replica](inputs, labels)
+                grads, sums = compiled[replica](inputs, labels, *extra)
             else:
-                grads, sums = gradients(inputs, labels)
+                grads, sums = gradients(inputs, labels, *extra)
             if self.loss_scaled:
                 grads = skip_everywhere_if_any_nonfinite(grads)
             if bias_lr is not None:
@@ -267,6 +274,26 @@ class TrainLoop:
           The summed (loss, top-1, top-5, count) tensor and the number of steps run.
         """
         return self._run(iterator, tf.constant(steps, tf.int64))
+
+
+def at_least_one_example(inputs, labels):
+    """(inputs, labels, keep): an empty batch becomes one all-zero example and
+    `keep` 0.0 (its loss, gradients and metrics masked to exact zeros); any
+    other batch is unchanged, with `keep` 1.0.
+
+    oneDNN's convolution (TensorFlow 2.21 on CPUs with AVX-512, where it is on
+    by default) returns its input unchanged for an empty batch: a replica
+    without a batch would hand conv2 three channels and stop the run. Rows
+    are added by concatenation (a Pad can be fused into the convolution).
+    """
+    n = tf.shape(labels)[0]
+    missing = 1 - tf.minimum(n, 1)
+
+    def grow(t):
+        return tf.concat([t, tf.zeros(tf.concat([[missing], tf.shape(t)[1:]], 0), t.dtype)], 0)
+
+    keep = tf.cast(tf.minimum(n, 1), tf.float32)
+    return tf.nest.map_structure(grow, inputs), grow(labels), keep
 
 
 def skip_everywhere_if_any_nonfinite(grads):

@@ -42,7 +42,7 @@ TEST_DIR = "test"
 # this bound is not one.
 MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
 
-SYNSET_RE = re.compile(r"n[0-9]{8}")  # Matched whole (fullmatch): no trailing newline, ASCII digits.
+SYNSET_RE = re.compile(r"^n\d{8}$")
 VAL_NUMBER_RE = re.compile(r"ILSVRC2012_val_(\d{8})")
 # Validation members are grouped into units of this size: small enough to spread
 # over workers, large enough that per-unit overhead (one file open) is negligible.
@@ -176,7 +176,7 @@ def _train_from_tar(path: str) -> SplitSource:
     for info in _list_tar(path):
         base = os.path.basename(info.name)
         stem = base[: -len(".tar")] if base.endswith(".tar") else None
-        if not info.isfile() or stem is None or not SYNSET_RE.fullmatch(stem):
+        if not info.isfile() or stem is None or not SYNSET_RE.match(stem):
             ignored.append(members_lib.printable(info.name))
             continue
         if stem in seen:
@@ -232,7 +232,7 @@ def _check_not_empty(path: str, rel: str, synsets: list[str]) -> None:
 
 def _split_from_class_dirs(split: str, path: str, rel: str) -> SplitSource:
     dirs, files = _subdirs_and_files(path)
-    synsets = [d for d in dirs if SYNSET_RE.fullmatch(d)]
+    synsets = [d for d in dirs if SYNSET_RE.match(d)]
     _check_not_empty(path, rel, synsets)
     ignored = [members_lib.printable(f"{rel}/{e}") for e in dirs + files if e not in synsets]
     units = [
@@ -304,7 +304,7 @@ def read_val_labels(path: str) -> list[str]:
     if not lines:
         raise LayoutError(f"validation label file {path} is empty")
     for i, line in enumerate(lines, 1):
-        if not SYNSET_RE.fullmatch(line):
+        if not SYNSET_RE.match(line):
             shown = repr(line[:40]) + ("..." if len(line) > 40 else "")
             raise LayoutError(
                 f"{path}:{i}: {shown} is not a WordNet synset id (expected nXXXXXXXX, one per line)"
@@ -365,7 +365,7 @@ def _val_from_tar(path: str) -> tuple[list[Member], list[Skipped], str]:
 
 def _val_from_class_dirs(vdir: str, sub: list[str]) -> tuple[list[Member], list[Skipped], list[str]]:
     """The files of val/<synset>/ folders, listed here so that a file in two classes is found."""
-    synsets = [d for d in sub if SYNSET_RE.fullmatch(d)]
+    synsets = [d for d in sub if SYNSET_RE.match(d)]
     _check_not_empty(vdir, VAL_DIR, synsets)
     entries = []
     for s in synsets:
@@ -458,7 +458,7 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     elif VAL_DIR in dirs:
         vdir = os.path.join(imagenet_dir, VAL_DIR)
         sub, vfiles = _subdirs_and_files(vdir)
-        if any(SYNSET_RE.fullmatch(d) for d in sub):
+        if any(SYNSET_RE.match(d) for d in sub):
             found, found_links, synsets = _val_from_class_dirs(vdir, sub)
             ignored = [members_lib.printable(f"{VAL_DIR}/{e}") for e in sub + vfiles if e not in synsets]
             splits["validation"] = SplitSource(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -235,3 +236,34 @@ def test_a_checkpoint_without_the_run_id_still_restores(tmp_path):
                                   **trainer.LoopState(0.01).trackables())
     with pytest.raises(AssertionError, match="not bound to checkpointed values"):
         broken.restore()
+
+
+EMPTY_BATCH = textwrap.dedent("""
+    import json
+    import keras, numpy as np, tensorflow as tf
+    from alexnet_tf import model, trainer
+    net = model.build_alexnet(10, seed=1, dtype="float32")
+    opt = keras.optimizers.SGD(0.01, momentum=0.9)
+    opt.build(net.trainable_variables)
+    loop = trainer.TrainLoop(net, opt, tf.distribute.get_strategy(), 8, finite=True)
+    step = tf.function(loop.replica_step, input_signature=[tf.TensorSpec([None, 227, 227, 3]),
+                                                           tf.TensorSpec([None], tf.int64)])
+    before = [v.numpy() for v in net.trainable_variables]
+    empty = step(tf.zeros([0, 227, 227, 3]), tf.zeros([0], tf.int64)).numpy()
+    unchanged = all(np.array_equal(a, v.numpy()) for a, v in zip(before, net.trainable_variables))
+    full = step(tf.ones([2, 227, 227, 3]), tf.constant([1, 2], tf.int64)).numpy()
+    moved = not all(np.array_equal(a, v.numpy()) for a, v in zip(before, net.trainable_variables))
+    print("RESULT", json.dumps([empty.tolist(), unchanged, full.tolist(), moved]))
+""")
+
+
+def test_an_empty_batch_from_the_service_trains_as_nothing_with_onednn_on():
+    """The tf.data service may give a replica no batch at a step; oneDNN's convolution returns its
+    input for an empty batch (conv2 then split 3 channels in two): the step must train on nothing."""
+    proc = subprocess.run([sys.executable, "-c", EMPTY_BATCH], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    empty, unchanged, full, moved = json.loads(line[len("RESULT "):])
+    assert empty == [0.0, 0.0, 0.0, 0.0] and unchanged  # No loss, no hits, no count, no update.
+    assert full[3] == 2.0 and full[0] > 0 and moved  # A real batch still trains.
