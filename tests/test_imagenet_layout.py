@@ -308,15 +308,20 @@ def test_a_label_file_over_the_bound_is_refused_unread(tmp_path, monkeypatch):
         imagenet_layout.read_val_labels(str(path))
 
 
+def _linked_sample(sample, src):
+    """A folder holding the sample's archives and label file (hard links)."""
+    src.mkdir()
+    for name in ("train_tar", "val_tar", "val_labels"):
+        os.link(sample[name], src / os.path.basename(sample[name]))
+    return src
+
+
 # -- 7. the test set ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("form", ["ILSVRC2012_img_test_v10102019.tar", "ILSVRC2012_img_test.tar", "test"])
 def test_the_test_set_is_reported_as_skipped_with_its_size(sample, tmp_path, form):
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("train_tar", "val_tar", "val_labels"):
-        os.link(sample[name], src / os.path.basename(sample[name]))
+    src = _linked_sample(sample, tmp_path / "in")
     images = {f"ILSVRC2012_test_{i:08d}.JPEG": b"jpeg" for i in range(1, 8)}
     if form == "test":
         (src / "test").mkdir()
@@ -334,10 +339,7 @@ def test_the_test_set_is_reported_as_skipped_with_its_size(sample, tmp_path, for
 
 
 def test_the_build_summary_names_the_skipped_test_set(sample, tmp_path, capfd):
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("train_tar", "val_tar", "val_labels"):
-        os.link(sample[name], src / os.path.basename(sample[name]))
+    src = _linked_sample(sample, tmp_path / "in")
     (src / imagenet_layout.TEST_TARS[0]).write_bytes(_tar({"ILSVRC2012_test_00000001.JPEG": b"jpeg"}))
     build(src, tmp_path / "out")
     err = capfd.readouterr().err
@@ -352,10 +354,7 @@ def test_the_build_summary_names_the_skipped_test_set(sample, tmp_path, capfd):
 
 @pytest.mark.parametrize("where", ["tfrecords", ".", "train/../records"])
 def test_an_output_folder_inside_the_input_is_refused_before_writing(sample, tmp_path, where):
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("train_tar", "val_tar", "val_labels"):
-        os.link(sample[name], src / os.path.basename(sample[name]))
+    src = _linked_sample(sample, tmp_path / "in")
     before = sorted(os.listdir(src))
     out = src / where
     _fails(tmp_path, "is inside --imagenet_dir .*: a later build would read the shards as input",
@@ -389,10 +388,7 @@ def test_a_flat_validation_folder_lists_pipes_and_odd_names_as_rejected(sample, 
 
 
 def test_an_unreadable_test_archive_is_reported_not_fatal(sample, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("train_tar", "val_tar", "val_labels"):
-        os.link(sample[name], src / os.path.basename(sample[name]))
+    src = _linked_sample(sample, tmp_path / "in")
     os.symlink(tmp_path / "nothing", src / "ILSVRC2012_img_test.tar")  # Opening it fails.
     layout = imagenet_layout.plan(str(src))
     assert layout.skipped[0].startswith("test: archive ILSVRC2012_img_test.tar (unreadable: ")
