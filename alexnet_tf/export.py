@@ -48,7 +48,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import sys
 import tempfile
 
@@ -56,7 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline, model as model_lib, run_dir
+from alexnet_tf import fileio, input_pipeline, model as model_lib, run_dir
 
 CLASSES_ASSET = "classes.tsv"
 # Images a signature decodes and runs through the network at once: a request of
@@ -233,21 +232,6 @@ def swap_in(tmp: str, target: str) -> None:
     tf.io.gfile.rmtree(old)
 
 
-def _reason(e: BaseException) -> str:
-    """The cause of an error in a few words: the system's (e.g. 'No space left on device') where it names one."""
-    if isinstance(e, tf.errors.OpError):
-        known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
-        said = [k for k in known if k in e.message]
-        if said:
-            return said[0]
-        text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", e.message)
-    elif isinstance(e, OSError) and e.strerror:
-        text = e.strerror
-    else:
-        text = str(e) or type(e).__name__
-    return (text.strip().splitlines() or [type(e).__name__])[0]
-
-
 def _write_out(archive, tmp: str, export_dir: str) -> None:
     """archive.write_out(tmp); a failure (a full disk) removes `tmp` and raises ExportError."""
     try:
@@ -260,7 +244,7 @@ def _write_out(archive, tmp: str, export_dir: str) -> None:
         if isinstance(e, (OSError, tf.errors.OpError)):
             kept = ("the earlier SavedModel there is unchanged" if is_export(_resolve(export_dir))
                     else "nothing was left there")
-            raise ExportError(f"cannot write the SavedModel for {export_dir} ({_reason(e)}); {kept}") from None
+            raise ExportError(f"cannot write the SavedModel for {export_dir} ({fileio.error_reason(e)}); {kept}") from None
         raise
 
 
@@ -313,7 +297,7 @@ def load_saved_model(saved_model: str):
         if isinstance(e, DecodeError) or SAVED_MODEL_PB in str(e):
             what = f"{SAVED_MODEL_PB} cannot be parsed (truncated or damaged)"
         else:
-            what = f"its variables cannot be read ({_reason(e)})"
+            what = f"its variables cannot be read ({fileio.error_reason(e)})"
         raise IncompleteSavedModel(f"{saved_model} is not a complete SavedModel: {what}") from None
 
 
@@ -463,7 +447,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     try:
         swap_in(tmp, target)
     except (OSError, tf.errors.OpError) as e:
-        raise ExportError(f"cannot move the new SavedModel {tmp} to {export_dir} ({_reason(e)}); "
+        raise ExportError(f"cannot move the new SavedModel {tmp} to {export_dir} ({fileio.error_reason(e)}); "
                           "the next export puts back or tidies what is left") from None
     return export_dir
 
@@ -500,7 +484,7 @@ def main(argv=None) -> None:
         print(f"export: error: {e}", file=sys.stderr)
         sys.exit(1)
     except (OSError, tf.errors.OpError) as e:
-        print(f"export: error: cannot export to {export_dir}: {_reason(e)}", file=sys.stderr)
+        print(f"export: error: cannot export to {export_dir}: {fileio.error_reason(e)}", file=sys.stderr)
         sys.exit(1)
     print(f"export: wrote {out} (signatures serving_default, preprocessed)")
 

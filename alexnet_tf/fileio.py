@@ -71,3 +71,23 @@ def rename(src: str, dst: str) -> None:
         _gfile().rename(src, dst, overwrite=True)
     else:
         os.replace(src, dst)
+
+
+def error_reason(e: BaseException) -> str:
+    """The cause of an error in a few words: the system's (e.g. 'No space left on device') where it names one."""
+    import errno
+    import re
+    import sys
+
+    tf = sys.modules.get("tensorflow")  # An OpError exists only once TensorFlow is loaded: never load it here.
+    if tf is not None and isinstance(e, tf.errors.OpError):
+        known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+        said = [k for k in known if k in e.message]
+        if said:
+            return said[0]
+        text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", e.message)
+    elif isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return (text.strip().splitlines() or [type(e).__name__])[0]

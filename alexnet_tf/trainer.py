@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import sys
 import time
 
@@ -36,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import (distribute, evaluation, export, figures, input_pipeline, model as model_lib, recipes, records,
+from alexnet_tf import (distribute, evaluation, export, figures, fileio, input_pipeline, model as model_lib, recipes, records,
                         run_dir)
 from alexnet_tf.config import ConfigError, TrainConfig
 
@@ -283,15 +282,11 @@ def at_least_one_example(inputs, labels):
 
     oneDNN's convolution (TensorFlow 2.21 on CPUs with AVX-512, where it is on
     by default) returns its input unchanged for an empty batch: a replica
-    without a batch would hand conv2 three channels and stop the run. Rows
-    are added by concatenation (a Pad can be fused into the convolution).
+    without a batch would hand conv2 three channels and stop the run.
     """
     n = tf.shape(labels)[0]
-    missing = 1 - tf.minimum(n, 1)
-
-    def grow(t):
-        return tf.concat([t, tf.zeros(tf.concat([[missing], tf.shape(t)[1:]], 0), t.dtype)], 0)
-
+    size = tf.maximum(n, 1)
+    grow = functools.partial(evaluation.pad_batch, size=size)
     keep = tf.cast(tf.minimum(n, 1), tf.float32)
     return tf.nest.map_structure(grow, inputs), grow(labels), keep
 
@@ -472,12 +467,6 @@ def read_data(config: TrainConfig, strategy) -> Data:
     return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
 
-def one_line(error: Exception) -> str:
-    """TensorFlow's or the system's message, without the op names and the traceback."""
-    message = getattr(error, "message", None) or str(error)
-    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", message.strip().splitlines()[0]).strip()
-
-
 class Diverged(RuntimeError):
     """The weights became non-finite: the run cannot go on from here."""
 
@@ -516,7 +505,7 @@ class _Checkpoints:
                 earlier = [os.path.basename(p) for _, p in run_dir.checkpoint_steps(os.path.dirname(self.latest))
                            if p != self.latest]
                 raise run_dir.RunDirError(
-                    f"checkpoint {self.latest} cannot be read ({one_line(e)}): it is damaged. Move its files "
+                    f"checkpoint {self.latest} cannot be read ({fileio.error_reason(e)}): it is damaged. Move its files "
                     f"({os.path.basename(self.latest)}.*) aside to resume from "
                     f"{earlier[-1] if earlier else 'the start'}") from None
         return self.latest
@@ -532,7 +521,7 @@ class _Checkpoints:
                     full = os.path.join(self.save_dir, name)
                     (tf.io.gfile.rmtree if tf.io.gfile.isdir(full) else tf.io.gfile.remove)(full)
             raise run_dir.RunDirError(
-                f"cannot write checkpoint ckpt-{step} into {self.save_dir} ({one_line(e)}); its partial files are "
+                f"cannot write checkpoint ckpt-{step} into {self.save_dir} ({fileio.error_reason(e)}); its partial files are "
                 f"removed and the earlier checkpoints kept: free space, then run the same command to resume") from None
 
     def clean_up(self) -> None:
