@@ -225,9 +225,11 @@ def decode_rgb(image_bytes):
 
     def png():
         # Colour type (IHDR byte 25): 4 gray + alpha, 6 RGBA; 3 a palette, transparent with a tRNS chunk.
-        colour_type = _byte_reader(image_bytes)(25)
+        # One byte read, not the file: the chunk walk runs for palette PNGs only.
+        colour_type = tf.io.decode_raw(tf.strings.substr(image_bytes + b"\0" * 26, 25, 1), tf.uint8)[0]
         alpha = tf.logical_or(tf.reduce_any(tf.equal(colour_type, [4, 6])),
-                              tf.logical_and(tf.equal(colour_type, 3), _png_has_trns(image_bytes)))
+                              tf.cond(tf.equal(colour_type, 3), lambda: _png_has_trns(image_bytes),
+                                      lambda: tf.constant(False)))
         return tf.cond(alpha,
                        lambda: composite_on_white(tf.io.decode_png(image_bytes, channels=4)),
                        lambda: tf.io.decode_png(image_bytes, channels=3))
