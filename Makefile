@@ -36,7 +36,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 # The build alone: against the same per-image work in a bare loop (target >= 0.9 at
-# 4N), --noresize against tensorflow-datasets (>= 1.5), peak memory at 16M vs M.
+# 4N), --noresize against tensorflow-datasets (>= 1.5), peak memory at 16M vs M, the
+# DaskRunner on 2 local workers vs the local runner (>= 0.9); BENCH_BUILD='--only dask'.
 bench-build: $(STAMP)
 	$(PY) -m pip install --quiet psutil
 	$(PY) -m benchmarks.build $(BENCH_BUILD)

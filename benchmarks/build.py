@@ -18,26 +18,39 @@ machine:
 3. **memory** (target <= 1.1): peak resident memory of the whole process tree
    of `build_tfrecords` at 16M images against M images (the small sample, so
    that 16M stays quick; memory does not depend on the image size).
+4. **dask** (target >= 0.9; median of 3 alternating runs): `build_tfrecords
+   --runner=DaskRunner` on a dask.distributed cluster of a scheduler and 2
+   worker processes (1 thread each) on 127.0.0.1 against the local runner's
+   default (all cores), on the same 4N images; peak memory of the driver and
+   of each worker. The cluster starts once, before the first run, as a user's
+   cluster would already be running.
 
-Writes `benchmarks/results/build.json` and prints a Markdown table.
+Writes `benchmarks/results/build.json` (with the CPU's AVX-512 flags, which
+change the kernels TensorFlow runs) and prints a Markdown table. Measurements
+not selected with `--only` keep their earlier results there, each with the
+date and machine it was measured on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from alexnet_tf import records
-from benchmarks.measure import REPO, run_stage
+from benchmarks.measure import REPO, cpu_flags, run_stage
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
+MEASUREMENTS = ("limit", "tfds", "memory", "dask")
 
 
 def _last_line(r: dict) -> str:
@@ -45,8 +58,8 @@ def _last_line(r: dict) -> str:
         return f.read().strip().splitlines()[-1]
 
 
-def _build(src: str, out: str, *flags: str) -> dict:
-    r = run_stage("build", [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
+def _build(src: str, out: str, *flags: str, stage: str = "build") -> dict:
+    r = run_stage(stage, [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
                             "--output_dir", out, "--overwrite", *flags], os.path.dirname(out))
     with open(os.path.join(out, records.METADATA_FILE)) as f:
         meta = records.Metadata.from_json(json.load(f))
@@ -77,18 +90,15 @@ def limit(src: str, total: int, work: str, repeats: int = 3) -> dict:
         bare_runs.append(bare)
         ours_runs.append(_build(src, os.path.join(work, "records-4N")))
         shutil.rmtree(os.path.join(work, "records-4N"), ignore_errors=True)
-    bare_s = statistics.median(r["seconds"] for r in bare_runs)
-    ours_s = statistics.median(r["seconds"] for r in ours_runs)
-    return {
-        "images": total,
-        "bare_loop": {"seconds": bare_s, "images_per_second": total / bare_s,
-                      "peak_rss_mib": max(r["peak_rss_mib"] for r in bare_runs),
-                      "runs_seconds": [r["seconds"] for r in bare_runs]},
-        "pipeline": {"seconds": ours_s, "images_per_second": total / ours_s,
-                     "peak_rss_mib": max(r["peak_rss_mib"] for r in ours_runs),
-                     "runs_seconds": [r["seconds"] for r in ours_runs]},
-        "ratio": bare_s / ours_s,
-    }
+    bare, ours = _median_run(bare_runs, total), _median_run(ours_runs, total)
+    return {"images": total, "bare_loop": bare, "pipeline": ours, "ratio": bare["seconds"] / ours["seconds"]}
+
+
+def _median_run(runs: list[dict], total: int) -> dict:
+    """The median of `runs`' seconds and its images/s, their highest peak memory, and every run's seconds."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {"seconds": seconds, "images_per_second": total / seconds,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "runs_seconds": [r["seconds"] for r in runs]}
 
 
 def versus_tfds(src: str, work: str) -> dict:
@@ -132,13 +142,125 @@ def memory(work: str, images: int, keep_records: str | None = None) -> dict:
     return {**runs, "ratio": runs["16M"]["peak_rss_mib"] / runs["M"]["peak_rss_mib"]}
 
 
-def bench(work: str, images: int, memory_images: int, only: set[str], keep_records: str | None = None) -> dict:
+class _Cluster:
+    """A running scheduler and its workers: `address`, `worker_pids`, `peak_rss_mib()` (each worker's tree)."""
+
+    def __init__(self, address: str, worker_pids: list[int]):
+        import psutil
+
+        self.address, self.worker_pids = address, worker_pids
+        self._procs = [psutil.Process(pid) for pid in worker_pids]
+        self._peaks = [0.0] * len(worker_pids)
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._sample, daemon=True)
+        self._watch.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.1):
+            for i, proc in enumerate(self._procs):
+                try:  # The nanny and the worker process it runs.
+                    tree = [proc] + proc.children(recursive=True)
+                    self._peaks[i] = max(self._peaks[i], sum(p.memory_info().rss for p in tree) / 2**20)
+                except psutil.Error:
+                    pass
+
+    def peak_rss_mib(self) -> list[float]:
+        return list(self._peaks)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._watch.join()
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int = 2, timeout: float = 60):
+    """`dask scheduler` and `n_workers` `dask worker` processes (1 thread each) on 127.0.0.1.
+
+    The workers import this checkout (PYTHONPATH), as the driver does.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    folder = tempfile.mkdtemp(prefix="alexnet-dask-")
+    scheduler_file = os.path.join(folder, "scheduler.json")
+    quiet = {"cwd": folder, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file], **quiet)]
+    cluster = None
+    try:
+        address = _await_scheduler(scheduler_file, procs[0], timeout)
+        procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
+                                    "--nthreads", "1", "--no-dashboard", "--local-directory", folder], **quiet)
+                  for _ in range(n_workers)]
+        _await_workers(address, n_workers, timeout)
+        cluster = _Cluster(address, [p.pid for p in procs[1:]])
+        yield cluster
+    finally:
+        if cluster:
+            cluster.close()
+        for proc in reversed(procs):  # Workers first, then the scheduler.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _await_scheduler(scheduler_file: str, proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dask scheduler exited with status {proc.returncode}")
+        try:
+            with open(scheduler_file) as f:
+                return json.load(f)["address"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.2)
+    raise RuntimeError(f"dask scheduler did not start in {timeout:.0f} s")
+
+
+def _await_workers(address: str, n_workers: int, timeout: float) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout) as client:
+        client.wait_for_workers(n_workers, timeout=timeout)
+
+
+def on_dask(src: str, total: int, work: str, repeats: int = 3, workers: int = 2) -> dict:
+    """The build on DaskRunner (a `workers`-process cluster on 127.0.0.1) against the local runner on `src`.
+
+    The two alternate `repeats` times on the same cluster; the ratio is of the
+    medians. Worker memory is each worker's peak (its process tree) over all
+    the Dask runs.
+    """
+    local_runs, dask_runs = [], []
+    out = os.path.join(work, "records-dask")
+    with local_cluster(n_workers=workers) as cluster:
+        for _ in range(repeats):
+            local_runs.append(_build(src, out, stage="local"))
+            dask_runs.append(_build(src, out, "--runner=DaskRunner", f"--dask_client_address={cluster.address}",
+                                    stage="dask"))
+            shutil.rmtree(out, ignore_errors=True)
+        workers_mib = cluster.peak_rss_mib()
+    for r in local_runs + dask_runs:
+        if r["images"] != total:
+            raise RuntimeError(f"a build read {r['images']} images, expected {total}")
+    local, dask = _median_run(local_runs, total), _median_run(dask_runs, total)
+    dask["driver_peak_rss_mib"] = dask.pop("peak_rss_mib")  # The build command's process tree: the client.
+    dask["worker_peak_rss_mib"] = workers_mib
+    return {"images": total, "workers": workers, "local": local, "dask": dask,
+            "ratio": local["seconds"] / dask["seconds"]}
+
+
+def bench(work: str, images: int, memory_images: int, only: set[str], keep_records: str | None = None,
+          repeats: int = 3) -> dict:
     result = {}
-    if only & {"limit", "tfds"}:
+    if only & {"limit", "tfds", "dask"}:
         src = os.path.join(work, "imagenet-4N")
         sample = _imagenet_sample(src, 4 * images)
     if "limit" in only:
-        result["limit"] = limit(src, sample["num_train"] + sample["num_val"], work)
+        result["limit"] = limit(src, sample["num_train"] + sample["num_val"], work, repeats)
         print(json.dumps({"limit": result["limit"]}), flush=True)
     if "tfds" in only:
         result["tfds"] = versus_tfds(src, work)
@@ -146,6 +268,9 @@ def bench(work: str, images: int, memory_images: int, only: set[str], keep_recor
     if "memory" in only:
         result["memory"] = memory(work, memory_images, keep_records)
         print(json.dumps({"memory": result["memory"]}), flush=True)
+    if "dask" in only:
+        result["dask"] = on_dask(src, sample["num_train"] + sample["num_val"], work, repeats)
+        print(json.dumps({"dask": result["dask"]}), flush=True)
     return result
 
 
@@ -166,34 +291,65 @@ def table(r: dict) -> str:
         x = r["memory"]
         rows.append((f"build peak memory, 16M={x['16M']['images']} vs M={x['M']['images']} (MiB)",
                      x["16M"]["peak_rss_mib"], x["M"]["peak_rss_mib"], x["ratio"], "<= 1.1"))
+    if "dask" in r:
+        x = r["dask"]
+        rows.append((f"build, 4N={x['images']}: DaskRunner ({x['workers']} workers) vs local runner (img/s)",
+                     x["dask"]["images_per_second"], x["local"]["images_per_second"], x["ratio"], ">= 0.9"))
     lines = ["| measure | ours | peer | ratio | target |", "|---|---:|---:|---:|---|"]
     lines += [f"| {n} | {a:.1f} | {p:.1f} | {q:.2f} | {t} |" for n, a, p, q, t in rows]
+    if "dask" in r:
+        x = r["dask"]
+        workers = ", ".join(f"{m:.0f}" for m in x["dask"]["worker_peak_rss_mib"])
+        lines.append(f"\nDaskRunner peak memory (MiB): driver {x['dask']['driver_peak_rss_mib']:.0f}, "
+                     f"workers {workers}; local runner's whole process tree {x['local']['peak_rss_mib']:.0f}.")
+    cpu = r["machine"].get("cpu")
+    if cpu:
+        lines.append(f"\nCPU: {cpu['model'] or 'unknown'}, {r['machine']['cores']} cores; "
+                     f"AVX-512: {'yes' if cpu['avx512'] else 'no'}, AVX512_BF16: {'yes' if cpu['avx512_bf16'] else 'no'}.")
     return "\n".join(lines)
+
+
+def merge(previous: dict, result: dict) -> dict:
+    """`result` with the measurements it lacks taken from `previous`, each stamped with its own date and machine."""
+    kept = {}
+    for name in MEASUREMENTS:
+        if name in previous and name not in result:
+            kept[name] = {"date": previous.get("date"), "machine": previous.get("machine"), **previous[name]}
+    return {**result, **kept}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.build", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000, help="N: ImageNet-shaped images (the limit uses 4N).")
     p.add_argument("--memory_images", type=int, default=1000, help="M: small-sample images (and 16M).")
-    p.add_argument("--only", default="limit,tfds,memory", help="Comma-separated: limit, tfds, memory.")
+    p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"Comma-separated: {', '.join(MEASUREMENTS)}.")
+    p.add_argument("--repeats", type=int, default=3, help="Alternating runs of limit and dask (median taken).")
+    p.add_argument("--output", default=os.path.join(RESULTS, "build.json"), help="Where the JSON goes.")
     args = p.parse_args(argv)
-    if args.images < 1 or args.memory_images < 10:
-        p.error("--images must be >= 1 and --memory_images >= 10")
+    only = set(args.only.split(","))
+    if args.images < 1 or args.memory_images < 10 or args.repeats < 1:
+        p.error("--images and --repeats must be >= 1 and --memory_images >= 10")
+    if only - set(MEASUREMENTS):
+        p.error(f"--only: unknown measurement(s) {', '.join(sorted(only - set(MEASUREMENTS)))}")
     import psutil
 
     work = tempfile.mkdtemp(prefix="alexnet-bench-build-")
     try:
-        result = bench(work, args.images, args.memory_images, set(args.only.split(",")))
+        result = bench(work, args.images, args.memory_images, only, repeats=args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"machine": {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-                          "platform": platform.platform()},
+                          "platform": platform.platform(), "cpu": cpu_flags()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "images": args.images, "memory_images": args.memory_images, **result}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "build.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(table(result))
+    kept = result
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            kept = merge(json.load(f), result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(kept, f, indent=1)
+    print(table(result))  # This run's measurements only.
 
 
 if __name__ == "__main__":

@@ -48,3 +48,28 @@ def run_stage(name: str, cmd: list[str], log_dir: str) -> dict:
             tail = f.read()[-3000:]
         raise RuntimeError(f"stage {name} failed ({' '.join(cmd[2:4])}), exit {proc.returncode}:\n{tail}")
     return {"seconds": seconds, "peak_rss_mib": peak, "log": log}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> dict:
+    """The CPU's model and the instruction sets that change TensorFlow's and oneDNN's kernels.
+
+    Args:
+      cpuinfo: The text of /proc/cpuinfo; read from the machine when None.
+
+    Returns:
+      {"model", "avx2", "avx512", "avx512_bf16"}: "avx512" is AVX-512 Foundation
+      (`avx512f`). Flags are False where /proc/cpuinfo is absent (not Linux).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # The first processor speaks for all.
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", ""), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags}
