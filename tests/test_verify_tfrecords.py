@@ -413,3 +413,15 @@ def test_same_as_cli(two):
     assert lines[0] == f"verify_tfrecords: error: train-00001-of-00002: in {a} only"
     assert lines[1].startswith(f"verify_tfrecords: error: metadata.json: unreadable in {b} (")
     assert len(lines) == 2
+
+
+@pytest.mark.slow  # A second build of the sample, on the command line's default runner: about 20 s.
+def test_two_builds_of_one_input_are_the_same_dataset(sample, built, tmp_path):
+    out, _ = built
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", sample["output_dir"],
+                    "--output_dir", str(again)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(again),
+                           "--same_as", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"verify_tfrecords: same dataset as {out} (")
