@@ -76,3 +76,29 @@ def test_a_worker_that_cannot_start_is_a_cluster_error_and_nothing_is_left():
             pass
     started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert _running(started) == []
+
+
+@pytest.mark.parametrize("output, workers", [
+    ("build_tfrecords: done in 12 s\n  workers: 2\n", 2),
+    ("  DaskRunner on 3 workers (tcp://127.0.0.1:8786)", 3),
+    ("  Workers = 1", 1),
+    ("build_tfrecords: done; train: 120 read = 119 written in 4 shards", None),
+])
+def test_the_worker_count_is_read_from_a_builds_summary(output, workers):
+    from benchmarks.cluster_build import workers_in_summary
+
+    assert workers_in_summary(output) == workers
+
+
+@pytest.mark.slow  # An ImageNet-shaped sample of 1,050 images built twice: a few minutes on 2 cores.
+def test_cluster_build_finds_the_same_dataset_on_both_runners(tmp_path):
+    import json
+
+    from benchmarks import cluster_build
+
+    out = tmp_path / "cluster-build.json"
+    assert cluster_build.main(["--images", "1000", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["same"] and result["differences"] == []
+    assert result["local"]["images"] == result["dask"]["images"] == 1050
+    assert len(result["dask"]["workers_peak_rss_mib"]) == 2
