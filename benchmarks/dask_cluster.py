@@ -135,7 +135,7 @@ class LocalCluster:
                 except psutil.Error:
                     continue  # Gone (killed) or exiting between the listing and the reading.
                 self._peaks[proc.pid] = max(self._peaks.get(proc.pid, 0.0), rss)
-            self._stop.wait(0.1)
+            self._stop.wait(0.2)
 
     def peak_rss_mib(self) -> list[float]:
         """Each worker's peak resident memory so far (MiB), its whole process tree (nanny and worker) together."""
@@ -149,24 +149,26 @@ class LocalCluster:
         proc.wait()
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stops every process: SIGTERM to each group, then SIGKILL to what is left after `timeout` seconds."""
+        """Stops every process: SIGTERM to each command, then SIGKILL to each process group.
+
+        The workers go first, each given up to `timeout` seconds to close (the
+        nanny stops the worker it started), so that none outlives the scheduler
+        and retries it; then the scheduler; then whatever is left in any group.
+        """
         self._stop.set()
-        # Workers first, so that none reports the scheduler's loss while closing.
-        for proc in reversed(self._procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self._procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        # The group outlives its first process when a child lingers: kill the group whatever the leader did.
-        for proc in self._procs:
+        for group in (self.workers, [self.scheduler] if self.scheduler else []):
+            for proc in group:
+                proc.terminate()
+            deadline = time.monotonic() + timeout
+            for proc in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:  # A group outlives its first process while a child of it lingers.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if self._poller.is_alive():
             self._poller.join(timeout=5)
-
 
 @contextlib.contextmanager
 def local_cluster(n_workers: int = 2, *, repo: str = REPO, memory_limit: str = "0", timeout: float = 120.0,

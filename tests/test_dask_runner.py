@@ -115,7 +115,7 @@ def test_a_worker_killed_mid_build_gives_the_same_records_or_a_one_line_error(sa
                         cluster.kill_worker(1)
                         killed = time.monotonic()
                     time.sleep(0.05)
-                _, stderr = proc.communicate(timeout=900)
+                _, stderr = proc.communicate(timeout=600)
             finally:
                 proc.kill()
                 proc.wait()
