@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import sys
@@ -201,12 +202,25 @@ def _load_json(path: str):
         return None, f"{records.METADATA_FILE}: unreadable in {os.path.dirname(path)} ({e})"
 
 
-def compare(data_dir: str, other: str) -> tuple[list[str], int]:
+def _file_differences(name: str, data_dir: str, other: str) -> list[str]:
+    """The differences of one file present in both folders."""
+    path, path_other = os.path.join(data_dir, name), os.path.join(other, name)
+    if name == records.METADATA_FILE:
+        (meta, error), (meta_other, error_other) = _load_json(path), _load_json(path_other)
+        if error or error_other:
+            return [e for e in (error, error_other) if e]
+        return [f"{name}: {line}" for line in _json_differences(meta, meta_other, (), (data_dir, other))]
+    where = _first_difference(path, path_other)
+    return [f"{name}: bytes differ ({where})"] if where else []
+
+
+def compare(data_dir: str, other: str, workers: int | None = None) -> tuple[list[str], int]:
     """Compares two builds' datasets.
 
     Args:
       data_dir: One dataset folder.
       other: The folder it should equal.
+      workers: Files compared in parallel (default: cores).
 
     Returns:
       (differences, files compared): a line per differing file, and per
@@ -219,20 +233,11 @@ def compare(data_dir: str, other: str) -> tuple[list[str], int]:
     mine, theirs = set(dataset_files(data_dir)), set(dataset_files(other))
     lines = [f"{name}: in {data_dir} only" for name in sorted(mine - theirs)]
     lines += [f"{name}: missing from {data_dir} (in {other})" for name in sorted(theirs - mine)]
-    for name in sorted(mine & theirs):
-        path, path_other = os.path.join(data_dir, name), os.path.join(other, name)
-        if name == records.METADATA_FILE:
-            (meta, error), (meta_other, error_other) = _load_json(path), _load_json(path_other)
-            if error or error_other:
-                lines += [e for e in (error, error_other) if e]
-            else:
-                lines += [f"{name}: {line}" for line in _json_differences(meta, meta_other, (), (data_dir, other))]
-        else:
-            where = _first_difference(path, path_other)
-            if where:
-                lines.append(f"{name}: bytes differ ({where})")
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for found in pool.map(_file_differences, sorted(mine & theirs), itertools.repeat(data_dir),
+                              itertools.repeat(other)):
+            lines += found
     return lines, len(mine | theirs)
-
 
 def _report(problems: list[str]) -> None:
     for line in problems[:50]:
@@ -244,13 +249,14 @@ def _report(problems: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipelines.verify_tfrecords", description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default="tfrecords", help="Folder with the shards and metadata.json.")
-    p.add_argument("--workers", type=int, default=None, help="Shards checked in parallel (default: cores).")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Shards checked (or compared) in parallel (default: cores).")
     p.add_argument("--same_as", default=None,
                    help="Another build's folder: compare the two (bytes of every shard and the mean image, "
                         "metadata.json but its `created` and `build.seconds`) instead of verifying.")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.same_as is not None:
-        differences, count = compare(args.data_dir, args.same_as)
+        differences, count = compare(args.data_dir, args.same_as, args.workers)
         if differences:
             _report(differences)
             sys.exit(1)
