@@ -48,7 +48,7 @@ def _work(args):
         if split == "train":
             sums.add(out.pixels, out.square)
     reader.close()
-    return sums.moments(), len(chunk), rejected
+    return sums, len(chunk), rejected
 
 
 def main(argv=None) -> None:
@@ -60,14 +60,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     members = list_members(args.raw_dir)
     chunks = [(members[i:i + args.chunk], args.resize) for i in range(0, len(members), args.chunk)]
-    total, images, rejected = color_stats.Moments(), 0, 0
+    total, images, rejected = color_stats.PixelSums(), 0, 0
     with multiprocessing.Pool(args.processes) as pool:
-        for moments, n, bad in pool.imap_unordered(_work, chunks):
-            total.merge(moments)
+        for sums, n, bad in pool.imap_unordered(_work, chunks):
+            total.merge(sums)
             images += n
             rejected += bad
     print(json.dumps({"images": images, "rejected": rejected, "seconds": time.perf_counter() - _START,
-                      "mean_rgb": total.mean.tolist(), "processes": args.processes,
+                      "mean_rgb": color_stats.summarize(total)[0].get("mean_rgb"), "processes": args.processes,
                       "frameworks_loaded": sorted({m.split(".")[0] for m in sys.modules} & {"tensorflow", "apache_beam"})}))
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -39,17 +37,11 @@ import uuid
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import (
-    DirectOptions,
-    PipelineOptions,
-    PortableOptions,
-    WorkerOptions,
-    SetupOptions,
-    StandardOptions,
-)
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from alexnet_tf import fileio, records
-from pipelines import imagenet_layout, members, transforms
+from pipelines import imagenet_layout, members, runners, transforms
+from pipelines.runners import BUNDLE_ERROR_LOGGERS, LOCAL_RUNNERS, BuildError
 
 log = logging.getLogger("pipelines.build_tfrecords")
 
@@ -73,12 +65,6 @@ BUILD_ENV = "ALEXNET_TF_BUILD"
 # How long a build waits for the leftover workers of a killed build to end;
 # past it their folder is left in place (named) and the build goes on.
 ORPHAN_WAIT_S = 300.0
-# Beam's loggers that log a failing bundle's traceback (in each worker that
-# meets it) before the driver raises the same error.
-BUNDLE_ERROR_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker")
-LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
-# Portable environments whose workers run a Python environment the user provides.
-SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
 # --image_size: at least the network's 227x227 input patches (alexnet_tf.input_pipeline.CROP;
 # the trainer refuses smaller records), at most 1024, 4x the paper's 256: per worker the
 # image, its JPEG and the int64 mean-image sum grow with its square (about 25 MB at 1024,
@@ -86,10 +72,6 @@ SHARED_ENVIRONMENTS = {"LOOPBACK", "EXTERNAL", "PROCESS"}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 227, 1024
 # The pipeline's pieces, re-exported: the driver below only plans and finishes.
 BuildConfig, BuildRecords = transforms.BuildConfig, transforms.BuildRecords
-
-
-class BuildError(RuntimeError):
-    """The build cannot go on; the message says why (one line)."""
 
 
 # ---------------------------------------------------------------------------
@@ -397,84 +379,23 @@ def _disk_full(error: BaseException) -> str | None:
     return None
 
 
-def _check_beam_flags(options: PipelineOptions, beam_args: list[str]) -> None:
-    """Stops on a flag that is neither this pipeline's nor any Beam option's.
-
-    Beam itself only logs such flags and drops them, so `--train-shards=4`
-    would build with the default shard count and exit 0.
-    """
-    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
-    level = beam_log.level
-    beam_log.setLevel(logging.ERROR)  # Its "Discarding unparseable args" would precede ours.
-    try:
-        known = set(options.get_all_options())
-        unknown = set(options.get_all_options(retain_unknown_options=True)) - known
-    finally:
-        beam_log.setLevel(level)
-    bad = [a for a in beam_args if a.startswith("-") and a.split("=")[0].lstrip("-").replace("-", "_") in unknown]
-    if bad:
-        ours = [a.option_strings[-1] for a in _parser()._actions if a.option_strings]
-        hints = []
-        for a in bad:
-            close = difflib.get_close_matches(a.split("=")[0], ours, n=1, cutoff=0.8)
-            hints.append(f"{a} (did you mean {close[0]}?)" if close else a)
-        raise BuildError(f"unknown flag(s): {', '.join(hints)}; neither this pipeline's nor Beam's "
-                         "(see --help, and Beam's PipelineOptions)")
-
-
-def _beam_options(beam_args: list[str]) -> PipelineOptions:
-    options = PipelineOptions(beam_args)
-    _check_beam_flags(options, beam_args)
-    runner = options.view_as(StandardOptions).runner
-    direct = options.view_as(DirectOptions)
-    if runner in LOCAL_RUNNERS:
-        if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
-            # Local workers print straight to this console: progress and problems only.
-            options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"
-        if not any(a.startswith("--sdk_harness_log_level_overrides") for a in beam_args):
-            # A failing bundle is logged with its traceback by every worker that
-            # meets it, and relayed; the driver reports the failure once.
-            options.view_as(WorkerOptions).sdk_harness_log_level_overrides = dict.fromkeys(BUNDLE_ERROR_LOGGERS,
-                                                                                           "CRITICAL")
-        # All cores by default; the user's own --direct_* flags win.
-        if not any(a.startswith("--direct_num_workers") for a in beam_args):
-            direct.direct_num_workers = 0
-        if not any(a.startswith("--direct_running_mode") for a in beam_args):
-            direct.direct_running_mode = "multi_processing"
-    else:
-        setup = options.view_as(SetupOptions)
-        environment = (options.view_as(PortableOptions).environment_type or "").upper()
-        if setup.setup_file or setup.extra_packages or setup.requirements_file:
-            pass  # The user's own staging.
-        elif environment in SHARED_ENVIRONMENTS:
-            # LOOPBACK, EXTERNAL and PROCESS workers run a Python the user set up;
-            # Beam installs nothing staged into it, so nothing is built or staged.
-            log.info("runner %s with --environment_type=%s: workers import alexnet-tf from their own "
-                     "Python environment (it must be installed there)", runner, environment)
-        else:
-            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            pyproject = os.path.join(here, "pyproject.toml")
-            if not os.path.exists(pyproject):
-                log.warning(
-                    "runner %s and no --setup_file/--extra_package: workers must already "
-                    "have alexnet-tf installed (e.g. --extra_package=dist/alexnet_tf-*.whl)", runner
-                )
-            elif importlib.util.find_spec("build") is None:
-                raise BuildError(
-                    f"runner {runner} stages this project for its workers with --setup_file={pyproject}, "
-                    "which needs the 'build' package: pip install build (or pass --extra_package=WHEEL)"
-                )
-            else:
-                # Workers (Dataflow, Docker environments) install this project and its dependencies.
-                setup.setup_file = pyproject
-                log.info("runner %s: staging this project with --setup_file=%s", runner, pyproject)
-    return options
+def _beam_options(beam_args: list[str]):
+    return runners.beam_options(beam_args, [a.option_strings[-1] for a in _parser()._actions if a.option_strings])
 
 
 def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
               started: float) -> records.Metadata:
-    """Checks the pipeline's summary, writes mean_image.npy and metadata.json; returns the metadata."""
-    summary = transforms.read_summary(build_dir)
+    """Checks the pipeline's summary, writes mean_image.npy and metadata.json.
+
+    Returns:
+      (metadata, workers): the metadata written, and the worker processes
+      (host:pid) that wrote its shards.
+    """
+    try:
+        summary = transforms.read_summary(build_dir)
+    except FileNotFoundError:
+        raise BuildError("the pipeline ended without writing its summary: the runner skipped its last step; "
+                         "nothing was kept") from None
     splits, problems = {}, []
     rejected_by_split: dict[str, int] = {}
     for r in summary["rejected"]:
@@ -487,7 +408,9 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
         rejected = rejected_by_split.get(split, 0)
         total_read += read
         total_rejected += rejected
-        if read != written + rejected:
+        if split not in summary["read"]:  # Each branch of the pipeline must have run.
+            problems.append(f"{split}: no count of the images read (a step of the pipeline did not run)")
+        elif read != written + rejected:
             problems.append(f"{split}: read {read} != written {written} + rejected {rejected}")
         for s in shard_list:
             if s["num_examples"] == 0 or not fileio.exists(os.path.join(output_dir, s["file"])):
@@ -504,6 +427,8 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
                                       s.get("head_sha256")) for s in shard_list],
             num_upscaled=sum(s["num_upscaled"] for s in shard_list),
         )
+    if any(s["split"] == "train" and s["num_examples"] for s in summary["shards"]) and not summary["pixel_sums"]:
+        problems.append("train: no colour statistics (a step of the pipeline did not run)")
     if problems:
         raise BuildError("inputs lost during the build: " + "; ".join(problems))
     for r in summary["rejected"]:  # A class archive cut at a member boundary: its images are missing.
@@ -555,11 +480,16 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
     )
     records.write_metadata(output_dir, meta)
     fileio.rmtree(build_dir)
-    return meta
+    return meta, sorted({s["worker"] for s in summary["shards"] if s.get("worker")})
 
 
-def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = ()) -> str:
+def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = (), workers: list[str] = ()) -> str:
     lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
+    if workers:
+        hosts = len({w.rsplit(":", 1)[0] for w in workers})
+        shards = sum(info.num_shards for info in meta.splits.values())
+        lines.append(f"  workers: {len(workers)} process{'es' * (len(workers) > 1)} on {hosts} "
+                     f"host{'s' * (hosts > 1)} wrote the {shards} shards")
     for split, info in meta.splits.items():
         lines.append(
             f"  {split}: {info.num_read} read = {info.num_examples} written "
@@ -598,10 +528,12 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     _check_class_text(layout.classes)
     options = _beam_options(beam_args)
     runner = options.view_as(StandardOptions).runner
+    if runners.is_dask(runner):
+        print(f"build_tfrecords: runner DaskRunner on {runners.DaskCluster(options).check()}", file=sys.stderr)
     created = not fileio.exists(args.output_dir)
     try:
         with BuildLock(args.output_dir) as lock:
-            meta = _build_locked(args, layout, options, runner, started, lock.me)
+            meta, workers = _build_locked(args, layout, options, runner, started, lock.me)
     except BaseException as e:
         # A folder this run created and left empty goes too.
         if created and fileio.isdir(args.output_dir) and not fileio.listdir(args.output_dir):
@@ -611,11 +543,11 @@ def run(argv: list[str] | None = None) -> records.Metadata:
             raise BuildError(f"{full} in --output_dir {args.output_dir}: the build stopped before writing any "
                              "records; free some space (or choose another --output_dir) and run it again") from None
         raise
-    print(f"build_tfrecords: {_report(meta, args.output_dir, layout.skipped)}", file=sys.stderr)
+    print(f"build_tfrecords: {_report(meta, args.output_dir, layout.skipped, workers)}", file=sys.stderr)
     return meta
 
 
-def _build_locked(args, layout, options, runner, started, me: dict) -> records.Metadata:
+def _build_locked(args, layout, options, runner, started, me: dict) -> tuple[records.Metadata, list[str]]:
     """The build under the lock: into a staging folder of its own, then swapped in whole.
 
     On any failure the staging folder is removed and the folder's earlier
@@ -627,7 +559,7 @@ def _build_locked(args, layout, options, runner, started, me: dict) -> records.M
     before = os.environ.get(BUILD_ENV)
     os.environ[BUILD_ENV] = me["build"]  # Inherited by the local workers.
     try:
-        meta = _build(args, layout, options, runner, started, staging)
+        built = _build(args, layout, options, runner, started, staging)
     except BaseException as e:
         # Workers the runner started may still be finishing a bundle: let them end first.
         _wait_for_processes(me["build"], 30.0, quiet=True)
@@ -648,7 +580,7 @@ def _build_locked(args, layout, options, runner, started, me: dict) -> records.M
         else:
             os.environ[BUILD_ENV] = before
     _swap_in(staging, args.output_dir, existing, me["build"])
-    return meta
+    return built
 
 
 class TracebackFilter:
@@ -729,8 +661,8 @@ def _check_class_text(synsets) -> None:
                                  "rename its folder or archive")
 
 
-def _build(args, layout, options, runner, started, target: str) -> records.Metadata:
-    """Runs the pipeline into `target` and writes its metadata.json there."""
+def _build(args, layout, options, runner, started, target: str) -> tuple[records.Metadata, list[str]]:
+    """Runs the pipeline into `target` and writes its metadata.json there (see `_finalize`)."""
     config = BuildConfig(
         classes=tuple(layout.classes),
         names=tuple(imagenet_layout.class_names(layout.classes)),
@@ -746,14 +678,18 @@ def _build(args, layout, options, runner, started, target: str) -> records.Metad
     units = [u for s in layout.splits.values() for u in s.units]
     local_processes = (runner in LOCAL_RUNNERS
                        and options.view_as(DirectOptions).direct_running_mode == "multi_processing")
-    with _tracebacks_dropped() if local_processes else contextlib.nullcontext():
-        with beam.Pipeline(options=options) as p:
-            _ = (
-                p
-                # ListMembers spreads the units itself.
-                | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
-                | "Build" >> BuildRecords(config, target, build_dir)
-            )
+    # Local workers print their own progress; elsewhere it is read off the shards written.
+    watch = contextlib.nullcontext() if runner in LOCAL_RUNNERS else runners.ShardWatch(
+        target, is_shard=lambda name: records.parse_shard_name(name) is not None)
+    with _tracebacks_dropped() if local_processes else contextlib.nullcontext(), watch:
+        p = beam.Pipeline(options=options)
+        _ = (
+            p
+            # ListMembers spreads the units itself.
+            | "Units" >> beam.Create(units, reshuffle=False)  # PCollection[ReadUnit]
+            | "Build" >> BuildRecords(config, target, build_dir)
+        )
+        runners.run(p)
     return _finalize(target, build_dir, layout, args, config, started)
 
 
@@ -761,6 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Beam's local runner relays every worker log line at INFO; keep the console readable.
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # A Dask client's and local cluster's chatter.
     for name in BUNDLE_ERROR_LOGGERS:  # In-process workers: the failure is reported once, below.
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:

@@ -1,16 +1,24 @@
 """The build's Beam transforms: small composites, each testable on `beam.Create` input.
 
     ReadUnit ─ ListMembers ─┬─ items: (split, key, Member) ─ AssignShards ─ WriteShards ─┬─ shards
-                            │                                                            ├─ rejected
-                            └─ rejected                                                  └─ moments ─ ComputeColorStats
-    items + listing rejects ─ CountRead ─ (split, count)
-    shards, rejected, counts, colour statistics ─ WriteSummary ─ <build_dir>/summary.jsonl
+                            ├─ read: (split, count)                                      ├─ rejected
+                            └─ rejected                                                  └─ sums ─ ComputeColorStats
+    shards, rejected (both steps), read counts, pixel sums ─ WriteSummary ─ <build_dir>/summary.jsonl
 
 `BuildRecords` wires them together. Only names and byte ranges are shuffled,
 never pixels: memory stays flat as the dataset grows, on the local runner as
 on a cluster. The driver reads the result with `read_summary` after the
-pipeline has finished: it reaches the driver through a Beam sink (atomic,
-retry-safe), not through files written by hand inside a transform.
+pipeline has finished: it reaches the driver through one writer (a temporary
+file, then a rename: retry-safe), not through files written by hand inside a
+transform.
+
+The shape works on every runner, Beam's DaskRunner included, whose gaps it
+avoids: each step has one output (a DoFn tags its elements as `(kind,
+value)` and `FlatMap`s pick each kind), nothing is a side input (the shard
+bounds reach the items through a GroupByKey), no step emits from
+`finish_bundle`, and every branch feeds the summary, so a runner that only
+computes what the final write needs computes everything. All sums are
+integers, so the result does not depend on the order a runner merges them in.
 
 Workers import neither TensorFlow nor anything heavy beyond Pillow and NumPy
 for local paths (see `alexnet_tf.fileio`); records are framed by
@@ -25,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -39,9 +48,15 @@ from pipelines import color_stats, image_processing, members
 # With few images, fewer shards than asked for: each holds at least this many
 # records (a shard of one or two images would also hold a single class).
 MIN_RECORDS_PER_SHARD = 32
-REJECTED = "rejected"
-MOMENTS = "moments"
+# The kinds of element a step tags its one output with: (kind, value).
+ITEM, REJECTED, READ, SHARD, SUMS = "item", "rejected", "read", "shard", "sums"
 SUMMARY_FILE = "summary.jsonl"
+# AssignShards joins each item with its split's shard bounds in one of this
+# many groups (by the key's top bits): each group gets a copy of the bounds.
+NUM_BUCKETS = 64
+# ComputeColorStats adds the shards' sums in this many groups first, then the
+# groups' sums: no task ever holds more than about this many mean-image sums.
+STATS_FAN_IN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +71,27 @@ class BuildConfig:
     seed: int = 0
     num_shards: tuple[tuple[str, int], ...] = (("train", 1024), ("validation", 128))
     progress: bool = True  # Print worker progress to stderr (local runs).
+
+
+# The modules whose code decides a record's bytes (with the libraries in `worker_facts`).
+BUILD_CODE = ("pipelines.transforms", "pipelines.color_stats", "pipelines.image_processing", "pipelines.members",
+              "alexnet_tf.records", "alexnet_tf.fileio")
+
+
+def worker_facts() -> dict:
+    """What decides the bytes a worker writes: a digest of the build's code, and the image libraries' versions.
+
+    Run on each worker of a cluster before a build (and here): equal facts, equal bytes.
+    """
+    import importlib
+
+    import PIL
+
+    digest = hashlib.sha256()
+    for name in BUILD_CODE:
+        with open(importlib.import_module(name).__file__, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    return {"build code": digest.hexdigest()[:16], "Pillow": PIL.__version__, "NumPy": np.__version__}
 
 
 def sort_key(seed: int, split: str, synset: str | None, name: str) -> int:
@@ -92,20 +128,32 @@ class _Progress:
 
 
 def _rejection(split: str, name: str, reason: str):
-    return beam.pvalue.TaggedOutput(REJECTED, {"split": split, "file": name, "reason": reason})
+    return REJECTED, {"split": split, "file": name, "reason": reason}
+
+
+def of_kind(element, kind: str):
+    """The value of a `(kind, value)` element of the given kind (for `beam.FlatMap`)."""
+    if element[0] == kind:
+        yield element[1]
+
+
+def pick(tagged, *kinds: str) -> dict:
+    """{kind: PCollection of that kind's values} of a PCollection of `(kind, value)` elements."""
+    return {kind: tagged | f"Pick{kind.title()}" >> beam.FlatMap(of_kind, kind) for kind in kinds}
 
 
 # -- listing --------------------------------------------------------------------
 
 
 class ListUnitFn(beam.DoFn):
-    """ReadUnit -> (split, key, Member) for each labelled image; tagged 'rejected'."""
+    """ReadUnit -> ("item", (split, key, Member)) for each labelled image, ("rejected", dict) for the
+    others, and last ("read", (split, count)): how many it listed, both kinds together."""
 
     def __init__(self, config: BuildConfig):
         self.config = config
         self.known = frozenset(config.classes)
 
-    def process(self, unit: members.ReadUnit):
+    def _list(self, unit: members.ReadUnit):
         count = 0
         try:
             for m in members.list_unit(unit):
@@ -120,15 +168,22 @@ class ListUnitFn(beam.DoFn):
                 elif m.synset not in self.known:
                     yield _rejection(unit.split, m.name, f"synset {m.synset} has no training images")
                 else:
-                    yield unit.split, sort_key(self.config.seed, unit.split, m.synset, m.name), m
+                    yield ITEM, (unit.split, sort_key(self.config.seed, unit.split, m.synset, m.name), m)
         except members.UnitReadError as e:
             # What follows the damage cannot be listed; it is reported as one
             # rejected input so that read = written + rejected still holds.
             yield _rejection(unit.split, unit.name, f"damaged after {count} images: {e}")
 
+    def process(self, unit: members.ReadUnit):
+        listed = 0
+        for element in self._list(unit):
+            listed += 1
+            yield element
+        yield READ, (unit.split, listed)
+
 
 class ListMembers(beam.PTransform):
-    """PCollection[ReadUnit] -> outputs `items` (split, key, Member) and `rejected` (dict).
+    """PCollection[ReadUnit] -> {"items": (split, key, Member), "rejected": dict, "read": (split, count)}.
 
     Only names and byte ranges leave this step: image bytes are read once, by
     the shard writer.
@@ -139,12 +194,14 @@ class ListMembers(beam.PTransform):
         self.config = config
 
     def expand(self, units):
-        return (
+        listed = (
             units
             # Spread units over workers: listing a class archive is a few KB of I/O.
             | "Spread" >> beam.Reshuffle()
-            | "List" >> beam.ParDo(ListUnitFn(self.config)).with_outputs(REJECTED, main="items")
+            | "List" >> beam.ParDo(ListUnitFn(self.config))
         )
+        picked = pick(listed, ITEM, REJECTED, READ)
+        return {"items": picked[ITEM], "rejected": picked[REJECTED], "read": picked[READ]}
 
 
 # -- sharding -------------------------------------------------------------------
@@ -155,43 +212,70 @@ def effective_num_shards(requested: int, num_records: int) -> int:
     return max(1, min(requested, num_records // MIN_RECORDS_PER_SHARD))
 
 
-def _sorted_keys(split_keys):
-    split, keys = split_keys
-    return split, np.sort(np.fromiter(keys, dtype=np.uint64))
+def shard_bounds(split_keys, num_shards: dict[str, int]):
+    """(split, keys) -> (split, (shards, bounds)): the first key of each shard but the first.
 
-
-def assign_shard(item, sorted_keys, num_shards):
-    """(split, key, member) -> ((split, shard, shards), (key, member)).
-
-    Shards are contiguous ranges of the hash rank, so each holds floor or ceil of
-    N/shards records (none empty) and a random mix of classes.
+    Shards are contiguous ranges of the hash rank, so each holds floor or ceil
+    of N/shards records (none empty) and a random mix of classes: shard s
+    starts at rank ceil(s * N / shards).
     """
-    split, key, member = item
-    keys = sorted_keys[split]
+    split, keys = split_keys
+    keys = np.sort(np.fromiter(keys, dtype=np.uint64))
     n = len(keys)
     shards = effective_num_shards(num_shards[split], n)
-    rank = int(np.searchsorted(keys, np.uint64(key)))
-    return (split, rank * shards // n, shards), (key, member)
+    return split, (shards, keys[[-(-s * n // shards) for s in range(1, shards)]])
+
+
+def assign_shard(item, bounds: dict):
+    """(split, key, member) -> ((split, shard, shards), (key, member)), given each split's `shard_bounds`."""
+    split, key, member = item
+    shards, starts = bounds[split]
+    return (split, int(np.searchsorted(starts, np.uint64(key), side="right")), shards), (key, member)
+
+
+def _bucket(key: int) -> int:
+    return key * NUM_BUCKETS >> 64  # Keys are uniform 64-bit hashes.
+
+
+def _assign_bucket(bucket_group):
+    """(bucket, [("bounds", (split, bounds)) ..., ("item", item) ...]) -> the bucket's assigned items."""
+    _, tagged = bucket_group
+    bounds, items = {}, []
+    for kind, value in tagged:
+        if kind == "bounds":
+            bounds[value[0]] = value[1]
+        else:
+            items.append(value)
+    for item in items:
+        yield assign_shard(item, bounds)
 
 
 class AssignShards(beam.PTransform):
-    """PCollection[(split, key, Member)] -> PCollection[((split, shard, shards), [(key, Member)])]."""
+    """PCollection[(split, key, Member)] -> PCollection[((split, shard, shards), [(key, Member)])].
+
+    The bounds are computed from all keys (8 bytes an image), then joined with
+    the items by GroupByKey in `NUM_BUCKETS` groups, each given a copy of
+    them: no side input, which some runners evaluate again in every consumer.
+    """
 
     def __init__(self, num_shards: dict[str, int]):
         super().__init__()
         self.num_shards = dict(num_shards)
 
     def expand(self, items):
-        sorted_keys = (
+        bounds = (
             items
             | "SplitKey" >> beam.Map(lambda r: (r[0], r[1]))
             | "GroupKeys" >> beam.GroupByKey()
-            | "SortKeys" >> beam.Map(_sorted_keys)
-        )  # PCollection[(split, np.ndarray[uint64])]: 8 bytes an image.
+            | "Bounds" >> beam.Map(shard_bounds, num_shards=self.num_shards)
+            | "ToEveryBucket" >> beam.FlatMap(lambda b: ((i, ("bounds", b)) for i in range(NUM_BUCKETS)))
+        )
+        bucketed = items | "ToBucket" >> beam.Map(lambda r: (_bucket(r[1]), ("item", r)))
         return (
-            items
-            | "Assign" >> beam.Map(assign_shard, sorted_keys=beam.pvalue.AsDict(sorted_keys),
-                                   num_shards=self.num_shards)
+            (bounds, bucketed)
+            | "Join" >> beam.Flatten()
+            | "GroupBuckets" >> beam.GroupByKey()
+            | "Assign" >> beam.FlatMap(_assign_bucket)
             | "Group" >> beam.GroupByKey()
         )
 
@@ -200,12 +284,14 @@ class AssignShards(beam.PTransform):
 
 
 class WriteShardFn(beam.DoFn):
-    """((split, shard, shards), [(key, Member)]) -> shard info dict (with its count of upscaled images).
+    """((split, shard, shards), [(key, Member)]) -> ("shard", info dict) (with its count of upscaled images).
 
     Reads, checks and re-encodes each image in key order and streams it into the
-    shard, so memory does not grow with the shard or the dataset. Also outputs,
-    tagged, the rejected images and one `Moments` of the shard's training
-    pixels (the colour statistics, from the same pixels, in integers).
+    shard, so memory does not grow with the shard or the dataset. Also outputs
+    ("rejected", dict) for each image it rejects and, for a training shard,
+    ("sums", PixelSums) of its pixels (the colour statistics, from the same
+    pixels, in integers). The info names the worker process that wrote the
+    shard (host:pid), for the build's report.
     """
 
     def __init__(self, config: BuildConfig, output_dir: str):
@@ -266,63 +352,75 @@ class WriteShardFn(beam.DoFn):
                     sums.add(out.pixels, out.square)
         fileio.rename(tmp, final)
         if sums.num_images:
-            yield beam.pvalue.TaggedOutput(MOMENTS, sums.moments())
-        yield {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count,
-               "num_upscaled": upscaled, **f.digest.info()}
+            yield SUMS, sums
+        yield SHARD, {"split": split, "index": shard, "num_shards": shards, "file": name, "num_examples": count,
+                      "num_upscaled": upscaled, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                      **f.digest.info()}
 
 
 class WriteShards(beam.PTransform):
-    """Grouped members -> outputs `shards` (dict), `rejected` (dict) and `moments` (Moments)."""
+    """Grouped members -> {"shards": info dict, "rejected": dict, "sums": PixelSums}."""
 
     def __init__(self, config: BuildConfig, output_dir: str):
         super().__init__()
         self.config, self.output_dir = config, output_dir
 
     def expand(self, grouped):
-        return grouped | "Write" >> beam.ParDo(WriteShardFn(self.config, self.output_dir)).with_outputs(
-            REJECTED, MOMENTS, main="shards")
+        written = grouped | "Write" >> beam.ParDo(WriteShardFn(self.config, self.output_dir))
+        picked = pick(written, SHARD, REJECTED, SUMS)
+        return {"shards": picked[SHARD], "rejected": picked[REJECTED], "sums": picked[SUMS]}
 
 
 # -- colour statistics and counts -------------------------------------------------
 
 
-class ColorStatsFn(beam.CombineFn):
-    """Merges `Moments` (of images, or of whole shards) into one `Moments`."""
+class SumPixelsFn(beam.CombineFn):
+    """Adds `PixelSums` (of images, or of whole shards) into one; exact, in any order."""
 
-    def create_accumulator(self) -> color_stats.Moments:
-        return color_stats.Moments()
+    def create_accumulator(self) -> color_stats.PixelSums:
+        return color_stats.PixelSums()
 
-    def add_input(self, acc: color_stats.Moments, element: color_stats.Moments) -> color_stats.Moments:
+    def add_input(self, acc: color_stats.PixelSums, element: color_stats.PixelSums) -> color_stats.PixelSums:
         return acc.merge(element)
 
-    def merge_accumulators(self, accumulators) -> color_stats.Moments:
-        out = color_stats.Moments()
+    def merge_accumulators(self, accumulators) -> color_stats.PixelSums:
+        out = color_stats.PixelSums()
         for a in accumulators:
             out.merge(a)
         return out
 
-    def extract_output(self, acc: color_stats.Moments) -> color_stats.Moments:
+    def extract_output(self, acc: color_stats.PixelSums) -> color_stats.PixelSums:
         return acc
 
 
-class ComputeColorStats(beam.PTransform):
-    """PCollection[Moments] -> PCollection[Moments] holding one element (empty Moments if none)."""
+def _fan_in_key(sums: color_stats.PixelSums):
+    return sums.num_pixels % STATS_FAN_IN, sums
 
-    def expand(self, moments):
-        return moments | "Merge" >> beam.CombineGlobally(ColorStatsFn())
+
+class ComputeColorStats(beam.PTransform):
+    """PCollection[PixelSums] -> PCollection holding their sum (no element if there is none).
+
+    Two keyed levels (`STATS_FAN_IN` groups, then one) rather than one global
+    combine: a runner that does not pre-combine before its shuffle still never
+    gathers every shard's mean-image sum in one task.
+    """
+
+    def expand(self, sums):
+        return (
+            sums
+            | "FanIn" >> beam.Map(_fan_in_key)
+            | "Partial" >> beam.CombinePerKey(SumPixelsFn())
+            | "ToOne" >> beam.Map(lambda kv: (None, kv[1]))
+            | "Total" >> beam.CombinePerKey(SumPixelsFn())
+            | "Sum" >> beam.Values()
+        )
 
 
 class CountRead(beam.PTransform):
-    """(items, listing rejects) -> PCollection[(split, count)] of every image listed."""
+    """PCollection[(split, count)] of the listing's units -> PCollection[(split, total)]."""
 
-    def expand(self, pcolls):
-        items, rejected = pcolls
-        return (
-            (items | "SplitOfItem" >> beam.Map(lambda r: r[0]),
-             rejected | "SplitOfReject" >> beam.Map(lambda r: r["split"]))
-            | "All" >> beam.Flatten()
-            | "Count" >> beam.combiners.Count.PerElement()
-        )
+    def expand(self, read):
+        return read | "Sum" >> beam.CombinePerKey(sum)
 
 
 # -- summary --------------------------------------------------------------------
@@ -334,49 +432,83 @@ def _npy_base64(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def stats_line(moments: color_stats.Moments) -> str:
-    """The colour statistics (and the mean image, as base64 .npy) as one JSON line."""
-    stats, mean_image = color_stats.summarize(moments)
-    return json.dumps({"kind": "color_stats", "stats": stats,
-                       "mean_image_npy": None if mean_image is None else _npy_base64(mean_image)})
+def sums_line(sums: color_stats.PixelSums) -> str:
+    """The training pixels' exact sums (and the square images' sum, as base64 .npy) as one JSON line.
+
+    The driver turns them into floats (`color_stats.summarize`): every build,
+    on any runner and workers, writes the same statistics from the same sums.
+    """
+    return json.dumps({"kind": SUMS, **sums.to_json(),
+                       "image_sum_npy": None if sums.image_sum is None else _npy_base64(sums.image_sum)})
+
+
+class WriteLinesFn(beam.DoFn):
+    """(None, [line, ...]) -> the lines, sorted, in one file (written as a temporary file, then renamed)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def process(self, element):
+        _, lines = element
+        lines = sorted(lines)
+        fileio.makedirs(os.path.dirname(self.path))
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        with fileio.open_file(tmp, "w") as f:
+            for line in lines:
+                f.write(line + "\n")
+        fileio.rename(tmp, self.path)
+        yield len(lines)
 
 
 class WriteSummary(beam.PTransform):
-    """(shards, rejected, counts, stats) -> `<build_dir>/summary.jsonl`, one JSON object a line."""
+    """(shards, rejected, read counts, pixel sums) -> `<build_dir>/summary.jsonl`, one JSON object a line.
+
+    One writer, reached through a GroupByKey; it outputs the number of lines
+    written. Being the pipeline's last step, fed by every branch, it makes any
+    runner compute all of them.
+    """
 
     def __init__(self, build_dir: str):
         super().__init__()
         self.build_dir = build_dir
 
     def expand(self, pcolls):
-        shards, rejected, counts, stats = pcolls
+        shards, rejected, counts, sums = pcolls
         lines = (
-            shards | "Shards" >> beam.Map(lambda s: json.dumps({"kind": "shard", **s})),
-            rejected | "Rejected" >> beam.Map(lambda r: json.dumps({"kind": "rejected", **r})),
-            counts | "Counts" >> beam.MapTuple(lambda s, n: json.dumps({"kind": "read", "split": s, "count": n})),
-            stats | "Stats" >> beam.Map(stats_line),
+            shards | "Shards" >> beam.Map(lambda s: json.dumps({"kind": SHARD, **s})),
+            rejected | "Rejected" >> beam.Map(lambda r: json.dumps({"kind": REJECTED, **r})),
+            counts | "Counts" >> beam.MapTuple(lambda s, n: json.dumps({"kind": READ, "split": s, "count": n})),
+            sums | "Sums" >> beam.Map(sums_line),
         ) | "Lines" >> beam.Flatten()
-        return lines | "Write" >> beam.io.WriteToText(
-            os.path.join(self.build_dir, SUMMARY_FILE), shard_name_template="")
+        return (
+            lines
+            | "ToOneWriter" >> beam.Map(lambda line: (None, line))
+            | "Gather" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(WriteLinesFn(os.path.join(self.build_dir, SUMMARY_FILE)))
+        )
 
 
 def read_summary(build_dir: str) -> dict:
-    """The pipeline's summary: shards, rejected, read counts, colour statistics, mean image."""
-    summary = {"shards": [], "rejected": [], "read": {}, "color_stats": {}, "mean_image": None}
+    """The pipeline's summary: shards, rejected, read counts, pixel sums, colour statistics, mean image.
+
+    Raises FileNotFoundError when the pipeline wrote none.
+    """
+    summary = {"shards": [], "rejected": [], "read": {}, "pixel_sums": None, "color_stats": {}, "mean_image": None}
     with fileio.open_file(os.path.join(build_dir, SUMMARY_FILE), "r") as f:
         for line in f:
             obj = json.loads(line)
             kind = obj.pop("kind")
-            if kind == "shard":
+            if kind == SHARD:
                 summary["shards"].append(obj)
-            elif kind == "rejected":
+            elif kind == REJECTED:
                 summary["rejected"].append(obj)
-            elif kind == "read":
+            elif kind == READ:
                 summary["read"][obj["split"]] = obj["count"]
-            elif kind == "color_stats":
-                summary["color_stats"] = obj["stats"]
-                if obj["mean_image_npy"]:
-                    summary["mean_image"] = np.load(io.BytesIO(base64.b64decode(obj["mean_image_npy"])))
+            elif kind == SUMS:
+                npy = obj.pop("image_sum_npy")
+                image_sum = np.load(io.BytesIO(base64.b64decode(npy))) if npy else None
+                summary["pixel_sums"] = color_stats.PixelSums.from_json(obj, image_sum)
+                summary["color_stats"], summary["mean_image"] = color_stats.summarize(summary["pixel_sums"])
     summary["shards"].sort(key=lambda s: (s["split"], s["index"]))
     summary["rejected"].sort(key=lambda r: (r["split"], r["file"]))
     return summary
@@ -392,11 +524,11 @@ class BuildRecords(beam.PTransform):
     def expand(self, units):
         listed = units | "ListMembers" >> ListMembers(self.config)
         written = (
-            listed.items
+            listed["items"]
             | "AssignShards" >> AssignShards(dict(self.config.num_shards))
             | "WriteShards" >> WriteShards(self.config, self.output_dir)
         )
-        rejected = (listed.rejected, written.rejected) | "AllRejected" >> beam.Flatten()
-        counts = (listed.items, listed.rejected) | "CountRead" >> CountRead()
-        stats = written.moments | "ColorStats" >> ComputeColorStats()
-        return (written.shards, rejected, counts, stats) | "WriteSummary" >> WriteSummary(self.build_dir)
+        rejected = (listed["rejected"], written["rejected"]) | "AllRejected" >> beam.Flatten()
+        counts = listed["read"] | "CountRead" >> CountRead()
+        sums = written["sums"] | "ColorStats" >> ComputeColorStats()
+        return (written["shards"], rejected, counts, sums) | "WriteSummary" >> WriteSummary(self.build_dir)

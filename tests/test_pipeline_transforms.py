@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import json
 import os
+import socket
 
 import apache_beam as beam
 import numpy as np
@@ -192,8 +194,8 @@ def test_color_stats_combine_fn_matches_numpy_in_a_pipeline():
     mean_image = np.mean([s for _, s in pairs], axis=0)
 
     def check(outputs):
-        (moments,) = outputs
-        stats, image = color_stats.summarize(moments)
+        (sums,) = outputs
+        stats, image = color_stats.summarize(sums)
         np.testing.assert_allclose(stats["mean_rgb"], mean, rtol=1e-12)
         np.testing.assert_allclose(stats["covariance"], cov, rtol=1e-10)
         np.testing.assert_allclose(image, mean_image, rtol=1e-6)
@@ -202,30 +204,35 @@ def test_color_stats_combine_fn_matches_numpy_in_a_pipeline():
     with BeamTestPipeline() as p:
         result = (
             p
-            | beam.Create([color_stats.Moments.of_image(p, s) for p, s in pairs], reshuffle=False)
+            | beam.Create([color_stats.PixelSums.of_image(p, s) for p, s in pairs], reshuffle=False)
             | beam.Reshuffle()  # Split across bundles, so accumulators are merged.
             | transforms.ComputeColorStats()
         )
         assert_that(result, check)
 
 
-def test_moments_merge_is_order_independent_and_exact():
+def test_pixel_sums_merge_in_any_order_to_the_same_bytes():
     rng = np.random.default_rng(2)
-    images = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(6)]
-    left = color_stats.Moments()
-    for im in images[:3]:
-        left.merge(color_stats.Moments.of_image(im))
-    right = color_stats.Moments()
-    for im in images[3:]:
-        right.merge(color_stats.Moments.of_image(im))
-    merged = color_stats.Moments().merge(right).merge(left)
+    images = [rng.integers(0, 256, (int(rng.integers(20, 50)), 40, 3), dtype=np.uint8) for _ in range(8)]
+    squares = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in images]
+    parts = [color_stats.PixelSums.of_image(im, sq) for im, sq in zip(images, squares)]
+    results = []
+    for order in (range(8), reversed(range(8)), rng.permutation(8)):
+        # Merged in another order and grouping each time, as runners and their workers do.
+        left, right = color_stats.PixelSums(), color_stats.PixelSums()
+        for i, j in enumerate(order):
+            (left if i % 3 else right).merge(parts[j])
+        stats, mean_image = color_stats.summarize(color_stats.PixelSums().merge(right).merge(left))
+        results.append((json.dumps(stats), mean_image.tobytes()))
+    assert results[0] == results[1] == results[2]
     mean, cov = _numpy_stats([(im, None) for im in images])
-    np.testing.assert_allclose(merged.mean, mean, rtol=1e-12)
-    np.testing.assert_allclose(merged.comoment / merged.num_pixels, cov, rtol=1e-10)
+    stats = json.loads(results[0][0])
+    np.testing.assert_allclose(stats["mean_rgb"], mean, rtol=1e-14)
+    np.testing.assert_allclose(stats["covariance"], cov, rtol=1e-12)
 
 
 def test_summarize_orders_eigenpairs_and_fixes_signs():
-    m = color_stats.Moments.of_image(np.random.default_rng(3).integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    m = color_stats.PixelSums.of_image(np.random.default_rng(3).integers(0, 256, (50, 50, 3), dtype=np.uint8))
     stats, _ = color_stats.summarize(m)
     vals, vecs = np.array(stats["eigenvalues"]), np.array(stats["eigenvectors"])
     assert list(vals) == sorted(vals, reverse=True)
@@ -252,7 +259,7 @@ def test_list_members_labels_members_and_rejects_the_unlabelled():
     with BeamTestPipeline() as p:
         out = p | beam.Create([unit]) | transforms.ListMembers(CONFIG)
         assert_that(
-            out.items | beam.Map(lambda r: (r[0], r[2].name, r[1] == transforms.sort_key(
+            out["items"] | beam.Map(lambda r: (r[0], r[2].name, r[1] == transforms.sort_key(
                 0, r[0], r[2].synset, r[2].name))),
             equal_to([
                 ("validation", "val/ILSVRC2012_val_00000001.JPEG", True),
@@ -261,16 +268,17 @@ def test_list_members_labels_members_and_rejects_the_unlabelled():
             label="items",
         )
         assert_that(
-            out.rejected | beam.Map(lambda r: (r["file"], r["reason"])),
+            out["rejected"] | beam.Map(lambda r: (r["file"], r["reason"])),
             equal_to([
                 ("val/ILSVRC2012_val_00000002.JPEG", "synset n09999999 has no training images"),
                 ("val/README.txt", "no validation number in the file name (expected ILSVRC2012_val_NNNNNNNN.JPEG)"),
             ]),
             label="rejected",
         )
+        assert_that(out["read"], equal_to([("validation", 4)]), label="read")
 
 
-def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_path):
+def test_write_shards_writes_in_key_order_and_tags_rejections_and_sums(tmp_path):
     good = _encode(_image(300, 400))
     files = {
         "a.JPEG": good,
@@ -292,12 +300,12 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_moments(tmp_pa
             | beam.Create([(("train", 1, 3), items)])
             | transforms.WriteShards(CONFIG, str(out_dir))
         )
-        assert_that(out.shards, _shard_written(out_dir), label="shards")
-        assert_that(out.rejected | beam.Map(lambda r: (r["file"], r["reason"].split(":")[0])), equal_to([
+        assert_that(out["shards"], _shard_written(out_dir), label="shards")
+        assert_that(out["rejected"] | beam.Map(lambda r: (r["file"], r["reason"].split(":")[0])), equal_to([
             ("train/c.JPEG", "corrupt or truncated JPEG"), ("train/e.JPEG", "unreadable"),
         ]), label="rejected")
-        assert_that(out.moments | beam.Map(lambda m: (m.num_images, m.num_pixels)),
-                    equal_to([(3, 3 * 256 * 256)]), label="moments")
+        assert_that(out["sums"] | beam.Map(lambda m: (m.num_images, m.num_pixels)),
+                    equal_to([(3, 3 * 256 * 256)]), label="sums")
     rows = [records.parse_example(r) for r in tf_records(out_dir / "train-00001-of-00003")]
     # Key order: b (10), d (20), a (40).
     assert [r[records.FILENAME].numpy().decode() for r in rows] == ["b.JPEG", "d.JPEG", "a.JPEG"]
@@ -310,6 +318,7 @@ def _shard_written(out_dir):
     def match(actual):
         (info,) = actual
         data = (out_dir / info["file"]).read_bytes()
+        assert info.pop("worker") == f"{socket.gethostname()}:{os.getpid()}"  # The in-process test runner.
         assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
                         "num_examples": 3, "num_upscaled": 1, "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(),
@@ -324,10 +333,12 @@ def tf_records(path):
 
 
 def test_assign_shard_splits_by_rank_evenly():
-    keys = np.sort(np.random.default_rng(0).integers(0, 2**63, 1000, dtype=np.uint64))
-    shards = collections.Counter(
-        transforms.assign_shard(("train", int(k), b""), {"train": keys}, {"train": 7})[0] for k in keys
-    )
+    keys = np.random.default_rng(0).integers(0, 2**64 - 1, 1000, dtype=np.uint64)
+    bounds = dict([transforms.shard_bounds(("train", [int(k) for k in keys]), {"train": 7})])
+    shards = collections.Counter(transforms.assign_shard(("train", int(k), b""), bounds)[0] for k in keys)
+    ranks = {int(k): r for r, k in enumerate(np.sort(keys))}
+    for k in keys:  # Shard = rank * shards // N: contiguous ranges of the rank.
+        assert transforms.assign_shard(("train", int(k), b""), bounds)[0][1] == ranks[int(k)] * 7 // 1000
     assert sorted(shards) == [("train", i, 7) for i in range(7)]
     assert set(shards.values()) <= {142, 143}
 
@@ -398,8 +409,9 @@ def test_links_in_a_class_archive_are_rejected_by_name_not_dropped(tmp_path):
     (unit,) = imagenet_layout.plan(str(tmp_path)).splits["train"].units
     config = BuildConfig(classes=("n01440764",), names=("tench",))
     out = list(transforms.ListUnitFn(config).process(unit))
-    items = [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
-    rejected = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    items = [v for kind, v in out if kind == transforms.ITEM]
+    rejected = [v for kind, v in out if kind == transforms.REJECTED]
+    assert [v for kind, v in out if kind == transforms.READ] == [("train", 3)]  # Listed: the image and the links.
     assert [m.name.split("/")[-1] for _, _, m in items] == ["n01440764_1.JPEG"]
     assert rejected == [  # Counted as read and rejected (read = written + rejected); the folder is structure.
         {"split": "train", "file": f"{imagenet_layout.TRAIN_TAR}/n01440764.tar/n01440764_2.JPEG",
@@ -424,9 +436,9 @@ def test_links_in_the_flat_validation_archive_are_rejected_too(tmp_path):
     units = imagenet_layout.plan(str(tmp_path)).splits["validation"].units
     config = BuildConfig(classes=("n01440764",), names=("tench",))
     out = [o for u in units for o in transforms.ListUnitFn(config).process(u)]
-    assert [m.name for _, _, m in (o for o in out if not isinstance(o, beam.pvalue.TaggedOutput))] == [
+    assert [v[2].name for kind, v in out if kind == transforms.ITEM] == [
         f"{imagenet_layout.VAL_TAR}/ILSVRC2012_val_00000001.JPEG"]
-    assert [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)] == [
+    assert [v for kind, v in out if kind == transforms.REJECTED] == [
         {"split": "validation", "file": f"{imagenet_layout.VAL_TAR}/ILSVRC2012_val_00000002.JPEG",
          "reason": "a symbolic link (to /dev/zero), not an image file: not followed"}]
 
@@ -453,17 +465,15 @@ def test_assign_shards_groups_contiguous_key_ranges():
         assert_that(groups, check)
 
 
-def test_count_read_counts_listed_and_rejected_per_split():
-    items = [("train", i, None) for i in range(5)] + [("validation", 9, None)]
-    rejected = [{"split": "validation", "file": "x", "reason": "r"}, {"split": "train", "file": "y", "reason": "r"}]
+def test_count_read_adds_the_units_counts_per_split():
     with BeamTestPipeline() as p:
-        counts = (p | "Items" >> beam.Create(items), p | "Rejected" >> beam.Create(rejected)) | transforms.CountRead()
+        counts = p | beam.Create([("train", 5), ("validation", 2), ("train", 1), ("train", 0)]) | transforms.CountRead()
         assert_that(counts, equal_to([("train", 6), ("validation", 2)]))
 
 
 def test_summary_reaches_the_driver_through_a_beam_sink(tmp_path):
     pixels = _image(40, 50)
-    moments = color_stats.Moments.of_image(pixels)
+    sums = color_stats.PixelSums.of_image(pixels, pixels[:8, :8])
     shards = [{"split": "train", "index": i, "num_shards": 2, "file": records.shard_name("train", i, 2),
                "num_examples": 3} for i in (1, 0)]
     rejected = [{"split": "train", "file": "b", "reason": "r2"}, {"split": "train", "file": "a", "reason": "r1"}]
@@ -472,13 +482,13 @@ def test_summary_reaches_the_driver_through_a_beam_sink(tmp_path):
             p | "S" >> beam.Create(shards),
             p | "R" >> beam.Create(rejected),
             p | "C" >> beam.Create([("train", 8)]),
-            p | "M" >> beam.Create([moments]),
+            p | "M" >> beam.Create([sums]),
         ) | transforms.WriteSummary(str(tmp_path))
     summary = transforms.read_summary(str(tmp_path))
     assert [s["index"] for s in summary["shards"]] == [0, 1]
     assert [r["file"] for r in summary["rejected"]] == ["a", "b"]
     assert summary["read"] == {"train": 8}
-    expected, mean_image = color_stats.summarize(moments)
+    expected, mean_image = color_stats.summarize(sums)
     assert summary["color_stats"] == expected
     np.testing.assert_array_equal(summary["mean_image"], mean_image)
 
@@ -486,30 +496,26 @@ def test_summary_reaches_the_driver_through_a_beam_sink(tmp_path):
 # -- exact integer statistics, and records without TensorFlow -----------------------
 
 
-def test_pixel_sums_are_exact_and_fold_before_overflow(monkeypatch):
+def test_pixel_sums_are_exact_integers_even_past_int64():
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (int(rng.integers(8, 40)), 33, 3), dtype=np.uint8) for _ in range(9)]
     squares = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in images]
-    x = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float64)
-
-    def moments():
-        sums = color_stats.PixelSums()
-        for im, sq in zip(images, squares):
-            sums.add(im, sq)
-        return sums.moments()
-
+    x = np.concatenate([im.reshape(-1, 3) for im in images]).astype(object)  # Python integers: exact.
     sums = color_stats.PixelSums()
-    sums.add(images[0], squares[0])
+    for im, sq in zip(images, squares):
+        sums.add(im, sq)
+    assert (sums.num_images, sums.num_pixels) == (9, len(x))
+    assert sums.sum == [int(v) for v in x.sum(axis=0)]
+    assert sums.products == [[int(v) for v in row] for row in x.T.dot(x)]
+    np.testing.assert_array_equal(sums.image_sum, np.sum(squares, axis=0, dtype=np.int64))
     with pytest.raises(ValueError, match="mean image shapes differ"):
         sums.add(images[1], images[1])  # Its own pixels as the square: another shape.
-    whole = moments()
-    monkeypatch.setattr(color_stats, "_MAX_PIXELS", 1500)  # Fold into Moments every image or two.
-    folded = moments()
-    for m in (whole, folded):
-        assert (m.num_images, m.num_pixels) == (9, len(x))
-        np.testing.assert_allclose(m.mean, x.mean(axis=0), rtol=1e-14)
-        np.testing.assert_allclose(m.comoment / m.num_pixels, np.cov(x, rowvar=False, bias=True), rtol=1e-12)
-        np.testing.assert_array_equal(m.image_sum, np.sum(squares, axis=0, dtype=np.float64))
+    # 2^40 copies of the same sums: far past what int64 holds, still exact, and the same statistics.
+    big = color_stats.PixelSums.from_json(json.loads(json.dumps(sums.to_json())), sums.image_sum)
+    for _ in range(40):
+        big.merge(color_stats.PixelSums.from_json(big.to_json(), big.image_sum))
+    assert big.products[0][0] == sums.products[0][0] << 40 and big.products[0][0] > 2**63
+    assert color_stats.summarize(big)[0]["covariance"] == color_stats.summarize(sums)[0]["covariance"]
 
 
 def test_make_example_matches_tensorflow_byte_for_byte_without_importing_it():
