@@ -38,14 +38,16 @@ from benchmarks.dask_cluster import ClusterError, local_cluster
 from benchmarks.measure import REPO, write_result
 from pipelines import verify_tfrecords
 
-# The build's summary names its workers ("workers: 2", "2 workers"); older builds say nothing.
-_WORKERS = re.compile(r"\bworkers?\s*[:=]\s*(\d+)|\b(\d+)\s+(?:dask\s+)?workers\b", re.IGNORECASE)
+# The build's summary counts the worker processes that wrote shards ("  workers: 2 processes on 1 host wrote
+# ..."); builds before DaskRunner support say nothing. Not "the Dask cluster at ...: 2 workers", which counts
+# the workers there before the build.
+_WORKERS = re.compile(r"^\s*workers?\s*[:=]\s*(\d+)", re.IGNORECASE | re.MULTILINE)
 
 
 def workers_in_summary(output: str) -> int | None:
     """The number of workers a build's output says took part, or None when it does not say."""
     m = _WORKERS.search(output)
-    return None if m is None else int(m.group(1) or m.group(2))
+    return None if m is None else int(m.group(1))
 
 
 def dask_flags(address: str) -> list[str]:

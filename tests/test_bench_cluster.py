@@ -79,10 +79,12 @@ def test_a_worker_that_cannot_start_is_a_cluster_error_and_nothing_is_left():
 
 
 @pytest.mark.parametrize("output, workers", [
-    ("build_tfrecords: done in 12 s\n  workers: 2\n", 2),
-    ("  DaskRunner on 3 workers (tcp://127.0.0.1:8786)", 3),
-    ("  Workers = 1", 1),
-    ("build_tfrecords: done; train: 120 read = 119 written in 4 shards", None),
+    ("build_tfrecords: wrote out/metadata.json (10 classes, 12.0 s)\n  workers: 2 processes on 1 host wrote the 6 "
+     "shards\n  train: 120 read = 119 written in 4 shards", 2),
+    ("build_tfrecords: runner DaskRunner on the Dask cluster at tcp://127.0.0.1:8786: 3 workers, 3 threads\n"
+     "  Workers = 1\n", 1),
+    ("build_tfrecords: runner DaskRunner on the Dask cluster at tcp://127.0.0.1:8786: 3 workers, 3 threads", None),
+    ("build_tfrecords: wrote out/metadata.json (10 classes, 12.0 s)\n  train: 120 read = 119 written", None),
 ])
 def test_the_worker_count_is_read_from_a_builds_summary(output, workers):
     from benchmarks.cluster_build import workers_in_summary
