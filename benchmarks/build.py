@@ -45,9 +45,11 @@ def _last_line(r: dict) -> str:
         return f.read().strip().splitlines()[-1]
 
 
-def _build(src: str, out: str, *flags: str) -> dict:
-    r = run_stage("build", [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
-                            "--output_dir", out, "--overwrite", *flags], os.path.dirname(out))
+def run_build(src: str, out: str, *flags: str, stage: str = "build") -> dict:
+    """One `build_tfrecords` command: its images, seconds, images/s and peak memory; its output in `<stage>.log`
+    beside `out`."""
+    r = run_stage(stage, [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
+                          "--output_dir", out, "--overwrite", *flags], os.path.dirname(out))
     with open(os.path.join(out, records.METADATA_FILE)) as f:
         meta = records.Metadata.from_json(json.load(f))
     images = sum(s.num_read for s in meta.splits.values())
@@ -55,7 +57,7 @@ def _build(src: str, out: str, *flags: str) -> dict:
             "peak_rss_mib": r["peak_rss_mib"]}
 
 
-def _imagenet_sample(path: str, images: int) -> dict:
+def imagenet_sample(path: str, images: int) -> dict:
     from pipelines import make_sample
 
     per_class = max(1, round(images / 1000))
@@ -75,7 +77,7 @@ def limit(src: str, total: int, work: str, repeats: int = 3) -> dict:
         if json.loads(_last_line(bare))["images"] != total:
             raise RuntimeError(f"bare loop read {_last_line(bare)}, expected {total} images")
         bare_runs.append(bare)
-        ours_runs.append(_build(src, os.path.join(work, "records-4N")))
+        ours_runs.append(run_build(src, os.path.join(work, "records-4N")))
         shutil.rmtree(os.path.join(work, "records-4N"), ignore_errors=True)
     bare_s = statistics.median(r["seconds"] for r in bare_runs)
     ours_s = statistics.median(r["seconds"] for r in ours_runs)
@@ -93,8 +95,8 @@ def limit(src: str, total: int, work: str, repeats: int = 3) -> dict:
 
 def versus_tfds(src: str, work: str) -> dict:
     """`--noresize` and the default build against the tfds imagenet2012 builder on `src`."""
-    noresize = _build(src, os.path.join(work, "records-noresize"), "--noresize")
-    default = _build(src, os.path.join(work, "records-default"))
+    noresize = run_build(src, os.path.join(work, "records-noresize"), "--noresize")
+    default = run_build(src, os.path.join(work, "records-default"))
     code = (
         "import sys, tensorflow_datasets as tfds\n"
         "b = tfds.builder('imagenet2012', data_dir=sys.argv[2])\n"
@@ -123,7 +125,7 @@ def memory(work: str, images: int, keep_records: str | None = None) -> dict:
         src = os.path.join(work, f"small-{label}")
         make_sample.make_sample(src, train_per_class=max(4, n // 10), val_per_class=max(1, n // 100), quirks=False)
         out = os.path.join(work, f"records-{label}")
-        runs[label] = _build(src, out)
+        runs[label] = run_build(src, out)
         shutil.rmtree(src, ignore_errors=True)
         if label == "M" and keep_records:
             shutil.rmtree(keep_records, ignore_errors=True)
@@ -136,7 +138,7 @@ def bench(work: str, images: int, memory_images: int, only: set[str], keep_recor
     result = {}
     if only & {"limit", "tfds"}:
         src = os.path.join(work, "imagenet-4N")
-        sample = _imagenet_sample(src, 4 * images)
+        sample = imagenet_sample(src, 4 * images)
     if "limit" in only:
         result["limit"] = limit(src, sample["num_train"] + sample["num_val"], work)
         print(json.dumps({"limit": result["limit"]}), flush=True)
