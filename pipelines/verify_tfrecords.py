@@ -239,6 +239,7 @@ def compare(data_dir: str, other: str, workers: int | None = None) -> tuple[list
             lines += found
     return lines, len(mine | theirs)
 
+
 def _report(problems: list[str]) -> None:
     for line in problems[:50]:
         print(f"verify_tfrecords: error: {line}", file=sys.stderr)
