@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= tfrecords
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu cluster-build rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,15 @@ bench-loop: $(STAMP)
 # Markdown table. Without a GPU it says so and stops.
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu
+
+# The build on a local dask.distributed cluster (a scheduler and 2 workers on 127.0.0.1, Beam's
+# DaskRunner) against the local runner: the two datasets must be byte-identical (exit 1 otherwise);
+# both times side by side; benchmarks/results/cluster-build.json. A few minutes on 2 cores;
+# CLUSTER_BUILD='--images 8000' for more.
+CLUSTER_BUILD ?=
+cluster-build: $(STAMP)
+	$(PY) -m pip install --quiet psutil
+	$(PY) -m benchmarks.cluster_build $(CLUSTER_BUILD)
 
 # The whole chain at ImageNet's shape (1000 synsets, ImageNet's image sizes, the
 # default shard counts): sample -> build -> verify -> train -> evaluate -> export

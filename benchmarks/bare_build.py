@@ -38,6 +38,7 @@ def list_members(raw_dir: str) -> list[tuple[str, members.Member]]:
 
 def _work(args):
     chunk, resize = args
+    image_processing.keep_large_blocks()  # As the build's workers do.
     sums, rejected, reader = color_stats.PixelSums(), 0, members.MemberReader()
     for split, member in chunk:
         try:

@@ -34,19 +34,17 @@ date and machine it was measured on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from alexnet_tf import records
+from benchmarks.dask_cluster import local_cluster
 from benchmarks.measure import REPO, cpu_flags, run_stage
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -142,91 +140,6 @@ def memory(work: str, images: int, keep_records: str | None = None) -> dict:
             shutil.move(out, keep_records)
         shutil.rmtree(out, ignore_errors=True)
     return {**runs, "ratio": runs["16M"]["peak_rss_mib"] / runs["M"]["peak_rss_mib"]}
-
-
-class _Cluster:
-    """A running scheduler and its workers: `address`, `worker_pids`, `peak_rss_mib()` (each worker's tree)."""
-
-    def __init__(self, address: str, worker_pids: list[int]):
-        import psutil
-
-        self.address, self.worker_pids = address, worker_pids
-        self._procs = [psutil.Process(pid) for pid in worker_pids]
-        self._peaks = [0.0] * len(worker_pids)
-        self._stop = threading.Event()
-        self._watch = threading.Thread(target=self._sample, daemon=True)
-        self._watch.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._stop.wait(0.1):
-            for i, proc in enumerate(self._procs):
-                try:  # The nanny and the worker process it runs.
-                    tree = [proc] + proc.children(recursive=True)
-                    self._peaks[i] = max(self._peaks[i], sum(p.memory_info().rss for p in tree) / 2**20)
-                except psutil.Error:
-                    pass
-
-    def peak_rss_mib(self) -> list[float]:
-        return list(self._peaks)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._watch.join()
-
-
-@contextlib.contextmanager
-def local_cluster(n_workers: int = 2, timeout: float = 60):
-    """`dask scheduler` and `n_workers` `dask worker` processes (1 thread each) on 127.0.0.1.
-
-    The workers import this checkout (PYTHONPATH), as the driver does.
-    """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    folder = tempfile.mkdtemp(prefix="alexnet-dask-")
-    scheduler_file = os.path.join(folder, "scheduler.json")
-    quiet = {"cwd": folder, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file], **quiet)]
-    cluster = None
-    try:
-        address = _await_scheduler(scheduler_file, procs[0], timeout)
-        procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
-                                    "--nthreads", "1", "--no-dashboard", "--local-directory", folder], **quiet)
-                  for _ in range(n_workers)]
-        _await_workers(address, n_workers, timeout)
-        cluster = _Cluster(address, [p.pid for p in procs[1:]])
-        yield cluster
-    finally:
-        if cluster:
-            cluster.close()
-        for proc in reversed(procs):  # Workers first, then the scheduler.
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _await_scheduler(scheduler_file: str, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dask scheduler exited with status {proc.returncode}")
-        try:
-            with open(scheduler_file) as f:
-                return json.load(f)["address"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.2)
-    raise RuntimeError(f"dask scheduler did not start in {timeout:.0f} s")
-
-
-def _await_workers(address: str, n_workers: int, timeout: float) -> None:
-    from distributed import Client
-
-    with Client(address, timeout=timeout) as client:
-        client.wait_for_workers(n_workers, timeout=timeout)
 
 
 def on_dask(src: str, total: int, work: str, repeats: int = 3, workers: int = 2) -> dict:

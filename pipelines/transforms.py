@@ -301,6 +301,7 @@ class WriteShardFn(beam.DoFn):
         self.rejected = Metrics.counter("build_tfrecords", "images_rejected")
 
     def setup(self):
+        image_processing.keep_large_blocks()
         self.progress = _Progress(self.config.progress)
         self.reader = members.MemberReader()
 

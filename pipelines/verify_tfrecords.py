@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
+import json
 import os
 import sys
 import time
 
-from alexnet_tf import records
+from alexnet_tf import fileio, records
+
+# Fields of metadata.json that differ between two builds of the same input.
+UNCOMPARED = (("created",), ("build", "seconds"))
+_CHUNK = 1 << 20
 
 
 def _check_record(raw: bytes, where: str, classes, size: int | None) -> list[str]:
@@ -139,17 +145,127 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
     return problems
 
 
+def dataset_files(data_dir: str) -> list[str]:
+    """The names of a dataset's files in `data_dir`: shards, the mean image, metadata.json."""
+    return sorted(n for n in fileio.listdir(data_dir)
+                  if records.parse_shard_name(n) or n in (records.MEAN_IMAGE_FILE, records.METADATA_FILE))
+
+
+def _first_difference(path: str, other: str) -> str | None:
+    """None when the two files hold the same bytes, else where they first differ."""
+    with fileio.open_file(path) as f, fileio.open_file(other) as g:
+        offset = 0
+        while True:
+            a, b = f.read(_CHUNK), g.read(_CHUNK)
+            if a != b:
+                common = min(len(a), len(b))
+                at = next((i for i in range(common) if a[i] != b[i]), common)
+                if at == common and len(a) != len(b):
+                    return f"one ends at byte {offset + common}, the other goes on"
+                return f"first at byte {offset + at}"
+            if not a:
+                return None
+            offset += len(a)
+
+
+def _json_differences(a, b, path: tuple, names: tuple[str, str]) -> list[str]:
+    """One line per field that differs, named by its JSON path (`splits.train.shards[3].sha256`).
+
+    `names` are the two folders, to say which holds what.
+    """
+    if path in UNCOMPARED:
+        return []
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    if isinstance(a, dict) and isinstance(b, dict):
+        lines = []
+        for key in sorted(a.keys() | b.keys()):
+            if key not in b or key not in a:
+                lines.append(f"{where + '.' if where else ''}{key}: only in {names[0] if key in a else names[1]}")
+            else:
+                lines += _json_differences(a[key], b[key], (*path, key), names)
+        return lines
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items in {names[0]}, {len(b)} in {names[1]}"]
+        return [line for i, (x, y) in enumerate(zip(a, b)) for line in _json_differences(x, y, (*path, i), names)]
+    # As written: 1 and 1.0, or two floats a last bit apart, are different values in the file.
+    if json.dumps(a) != json.dumps(b):
+        return [f"{where}: {json.dumps(a)[:60]} in {names[0]}, {json.dumps(b)[:60]} in {names[1]}"]
+    return []
+
+
+def _load_json(path: str):
+    try:
+        with fileio.open_file(path, "r") as f:
+            return json.load(f), None
+    except (OSError, ValueError) as e:
+        return None, f"{records.METADATA_FILE}: unreadable in {os.path.dirname(path)} ({e})"
+
+
+def _file_differences(name: str, data_dir: str, other: str) -> list[str]:
+    """The differences of one file present in both folders."""
+    path, path_other = os.path.join(data_dir, name), os.path.join(other, name)
+    if name == records.METADATA_FILE:
+        (meta, error), (meta_other, error_other) = _load_json(path), _load_json(path_other)
+        if error or error_other:
+            return [e for e in (error, error_other) if e]
+        return [f"{name}: {line}" for line in _json_differences(meta, meta_other, (), (data_dir, other))]
+    where = _first_difference(path, path_other)
+    return [f"{name}: bytes differ ({where})"] if where else []
+
+
+def compare(data_dir: str, other: str, workers: int | None = None) -> tuple[list[str], int]:
+    """Compares two builds' datasets.
+
+    Args:
+      data_dir: One dataset folder.
+      other: The folder it should equal.
+      workers: Files compared in parallel (default: cores).
+
+    Returns:
+      (differences, files compared): a line per differing file, and per
+      differing metadata.json field (by its JSON path, `created` and
+      `build.seconds` not compared); no lines when the two are the same dataset.
+    """
+    for folder in (data_dir, other):
+        if not fileio.isdir(folder):
+            return [f"{folder}: no such folder"], 0
+    mine, theirs = set(dataset_files(data_dir)), set(dataset_files(other))
+    lines = [f"{name}: in {data_dir} only" for name in sorted(mine - theirs)]
+    lines += [f"{name}: missing from {data_dir} (in {other})" for name in sorted(theirs - mine)]
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for found in pool.map(_file_differences, sorted(mine & theirs), itertools.repeat(data_dir),
+                              itertools.repeat(other)):
+            lines += found
+    return lines, len(mine | theirs)
+
+
+def _report(problems: list[str]) -> None:
+    for line in problems[:50]:
+        print(f"verify_tfrecords: error: {line}", file=sys.stderr)
+    if len(problems) > 50:
+        print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipelines.verify_tfrecords", description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default="tfrecords", help="Folder with the shards and metadata.json.")
-    p.add_argument("--workers", type=int, default=None, help="Shards checked in parallel (default: cores).")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Shards checked (or compared) in parallel (default: cores).")
+    p.add_argument("--same_as", default=None,
+                   help="Another build's folder: compare the two (bytes of every shard and the mean image, "
+                        "metadata.json but its `created` and `build.seconds`) instead of verifying.")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.same_as is not None:
+        differences, count = compare(args.data_dir, args.same_as, args.workers)
+        if differences:
+            _report(differences)
+            sys.exit(1)
+        print(f"verify_tfrecords: same dataset as {args.same_as} ({count} files)")
+        return
     problems = verify(args.data_dir, args.workers)
     if problems:
-        for line in problems[:50]:
-            print(f"verify_tfrecords: error: {line}", file=sys.stderr)
-        if len(problems) > 50:
-            print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
+        _report(problems)
         sys.exit(1)
     meta = records.load_metadata(args.data_dir)
     counts = ", ".join(f"{s} {i.num_examples} in {i.num_shards} shards" for s, i in meta.splits.items())

@@ -332,3 +332,96 @@ def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(co
         f"split train such as train-00000-of-00001 (a plain name inside the records folder), got "
         f"{records._show(str(tmp_path / first))}")
     assert not (tmp_path / "run").exists()
+
+
+# -- --same_as: two builds compared (small fake folders, no build) ---------------------
+
+
+def _fake_dataset(folder, seconds=1.5, created="2026-12-02T10:00:00Z"):
+    """A folder shaped like a build's output: two shards, the mean image, metadata.json, a leftover lock."""
+    folder.mkdir()
+    (folder / "train-00000-of-00002").write_bytes(b"\x01" * 3000)
+    (folder / "train-00001-of-00002").write_bytes(b"\x02" * 10)
+    (folder / records.MEAN_IMAGE_FILE).write_bytes(b"\x93NUMPY fake")
+    (folder / ".build.lock").write_text(created)  # Not part of the dataset.
+    meta = {"created": created, "build": {"seconds": seconds, "runner": "local"},
+            "color_stats": {"mean": [0.1, 0.2, 0.3]}, "splits": {"train": {"shards": [{"n": 1}, {"n": 2}]}}}
+    (folder / records.METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Two copies of one fake dataset that differ only in the fields builds may differ in."""
+    return _fake_dataset(tmp_path / "a"), _fake_dataset(tmp_path / "b", seconds=99.0, created="2027-01-01T00:00:00Z")
+
+
+def test_same_datasets_compare_equal(two):
+    a, b = two
+    assert verify_tfrecords.compare(str(a), str(b)) == ([], 4)
+
+
+def test_a_changed_shard_byte_is_named_with_its_offset(two):
+    a, b = two
+    data = bytearray((b / "train-00000-of-00002").read_bytes())
+    data[2049] ^= 1
+    (b / "train-00000-of-00002").write_bytes(bytes(data))
+    (b / "train-00001-of-00002").write_bytes(b"\x02" * 11)  # One byte longer.
+    assert verify_tfrecords.compare(str(a), str(b))[0] == [
+        "train-00000-of-00002: bytes differ (first at byte 2049)",
+        "train-00001-of-00002: bytes differ (one ends at byte 10, the other goes on)",
+    ]
+
+
+def test_metadata_fields_are_named_by_their_json_path(two):
+    a, b = two
+    meta = json.loads((b / records.METADATA_FILE).read_text())
+    meta["color_stats"]["mean"][1] = 0.20000000000000004  # A last-bit difference is a difference.
+    meta["splits"]["train"]["shards"][1]["n"] = 3
+    meta["build"]["runner"] = "DaskRunner"
+    meta["build"]["workers"] = 2
+    (b / records.METADATA_FILE).write_text(json.dumps(meta))
+    assert verify_tfrecords.compare(str(a), str(b))[0] == [
+        f"metadata.json: build.runner: \"local\" in {a}, \"DaskRunner\" in {b}",
+        f"metadata.json: build.workers: only in {b}",
+        f"metadata.json: color_stats.mean[1]: 0.2 in {a}, 0.20000000000000004 in {b}",
+        f"metadata.json: splits.train.shards[1].n: 2 in {a}, 3 in {b}",
+    ]
+
+
+def test_missing_and_extra_files_are_named(two):
+    a, b = two
+    os.remove(a / records.MEAN_IMAGE_FILE)
+    (a / "validation-00000-of-00001").write_bytes(b"x")
+    assert verify_tfrecords.compare(str(a), str(b)) == ([
+        f"validation-00000-of-00001: in {a} only",
+        f"mean_image.npy: missing from {a} (in {b})",
+    ], 5)
+    assert verify_tfrecords.compare(str(a), str(b / "nothing"))[0] == [f"{b / 'nothing'}: no such folder"]
+
+
+def test_same_as_cli(two):
+    a, b = two
+    cmd = [sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(a), "--same_as", str(b)]
+    ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (ok.returncode, ok.stdout) == (0, f"verify_tfrecords: same dataset as {b} (4 files)\n"), ok.stderr
+    (b / records.METADATA_FILE).write_text("{not json")
+    os.remove(b / "train-00001-of-00002")
+    bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stdout == ""
+    lines = bad.stderr.splitlines()
+    assert lines[0] == f"verify_tfrecords: error: train-00001-of-00002: in {a} only"
+    assert lines[1].startswith(f"verify_tfrecords: error: metadata.json: unreadable in {b} (")
+    assert len(lines) == 2
+
+
+@pytest.mark.slow  # A second build of the sample, on the command line's default runner: about 20 s.
+def test_two_builds_of_one_input_are_the_same_dataset(sample, built, tmp_path):
+    out, _ = built
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", sample["output_dir"],
+                    "--output_dir", str(again)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(again),
+                           "--same_as", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"verify_tfrecords: same dataset as {out} (")
