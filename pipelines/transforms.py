@@ -3,7 +3,9 @@
     ReadUnit ─ ListMembers ─┬─ items: (split, key, Member) ─ AssignShards ─ WriteShards ─┬─ shards
                             ├─ read: (split, count)                                      ├─ rejected
                             └─ rejected                                                  └─ sums ─ ComputeColorStats
-    shards, rejected (both steps), read counts, pixel sums ─ WriteSummary ─ <build_dir>/summary.jsonl
+    shards, rejected (both steps), read counts, partial pixel sums ─ WriteSummary ─ <build_dir>/summary.jsonl
+
+The driver adds up the units' read counts and the partial sums.
 
 `BuildRecords` wires them together. Only names and byte ranges are shuffled,
 never pixels: memory stays flat as the dataset grows, on the local runner as
@@ -399,11 +401,12 @@ def _fan_in_key(sums: color_stats.PixelSums):
 
 
 class ComputeColorStats(beam.PTransform):
-    """PCollection[PixelSums] -> PCollection holding their sum (no element if there is none).
+    """PCollection[PixelSums] -> at most `STATS_FAN_IN` partial sums; the driver adds them (`read_summary`).
 
-    Two keyed levels (`STATS_FAN_IN` groups, then one) rather than one global
-    combine: a runner that does not pre-combine before its shuffle still never
-    gathers every shard's mean-image sum in one task.
+    Keyed groups rather than one global combine: a runner that does not
+    pre-combine before its shuffle still never gathers every shard's
+    mean-image sum in one task, and the last addition of a few partial sums
+    costs no shuffle of its own.
     """
 
     def expand(self, sums):
@@ -411,17 +414,8 @@ class ComputeColorStats(beam.PTransform):
             sums
             | "FanIn" >> beam.Map(_fan_in_key)
             | "Partial" >> beam.CombinePerKey(SumPixelsFn())
-            | "ToOne" >> beam.Map(lambda kv: (None, kv[1]))
-            | "Total" >> beam.CombinePerKey(SumPixelsFn())
-            | "Sum" >> beam.Values()
+            | "Sums" >> beam.Values()
         )
-
-
-class CountRead(beam.PTransform):
-    """PCollection[(split, count)] of the listing's units -> PCollection[(split, total)]."""
-
-    def expand(self, read):
-        return read | "Sum" >> beam.CombinePerKey(sum)
 
 
 # -- summary --------------------------------------------------------------------
@@ -462,7 +456,7 @@ class WriteLinesFn(beam.DoFn):
 
 
 class WriteSummary(beam.PTransform):
-    """(shards, rejected, read counts, pixel sums) -> `<build_dir>/summary.jsonl`, one JSON object a line.
+    """(shards, rejected, units' read counts, partial pixel sums) -> `<build_dir>/summary.jsonl`, a JSON object a line.
 
     One writer, reached through a GroupByKey; it outputs the number of lines
     written. Being the pipeline's last step, fed by every branch, it makes any
@@ -503,13 +497,15 @@ def read_summary(build_dir: str) -> dict:
                 summary["shards"].append(obj)
             elif kind == REJECTED:
                 summary["rejected"].append(obj)
-            elif kind == READ:
-                summary["read"][obj["split"]] = obj["count"]
-            elif kind == SUMS:
+            elif kind == READ:  # One line a read unit.
+                summary["read"][obj["split"]] = summary["read"].get(obj["split"], 0) + obj["count"]
+            elif kind == SUMS:  # Partial sums, added here in integers: any order gives the same sums.
                 npy = obj.pop("image_sum_npy")
                 image_sum = np.load(io.BytesIO(base64.b64decode(npy))) if npy else None
-                summary["pixel_sums"] = color_stats.PixelSums.from_json(obj, image_sum)
-                summary["color_stats"], summary["mean_image"] = color_stats.summarize(summary["pixel_sums"])
+                partial = color_stats.PixelSums.from_json(obj, image_sum)
+                summary["pixel_sums"] = partial if summary["pixel_sums"] is None else summary["pixel_sums"].merge(partial)
+    if summary["pixel_sums"] is not None:
+        summary["color_stats"], summary["mean_image"] = color_stats.summarize(summary["pixel_sums"])
     summary["shards"].sort(key=lambda s: (s["split"], s["index"]))
     summary["rejected"].sort(key=lambda r: (r["split"], r["file"]))
     return summary
@@ -530,6 +526,5 @@ class BuildRecords(beam.PTransform):
             | "WriteShards" >> WriteShards(self.config, self.output_dir)
         )
         rejected = (listed["rejected"], written["rejected"]) | "AllRejected" >> beam.Flatten()
-        counts = listed["read"] | "CountRead" >> CountRead()
         sums = written["sums"] | "ColorStats" >> ComputeColorStats()
-        return (written["shards"], rejected, counts, sums) | "WriteSummary" >> WriteSummary(self.build_dir)
+        return (written["shards"], rejected, listed["read"], sums) | "WriteSummary" >> WriteSummary(self.build_dir)

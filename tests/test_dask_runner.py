@@ -17,7 +17,6 @@ import pytest
 
 from benchmarks.cluster_build import dask_flags, workers_in_summary
 from benchmarks.dask_cluster import local_cluster
-from cluster import free_ports
 from conftest import build
 from pipelines import verify_tfrecords
 
@@ -130,14 +129,18 @@ def test_a_worker_killed_mid_build_gives_the_same_records_or_a_one_line_error(sa
     _assert_same(out, local_records)
 
 
-@pytest.mark.slow  # Imports Beam and waits out the connection timeout: about 20 s.
-def test_no_scheduler_at_the_address_is_a_one_line_error_and_no_dataset(sample, tmp_path):
+@pytest.mark.slow  # Starts a cluster of its own: about 20 s.
+def test_a_cluster_without_the_project_is_named_in_one_line_before_anything_is_written(sample, tmp_path):
+    # The scheduler and workers' Python finds another `pipelines` first: as where alexnet-tf is not installed.
+    shadow = tmp_path / "elsewhere"
+    (shadow / "pipelines").mkdir(parents=True)
+    (shadow / "pipelines" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pipelines'\")\n")
     out = tmp_path / "records"
-    port, = free_ports(1)  # Nothing listens there.
-    proc = subprocess.run(_build_command(sample, out, *dask_flags(f"tcp://127.0.0.1:{port}"),
-                                         "--dask_connection_timeout=3"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    with local_cluster(2, repo=str(shadow)) as cluster:
+        proc = subprocess.run(_build_command(sample, out, *dask_flags(cluster.address)), cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=300)
     _assert_one_line_failure(proc)
     error, = _error_lines(proc.stderr)
-    assert f"127.0.0.1:{port}" in error and "unknown flag" not in error, error  # Names where it looked.
-    assert not out.exists(), os.listdir(out)
+    assert "cannot run the build's code" in error and "No module named 'pipelines'" in error, error
+    assert "install alexnet-tf and pip install 'alexnet-tf[dask]' there" in error, error
+    assert not out.exists()
