@@ -1,9 +1,9 @@
-r"""The build against its own limit and against tensorflow-datasets, as ratios from one run.
+r"""The build against its own limit, tensorflow-datasets and itself on a Dask cluster, as ratios from one run.
 
     python -m benchmarks.build                  # part of `make bench`; ~10 minutes on 2 cores
     python -m benchmarks.build --images 500     # a quick look
 
-Three measurements, each the wall time of a whole command (interpreter start
+Four measurements, each the wall time of a whole command (interpreter start
 to exit) on the same input, run one after the other on an otherwise idle
 machine:
 
@@ -219,8 +219,9 @@ def table(r: dict) -> str:
                      f"workers {workers}; local runner's whole process tree {x['local']['peak_rss_mib']:.0f}.")
     cpu = r["machine"].get("cpu")
     if cpu:
+        yes = {True: "yes", False: "no"}
         lines.append(f"\nCPU: {cpu['model'] or 'unknown'}, {r['machine']['cores']} cores; "
-                     f"AVX-512: {'yes' if cpu['avx512'] else 'no'}, AVX512_BF16: {'yes' if cpu['avx512_bf16'] else 'no'}.")
+                     f"AVX-512: {yes[cpu['avx512']]}, AVX512_BF16: {yes[cpu['avx512_bf16']]}.")
     return "\n".join(lines)
 
 
