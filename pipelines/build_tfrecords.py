@@ -4,10 +4,12 @@ r"""Raw ILSVRC2012 -> sharded TFRecords, colour statistics and metadata.json.
     python -m pipelines.build_tfrecords --imagenet_dir=/data/imagenet --output_dir=tfrecords
     python -m pipelines.build_tfrecords --imagenet_dir=gs://b/imagenet --output_dir=gs://b/tfrecords \
         --runner=DataflowRunner --project=P --region=R --temp_location=gs://b/tmp
+    python -m pipelines.build_tfrecords --imagenet_dir=/shared/imagenet --output_dir=/shared/tfrecords \
+        --runner=DaskRunner --dask_client_address=tcp://scheduler:8786    # pip install 'alexnet-tf[dask]'
 
 Flags below are this pipeline's; every other argument goes to Beam's
-`PipelineOptions` (runner, workers, cloud options). On the default local runner
-all cores are used (multi-processing).
+`PipelineOptions` (runner, workers, cloud options; `pipelines.runners`). On the
+default local runner all cores are used (multi-processing).
 
 This module is the driver: it plans the reading (`imagenet_layout`), runs
 `transforms.BuildRecords` (list members -> assign shards -> write shards, with
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.build_tfrecords",
         description="Raw ILSVRC2012 (archives or extracted folders) -> sharded TFRecords + metadata.json. "
-        "Unknown arguments go to Apache Beam's PipelineOptions (e.g. --runner=DataflowRunner).",
+        "Unknown arguments go to Apache Beam's PipelineOptions (e.g. --runner=DataflowRunner, or "
+        "--runner=DaskRunner --dask_client_address=tcp://HOST:8786 on a dask.distributed cluster).",
     )
     p.add_argument("--imagenet_dir", default=None,
                    help="Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or extracted "

@@ -260,7 +260,8 @@ def dask_error(e: BaseException) -> BuildError | None:
     if isinstance(e, ModuleNotFoundError):
         return BuildError(f"a Dask worker or the scheduler cannot import the build's code ({_reason(e)}): install "
                           f"alexnet-tf and {DASK_INSTALL} there")
-    if isinstance(e, (CommClosedError, distributed.TimeoutError)) or re.search(r"[Ss]cheduler (lost|closed)", str(e)):
+    if (isinstance(e, (CommClosedError, distributed.TimeoutError))
+            or re.search(r"[Ss]cheduler (lost|closed)|^Timed out trying to connect to ", str(e))):
         return BuildError(f"lost the Dask scheduler during the build ({_reason(e)}); nothing was kept: rerun "
                           "with --overwrite once the cluster is back")
     return None

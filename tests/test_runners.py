@@ -162,3 +162,26 @@ def test_a_branch_a_runner_skipped_is_an_error_not_a_missing_file(sample, tmp_pa
     with pytest.raises(build_tfrecords.BuildError, match=re.escape(message)):
         build(sample["output_dir"], out)
     assert not os.path.exists(out / "metadata.json")
+
+
+def test_the_clusters_own_failures_become_one_line_each():
+    import types
+
+    import distributed
+    from distributed.comm.core import CommClosedError
+
+    from pipelines import runners
+
+    worker = types.SimpleNamespace(address="tcp://127.0.0.1:4000")
+    died = runners.dask_error(distributed.KilledWorker(("apply_dofn_to_bundle-1f", 3), worker, 3))
+    assert "Dask workers died while running a step of the build" in str(died)
+    assert "tcp://127.0.0.1:4000" in str(died) and "rerun with --overwrite" in str(died)
+    missing = runners.dask_error(ModuleNotFoundError("No module named 'pipelines'"))
+    assert "cannot import the build's code (ModuleNotFoundError: No module named 'pipelines')" in str(missing)
+    lost = runners.dask_error(CommClosedError("in <TCP (closed) ConnectionPool.gather local=tcp://127.0.0.1:5>"))
+    assert str(lost).startswith("lost the Dask scheduler during the build (CommClosedError: ")
+    gone = runners.dask_error(OSError("Timed out trying to connect to tcp://127.0.0.1:8786 after 30 s"))
+    assert str(gone).startswith("lost the Dask scheduler during the build (OSError: Timed out trying to connect")
+    for error in (died, missing, lost, gone):
+        assert isinstance(error, runners.BuildError) and "\n" not in str(error)
+    assert runners.dask_error(OSError(28, "No space left on device")) is None  # The build's own: handled elsewhere.
