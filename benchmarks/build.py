@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -45,7 +44,7 @@ import time
 
 from alexnet_tf import records
 from benchmarks.dask_cluster import local_cluster
-from benchmarks.measure import REPO, cpu_flags, run_stage
+from benchmarks.measure import REPO, machine, run_stage
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 MEASUREMENTS = ("limit", "tfds", "memory", "dask")
@@ -247,15 +246,12 @@ def main(argv=None) -> None:
         p.error("--images and --repeats must be >= 1 and --memory_images >= 10")
     if only - set(MEASUREMENTS):
         p.error(f"--only: unknown measurement(s) {', '.join(sorted(only - set(MEASUREMENTS)))}")
-    import psutil
-
     work = tempfile.mkdtemp(prefix="alexnet-bench-build-")
     try:
         result = bench(work, args.images, args.memory_images, only, repeats=args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"machine": {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-                          "platform": platform.platform(), "cpu": cpu_flags()},
+    result = {"machine": machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "images": args.images, "memory_images": args.memory_images, **result}
     kept = result

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import sys
@@ -35,7 +34,7 @@ import time
 
 from benchmarks.build import imagenet_sample, run_build
 from benchmarks.dask_cluster import ClusterError, local_cluster
-from benchmarks.measure import REPO, write_result
+from benchmarks.measure import REPO, machine, write_result
 from pipelines import verify_tfrecords
 
 # The build's summary counts the worker processes that wrote shards ("  workers: 2 processes on 1 host wrote
@@ -112,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    import psutil
-
-    result = {"machine": {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-                          "platform": platform.platform()},
+    result = {"machine": machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "workers": args.workers,
               "train_shards": args.train_shards, "validation_shards": args.validation_shards,
               "same": not r["differences"], **r}

@@ -73,3 +73,18 @@ def cpu_flags(cpuinfo: str | None = None) -> dict:
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name", ""), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags}
+
+
+def machine() -> dict:
+    """What a result was measured on: cores, memory, platform, the CPU's flags (`cpu_flags`) and the commit."""
+    import platform
+
+    import psutil
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
+            "platform": platform.platform(), "cpu": cpu_flags(), "commit": commit}
