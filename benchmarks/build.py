@@ -43,7 +43,7 @@ import tempfile
 import time
 
 from alexnet_tf import records
-from benchmarks.dask_cluster import local_cluster
+from benchmarks.dask_cluster import dask_flags, local_cluster
 from benchmarks.measure import REPO, machine, run_stage
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -153,8 +153,7 @@ def on_dask(src: str, total: int, work: str, repeats: int = 3, workers: int = 2)
     with local_cluster(n_workers=workers) as cluster:
         for _ in range(repeats):
             local_runs.append(run_build(src, out, stage="local"))
-            dask_runs.append(run_build(src, out, "--runner=DaskRunner", f"--dask_client_address={cluster.address}",
-                                      stage="dask"))
+            dask_runs.append(run_build(src, out, *dask_flags(cluster.address), stage="dask"))
             shutil.rmtree(out, ignore_errors=True)
         workers_mib = cluster.peak_rss_mib()
     for r in local_runs + dask_runs:

@@ -33,7 +33,7 @@ import tempfile
 import time
 
 from benchmarks.build import imagenet_sample, run_build
-from benchmarks.dask_cluster import ClusterError, local_cluster
+from benchmarks.dask_cluster import ClusterError, dask_flags, local_cluster
 from benchmarks.measure import REPO, machine, write_result
 from pipelines import verify_tfrecords
 
@@ -47,11 +47,6 @@ def workers_in_summary(output: str) -> int | None:
     """The number of workers a build's output says took part, or None when it does not say."""
     m = _WORKERS.search(output)
     return None if m is None else int(m.group(1))
-
-
-def dask_flags(address: str) -> list[str]:
-    """The build flags that run it on the dask.distributed scheduler at `address`."""
-    return ["--runner=DaskRunner", f"--dask_client_address={address}"]
 
 
 def compare_builds(work: str, images: int, workers: int, shard_flags: list[str]) -> dict:

@@ -39,6 +39,11 @@ def _dask_command() -> str:
     return path
 
 
+def dask_flags(address: str) -> list[str]:
+    """The build flags that run it on the dask.distributed scheduler at `address`."""
+    return ["--runner=DaskRunner", f"--dask_client_address={address}"]
+
+
 class LocalCluster:
     """The processes of a running local cluster; made by `local_cluster`."""
 

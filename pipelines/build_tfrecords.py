@@ -682,8 +682,7 @@ def _build(args, layout, options, runner, started, target: str) -> tuple[records
     local_processes = (runner in LOCAL_RUNNERS
                        and options.view_as(DirectOptions).direct_running_mode == "multi_processing")
     # Local workers print their own progress; elsewhere it is read off the shards written.
-    watch = contextlib.nullcontext() if runner in LOCAL_RUNNERS else runners.ShardWatch(
-        target, is_shard=lambda name: records.parse_shard_name(name) is not None)
+    watch = contextlib.nullcontext() if runner in LOCAL_RUNNERS else runners.ShardWatch(target)
     with _tracebacks_dropped() if local_processes else contextlib.nullcontext(), watch:
         p = beam.Pipeline(options=options)
         _ = (

@@ -28,6 +28,9 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from alexnet_tf import fileio, records
+from pipelines import transforms
+
 log = logging.getLogger("pipelines.build_tfrecords")
 
 
@@ -198,8 +201,6 @@ class DaskCluster:
 
     def check(self) -> str:
         """Checks the cluster; returns a line describing it."""
-        from pipelines import transforms
-
         if self.where:
             client = self._connect()
             try:
@@ -220,8 +221,6 @@ class DaskCluster:
                              f"(dask worker {self.where}) and run the build again")
         self.workers = len(workers)
         self.threads = sum(w.get("nthreads", 1) for w in workers.values())
-        from pipelines import transforms
-
         facts = client.run(transforms.worker_facts, on_error="return")
         try:
             facts["the scheduler"] = client.run_on_scheduler(transforms.worker_facts)
@@ -293,18 +292,16 @@ def run(pipeline) -> None:
 class ShardWatch:
     """Every `every_s` seconds, one line saying how many shards are in `folder` (workers elsewhere)."""
 
-    def __init__(self, folder: str, every_s: float = 15.0, is_shard=None):
-        self.folder, self.every_s, self.is_shard = folder, every_s, is_shard
+    def __init__(self, folder: str, every_s: float = 15.0):
+        self.folder, self.every_s = folder, every_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="shard-watch", daemon=True)
 
     def _watch(self) -> None:
-        from alexnet_tf import fileio
-
         start = time.monotonic()
         while not self.stop.wait(self.every_s):
             try:
-                done = sum(1 for n in fileio.listdir(self.folder) if self.is_shard(n))
+                done = sum(1 for n in fileio.listdir(self.folder) if records.parse_shard_name(n) is not None)
             except OSError:
                 continue
             print(f"build_tfrecords: {done} shards written ({time.monotonic() - start:.0f} s)", file=sys.stderr,

@@ -51,13 +51,13 @@ from pipelines import color_stats, image_processing, members
 # records (a shard of one or two images would also hold a single class).
 MIN_RECORDS_PER_SHARD = 32
 # The kinds of element a step tags its one output with: (kind, value).
-ITEM, REJECTED, READ, SHARD, SUMS = "item", "rejected", "read", "shard", "sums"
+ITEM, REJECTED, READ, SHARD, SUMS, BOUNDS = "item", "rejected", "read", "shard", "sums", "bounds"
 SUMMARY_FILE = "summary.jsonl"
 # AssignShards joins each item with its split's shard bounds in one of this
 # many groups (by the key's top bits): each group gets a copy of the bounds.
 NUM_BUCKETS = 64
-# ComputeColorStats adds the shards' sums in this many groups first, then the
-# groups' sums: no task ever holds more than about this many mean-image sums.
+# ComputeColorStats adds the shards' sums in this many keyed groups; the driver
+# adds the groups' sums. No task gathers every shard's mean-image sum.
 STATS_FAN_IN = 32
 
 
@@ -244,7 +244,7 @@ def _assign_bucket(bucket_group):
     _, tagged = bucket_group
     bounds, items = {}, []
     for kind, value in tagged:
-        if kind == "bounds":
+        if kind == BOUNDS:
             bounds[value[0]] = value[1]
         else:
             items.append(value)
@@ -270,9 +270,9 @@ class AssignShards(beam.PTransform):
             | "SplitKey" >> beam.Map(lambda r: (r[0], r[1]))
             | "GroupKeys" >> beam.GroupByKey()
             | "Bounds" >> beam.Map(shard_bounds, num_shards=self.num_shards)
-            | "ToEveryBucket" >> beam.FlatMap(lambda b: ((i, ("bounds", b)) for i in range(NUM_BUCKETS)))
+            | "ToEveryBucket" >> beam.FlatMap(lambda b: ((i, (BOUNDS, b)) for i in range(NUM_BUCKETS)))
         )
-        bucketed = items | "ToBucket" >> beam.Map(lambda r: (_bucket(r[1]), ("item", r)))
+        bucketed = items | "ToBucket" >> beam.Map(lambda r: (_bucket(r[1]), (ITEM, r)))
         return (
             (bounds, bucketed)
             | "Join" >> beam.Flatten()

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from benchmarks.cluster_build import dask_flags, workers_in_summary
-from benchmarks.dask_cluster import local_cluster
+from benchmarks.cluster_build import workers_in_summary
+from benchmarks.dask_cluster import dask_flags, local_cluster
 from conftest import build
 from pipelines import verify_tfrecords
 
