@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-DATA ?= tfrecords
+DATA ?= data
 RUN ?= runs/demo
 
 .PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu cluster-build rehearsal clean

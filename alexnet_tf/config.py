@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Hyperparameters; defaults are the paper's."""
 
-    data_dir: str = _field("tfrecords", "Records folder written by pipelines.build_tfrecords.")
+    data_dir: str = _field("data", "Records folder written by pipelines.build_tfrecords.")
     recipe: str = _field("paper", "Initialisation, per-parameter learning rates, weight-decay targets and schedule "
                          "as recorded by: paper (§5), caffe (BVLC bvlc_alexnet: biases 0.1, fc6/fc7 N(0, 0.005), "
                          "biases at 2x the learning rate), cuda_convnet2 (Krizhevsky's later code: conv3-5 "

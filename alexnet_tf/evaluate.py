@@ -1,6 +1,6 @@
 r"""Top-1 and top-5 error of a trained AlexNet, with the central patch and with the paper's ten patches.
 
-    python -m alexnet_tf.evaluate --saved_model=runs/alexnet/saved_model --data_dir=tfrecords
+    python -m alexnet_tf.evaluate --saved_model=runs/alexnet/saved_model --data_dir=data
     python -m alexnet_tf.evaluate --model_dir=runs/alexnet --split=validation --output_json=eval.json
     python -m alexnet_tf.evaluate --model_dir=runs/alexnet --report=reports/alexnet
 
@@ -87,14 +87,15 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     import numpy as np
     import tensorflow as tf
 
-    from alexnet_tf import input_pipeline, records
+    from alexnet_tf import input_pipeline
     from alexnet_tf.evaluation import Evaluator
+    from tfrecords import integrity, metadata
 
-    meta = records.load_metadata(data_dir)
+    meta = metadata.load_metadata(data_dir)
     if split not in meta.splits:
-        raise ValueError(f"split {split!r} is not in {records.metadata_path(data_dir)} "
+        raise ValueError(f"split {split!r} is not in {metadata.metadata_path(data_dir)} "
                          f"(it has {sorted(meta.splits)})")
-    records.check_shards(data_dir, meta, [split])
+    integrity.check_shards(data_dir, meta, [split])
     stats = input_pipeline.ColorStats.for_evaluation(np.asarray(mean, np.float32), meta.image.square)
     strategy = tf.distribute.get_strategy()
     central = Evaluator(model, strategy, data_dir, meta, stats, batch_size, per_class=per_class, confusion=per_class)
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--saved_model", help="A SavedModel exported by alexnet_tf.export (or training).")
     src.add_argument("--model_dir", help="A model folder written by alexnet_tf.train (latest checkpoint).")
-    p.add_argument("--data_dir", default="tfrecords", help="Records folder with metadata.json.")
+    p.add_argument("--data_dir", default="data", help="Records folder with metadata.json.")
     p.add_argument("--split", default="validation")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--output_json", default=None, help="Also write the results here.")
@@ -151,30 +152,30 @@ def main(argv=None) -> None:
         p.error(f"--report {args.report} is a file; it takes a folder (report.html is written into it)")
     import tensorflow as tf
 
-    from alexnet_tf import records
+    from tfrecords import classes, fileio, integrity, metadata
 
     meta = None  # For a damaged shard's message, once read.
     try:
         loaded = load(args.saved_model, args.model_dir)
-        meta = records.load_metadata(args.data_dir)
-        records.check_same_classes(loaded.synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
+        meta = metadata.load_metadata(args.data_dir)
+        classes.check_same_classes(loaded.synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
         check_image_size(meta, args.data_dir, loaded.crop)
         result = evaluate(loaded.model, loaded.mean, args.data_dir, args.split, args.batch_size,
                           ten_crops=args.ten_crops, per_class=bool(args.report))
         per_class = result["central_crop"].pop("per_class", None)
         if args.report:
             path = write_report(args, loaded, meta, result, per_class)
-    except (FileNotFoundError, ValueError, records.MetadataError) as e:
+    except (FileNotFoundError, ValueError, metadata.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
     except tf.errors.DataLossError as e:
-        print(f"evaluate: error: {records.data_loss_message(e, args.data_dir, meta)}", file=sys.stderr)
+        print(f"evaluate: error: {integrity.data_loss_message(e, args.data_dir, meta)}", file=sys.stderr)
         sys.exit(1)
     print(table(result))
     if args.report:
         print(f"evaluate: wrote {path}", file=sys.stderr)
     if args.output_json:
-        records.write_json_atomically(args.output_json, result)
+        fileio.write_json_atomically(args.output_json, result)
     print(json.dumps(result))
 
 

@@ -55,7 +55,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import fileio, input_pipeline, model as model_lib, run_dir
+from alexnet_tf import input_pipeline, model as model_lib, run_dir
+from tfrecords import fileio
 
 CLASSES_ASSET = "classes.tsv"
 # Images a signature decodes and runs through the network at once: a request of
@@ -244,7 +245,8 @@ def _write_out(archive, tmp: str, export_dir: str) -> None:
         if isinstance(e, (OSError, tf.errors.OpError)):
             kept = ("the earlier SavedModel there is unchanged" if is_export(_resolve(export_dir))
                     else "nothing was left there")
-            raise ExportError(f"cannot write the SavedModel for {export_dir} ({fileio.error_reason(e)}); {kept}") from None
+            raise ExportError(f"cannot write the SavedModel for {export_dir} ({fileio.error_reason(e)}); "
+                              f"{kept}") from None
         raise
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
-from alexnet_tf import input_pipeline, records
+from alexnet_tf import input_pipeline
+from tfrecords import folder, metadata
 
 # Figure 4 shows eight images with their top-5 (left) and five queries with
 # six neighbours each (right).
@@ -263,10 +264,10 @@ class FixedImages:
     in the pool, in order (so they show different classes), then the rest.
     """
 
-    def __init__(self, data_dir: str, meta: records.Metadata, stats: input_pipeline.ColorStats,
+    def __init__(self, data_dir: str, meta: metadata.Metadata, stats: input_pipeline.ColorStats,
                  pool: int = POOL, split: str = "validation"):
         self.stats, self.meta = stats, meta
-        ds = tf.data.TFRecordDataset(records.shard_paths(data_dir, meta, split)).take(pool)
+        ds = tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, split)).take(pool)
         pairs = [input_pipeline.parse_record(s) for s in ds]
         if not pairs:
             raise ValueError(f"the {split} split has no images to draw figures from")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import records
+from tfrecords import folder, metadata, schema
 
 CROP = 227
 SQUARE = 256  # §2: images are stored and evaluated as 256x256.
@@ -54,7 +54,7 @@ class ColorStats:
                    record_size=record_size)
 
     @classmethod
-    def from_metadata(cls, data_dir: str, meta: records.Metadata, mean: str = "image") -> "ColorStats":
+    def from_metadata(cls, data_dir: str, meta: metadata.Metadata, mean: str = "image") -> "ColorStats":
         """Reads the statistics of a built dataset.
 
         Args:
@@ -65,8 +65,8 @@ class ColorStats:
         """
         stats = meta.color_stats
         if stats is None:
-            raise records.MetadataError(
-                f"{records.metadata_path(data_dir)} has no training colour statistics "
+            raise metadata.MetadataError(
+                f"{metadata.metadata_path(data_dir)} has no training colour statistics "
                 "(was the training split built?)"
             )
         size = meta.image.square
@@ -74,7 +74,7 @@ class ColorStats:
             if size is None:
                 raise ValueError("mean='image' needs records of one size; these were built with --noresize: "
                                  "use mean='rgb'")
-            m = records.load_mean_image(data_dir, meta)
+            m = folder.load_mean_image(data_dir, meta)
         elif mean == "rgb":
             m = np.asarray(stats.mean_rgb, np.float32)
         else:
@@ -100,8 +100,8 @@ def _mean_patch(stats: ColorStats, top, left, crop: int):
 
 # The largest image decoded and the formats read, by their first bytes (serving's
 # check of its inputs too): the build's, from the data contract.
-MAX_PIXELS = records.MAX_PIXELS
-IMAGE_MAGIC = records.IMAGE_MAGIC
+MAX_PIXELS = schema.MAX_PIXELS
+IMAGE_MAGIC = schema.IMAGE_MAGIC
 
 
 def header_size(image_bytes):
@@ -430,12 +430,12 @@ def ten_crops(image_bytes, stats: ColorStats, crop: int = CROP):
 
 def parse_record(serialized):
     """(encoded image bytes, int32 label) of one serialized record."""
-    ex = records.parse_example(serialized)
-    return ex[records.ENCODED], tf.cast(ex[records.LABEL], tf.int32)
+    ex = schema.parse_example(serialized)
+    return ex[schema.ENCODED], tf.cast(ex[schema.LABEL], tf.int32)
 
 
-def _files(data_dir: str, meta: records.Metadata, split: str, context: tf.distribute.InputContext | None):
-    files = records.shard_paths(data_dir, meta, split)
+def _files(data_dir: str, meta: metadata.Metadata, split: str, context: tf.distribute.InputContext | None):
+    files = folder.shard_paths(data_dir, meta, split)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if context and context.num_input_pipelines > 1:
         if len(files) < context.num_input_pipelines:
@@ -467,7 +467,7 @@ def _one_pass(files: tf.data.Dataset, num_files: int, seed: int, shuffle_buffer:
 
 def train_records(
     data_dir: str,
-    meta: records.Metadata,
+    meta: metadata.Metadata,
     seed: int,
     context: tf.distribute.InputContext | None = None,
     shuffle_buffer: int = 10_000,
@@ -484,11 +484,11 @@ def train_records(
     resumed run skip exactly the records it has already trained on.
     """
     files = _files(data_dir, meta, "train", context)
-    num_files = len(records.shard_paths(data_dir, meta, "train"))
+    num_files = len(folder.shard_paths(data_dir, meta, "train"))
     return _one_pass(files, num_files, seed, shuffle_buffer, deterministic).repeat()
 
 
-def epoch_records(data_dir: str, meta: records.Metadata, seed: int, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+def epoch_records(data_dir: str, meta: metadata.Metadata, seed: int, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
     """One epoch of serialized training records, each once, for the tf.data service.
 
     The same reading as `train_records`' passes, over all shards and without
@@ -497,7 +497,7 @@ def epoch_records(data_dir: str, meta: records.Metadata, seed: int, shuffle_buff
     worker reads and shuffles what it was given, and the job ends when every
     shard has been handed out and read.
     """
-    files = records.shard_paths(data_dir, meta, "train")
+    files = folder.shard_paths(data_dir, meta, "train")
     return _one_pass(tf.data.Dataset.from_tensor_slices(files), len(files), seed, shuffle_buffer, False)
 
 
@@ -520,7 +520,7 @@ def distribute_epoch(dataset: tf.data.Dataset, service: str, job_name: str) -> t
 
 def service_train_dataset(
     data_dir: str,
-    meta: records.Metadata,
+    meta: metadata.Metadata,
     stats: ColorStats,
     global_batch_size: int,
     service: str,
@@ -561,7 +561,7 @@ def service_train_dataset(
 
 def train_dataset(
     data_dir: str,
-    meta: records.Metadata,
+    meta: metadata.Metadata,
     stats: ColorStats,
     global_batch_size: int,
     context: tf.distribute.InputContext | None = None,
@@ -607,10 +607,10 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def preview_images(data_dir: str, meta: records.Metadata, count: int):
+def preview_images(data_dir: str, meta: metadata.Metadata, count: int):
     """A small fixed set of training images for TensorBoard: the first `count` records
     of the first training shard, as JPEG bytes (count,)."""
-    first = records.shard_paths(data_dir, meta, "train")[0]
+    first = folder.shard_paths(data_dir, meta, "train")[0]
     ds = tf.data.TFRecordDataset(first).take(count).map(lambda s: parse_record(s)[0])
     return tf.stack(list(ds))
 
@@ -626,7 +626,7 @@ def augment_preview(jpegs, stats: ColorStats, seed: int, crop: int = CROP):
 
 def eval_dataset(
     data_dir: str,
-    meta: records.Metadata,
+    meta: metadata.Metadata,
     stats: ColorStats,
     batch_size: int,
     split: str = "validation",
@@ -643,7 +643,7 @@ def eval_dataset(
     """
     batch = context.get_per_replica_batch_size(batch_size) if context else batch_size
     fn = ten_crops if ten_crop else preprocess_for_eval
-    files = records.shard_paths(data_dir, meta, split)
+    files = folder.shard_paths(data_dir, meta, split)
     if context and len(files) < context.num_input_pipelines:
         ds = tf.data.TFRecordDataset(files).shard(context.num_input_pipelines, context.input_pipeline_id)
     else:

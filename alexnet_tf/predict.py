@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         prog="python -m alexnet_tf.predict", description=__doc__.splitlines()[0],
         epilog="Each image is one request to the model's serving_default signature, which decodes and runs "
                "any batch 64 images at a time (alexnet_tf.export.SERVING_CHUNK): memory stays bounded, about "
-               "200 MB over the loaded model. Images above 134,217,728 pixels (records.MAX_PIXELS) are refused "
+               "200 MB over the loaded model. Images above 134,217,728 pixels (schema.MAX_PIXELS) are refused "
                "from their header.")
     p.add_argument("--saved_model", required=True, help="A SavedModel exported by alexnet_tf.export.")
     p.add_argument("images", nargs="+", help="Image files (JPEG, PNG, GIF, BMP).")

@@ -122,7 +122,7 @@ def build(result: dict, per_class: dict, classes, drawn: figures.Figures, *, sou
     Args:
       result: `evaluate.evaluate`'s result.
       per_class: The central patch's per-class sums with the confusion matrix (`evaluation.split_sums`).
-      classes: The records' classes (`records.ClassInfo`), by label.
+      classes: The records' classes (`tfrecords.classes.ClassInfo`), by label.
       drawn: The figures of the evaluated model.
       source: The model evaluated (a path).
       data_dir: The records evaluated on.

@@ -22,7 +22,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import model as model_lib, records
+from alexnet_tf import model as model_lib
+from tfrecords import fileio
 
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
@@ -49,7 +50,7 @@ def write_model_info(model_dir: str, *, num_classes: int, grouped: bool, dropout
     tf.io.gfile.makedirs(model_dir)
     with tf.io.gfile.GFile(path(model_dir, MEAN_IMAGE), "wb") as f:
         np.save(f, np.asarray(mean, np.float32))
-    records.write_json_atomically(path(model_dir, MODEL_INFO), {
+    fileio.write_json_atomically(path(model_dir, MODEL_INFO), {
         "num_classes": num_classes, "grouped": grouped, "dropout": dropout, "classes": classes,
         "mean": mean_kind, "mean_file": MEAN_IMAGE, "square_size": square_size,
         **({"recipe": recipe} if recipe else {}),
@@ -190,4 +191,4 @@ def read_history(model_dir: str) -> list[dict]:
 
 def write_history(model_dir: str, history: list[dict]) -> None:
     tf.io.gfile.makedirs(model_dir)
-    records.write_json_atomically(path(model_dir, HISTORY), history)
+    fileio.write_json_atomically(path(model_dir, HISTORY), history)

@@ -1,6 +1,6 @@
 r"""Trains AlexNet on the records of `pipelines.build_tfrecords`.
 
-    python -m alexnet_tf.train --data_dir=tfrecords --model_dir=runs/alexnet --strategy=mirrored
+    python -m alexnet_tf.train --data_dir=data --model_dir=runs/alexnet --strategy=mirrored
     python -m alexnet_tf.train --preset=sample --model_dir=runs/sample    # the embedded sample, on CPU
     python -m alexnet_tf.train --strategy=mirrored --gpu_split=2 ...      # two replicas on one GPU
     tensorboard --logdir=runs/alexnet/tensorboard
@@ -94,23 +94,24 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import data_service, distribute, export, records, run_dir, trainer
+    from alexnet_tf import data_service, distribute, export, run_dir, trainer
+    from tfrecords import integrity, metadata
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
-        records.load_metadata(config.data_dir)
+        metadata.load_metadata(config.data_dir)
         if config.data_service:
             data_service.check_reachable(config.data_service)
         if config.export:  # The folder the run ends by exporting into: refused now, not after the training.
             export.check_export_dir(run_dir.path(FLAGS.model_dir, run_dir.SAVED_MODEL))
-    except (records.MetadataError, data_service.ServiceError, ValueError, export.ExportError) as e:
+    except (metadata.MetadataError, data_service.ServiceError, ValueError, export.ExportError) as e:
         fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
     try:
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
-    except (distribute.RunConflict, records.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
+    except (distribute.RunConflict, metadata.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
         fail(str(e))
     except (run_dir.RunDirError, trainer.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
@@ -124,7 +125,8 @@ def main(argv):
             raise
         fail(message)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
-        print(f"train: error: {records.data_loss_message(e, config.data_dir, records.load_metadata(config.data_dir))}", file=sys.stderr)
+        meta = metadata.load_metadata(config.data_dir)
+        print(f"train: error: {integrity.data_loss_message(e, config.data_dir, meta)}", file=sys.stderr)
         sys.exit(1)
     if history and "val_top1_error" in history[-1]:
         last = history[-1]

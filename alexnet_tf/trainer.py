@@ -35,9 +35,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import (distribute, evaluation, export, figures, fileio, input_pipeline, model as model_lib, recipes, records,
-                        run_dir)
+from alexnet_tf import distribute, evaluation, export, figures, input_pipeline, model as model_lib, recipes, run_dir
 from alexnet_tf.config import ConfigError, TrainConfig
+from tfrecords import classes, fileio, integrity, metadata
 
 
 def say(chief: bool, message: str) -> None:
@@ -435,7 +435,7 @@ class TrainResult:
 class Data:
     """What the run takes from the records folder."""
 
-    meta: records.Metadata
+    meta: metadata.Metadata
     stats: input_pipeline.ColorStats
     num_classes: int
     steps_per_epoch: int
@@ -444,8 +444,8 @@ class Data:
 
 def read_data(config: TrainConfig, strategy) -> Data:
     """The records' metadata, checked against the batch size and the replicas."""
-    meta = records.load_metadata(config.data_dir)
-    records.check_shards(config.data_dir, meta)
+    meta = metadata.load_metadata(config.data_dir)
+    integrity.check_shards(config.data_dir, meta)
     try:
         stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
     except ValueError as e:  # --mean=image on records of many sizes.
@@ -814,9 +814,9 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
     if tf.io.gfile.exists(run_dir.path(model_dir, run_dir.MODEL_INFO)):
         info, mean = run_dir.read_model_info(model_dir)
         try:
-            records.check_same_classes([c["synset"] for c in info["classes"]], [c.synset for c in data.meta.classes],
+            classes.check_same_classes([c["synset"] for c in info["classes"]], [c.synset for c in data.meta.classes],
                                        f"the run in {model_dir}", config.data_dir)
-        except records.ClassMismatch as e:
+        except classes.ClassMismatch as e:
             raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
         if run_dir.latest_checkpoint(model_dir):
             check_same_run(info, mean, config, data, model_dir)

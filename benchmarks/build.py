@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from alexnet_tf import records
+from tfrecords import metadata, schema
 from benchmarks.dask_cluster import dask_flags, local_cluster
 from benchmarks.measure import REPO, machine, run_stage
 
@@ -60,8 +60,8 @@ def run_build(src: str, out: str, *flags: str, stage: str = "build") -> dict:
     beside `out`."""
     r = run_stage(stage, [sys.executable, "-m", "pipelines.build_tfrecords", "--imagenet_dir", src,
                           "--output_dir", out, "--overwrite", *flags], os.path.dirname(out))
-    with open(os.path.join(out, records.METADATA_FILE)) as f:
-        meta = records.Metadata.from_json(json.load(f))
+    with open(os.path.join(out, schema.METADATA_FILE)) as f:
+        meta = metadata.Metadata.from_json(json.load(f))
     images = sum(s.num_read for s in meta.splits.values())
     return {"images": images, "seconds": r["seconds"], "images_per_second": images / r["seconds"],
             "peak_rss_mib": r["peak_rss_mib"]}

@@ -1,7 +1,7 @@
 r"""The input stream through the tf.data service against the local stream, as ratios from one run.
 
     python -m benchmarks.data_service                     # make bench-service (and make bench); ~1 minute on 2 cores
-    python -m benchmarks.data_service --data_dir=tfrecords
+    python -m benchmarks.data_service --data_dir=data
 
 Three streams of the same training batches (`crop_for_train` on every record,
 batches of --batch), read as fast as this process can take them, no model:
@@ -82,9 +82,10 @@ def _measure(make_iterator, batch: int, args, procs=()) -> dict:
 def bench(data_dir: str, work: str, batch: int, args) -> dict:
     import psutil
 
-    from alexnet_tf import data_service, input_pipeline as ip, records
+    from alexnet_tf import data_service, input_pipeline as ip
+    from tfrecords import metadata
 
-    meta = records.load_metadata(data_dir)
+    meta = metadata.load_metadata(data_dir)
     stats = ip.ColorStats.from_metadata(data_dir, meta)
     result = {"batch": batch, "train_records": meta.split("train").num_examples,
               "local": _measure(lambda: iter(ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)),
@@ -166,9 +167,9 @@ def run(argv=()) -> dict:
     work = tempfile.mkdtemp(prefix="bench-service-")
     try:
         data_dir = args.data_dir or _sample_records(work, args.per_class)
-        from alexnet_tf import records
+        from tfrecords import metadata
 
-        available = records.load_metadata(data_dir).split("train").num_examples * args.passes
+        available = metadata.load_metadata(data_dir).split("train").num_examples * args.passes
         if available < need * 1.2:
             sys.exit(f"benchmarks.data_service: the service's job holds {available} images, the windows need "
                      f"{need}: raise --passes")

@@ -1,7 +1,7 @@
 r"""What TensorBoard's figures (`--figures`, on by default) cost per epoch, against the epoch itself, in one run.
 
     python -m benchmarks.figures                       # make bench-figures; about 3 minutes on 2 cores
-    python -m benchmarks.figures --data_dir=tfrecords
+    python -m benchmarks.figures --data_dir=data
 
 On the embedded sample (built here unless --data_dir is given) with the
 sample preset, one process:

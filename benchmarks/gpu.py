@@ -1,7 +1,7 @@
 r"""Training, input and serving throughput on the GPUs present, in one command.
 
     python -m benchmarks.gpu                          # make bench-gpu
-    python -m benchmarks.gpu --data_dir=tfrecords     # real records already built
+    python -m benchmarks.gpu --data_dir=data     # real records already built
     python -m benchmarks.gpu --allow_cpu --output=/tmp/gpu.json --model=tiny \
         --batches=4 --steps=2 --runs=2 --warmup_steps=1 --serving_batches=1,2   # the code path on a CPU
 
@@ -238,7 +238,8 @@ def serving_rates(args, data_dir: str, meta, stats, work: str) -> dict:
     """images/s of the exported SavedModel's serving_default on JPEG bytes, per batch size."""
     import tensorflow as tf
 
-    from alexnet_tf import export, records
+    from alexnet_tf import export
+    from tfrecords import folder, schema
 
     info = {"num_classes": args.num_classes, "classes": [c.to_json() for c in meta.classes],
             "square_size": stats.square_size}
@@ -247,8 +248,8 @@ def serving_rates(args, data_dir: str, meta, stats, work: str) -> dict:
                          os.path.join(work, "saved_model"))
     serve = tf.saved_model.load(path).signatures["serving_default"]
     most = max(args.serving_batches)
-    jpegs = [records.parse_example(r)[records.ENCODED].numpy()
-             for r in tf.data.TFRecordDataset(records.shard_paths(data_dir, meta, "train")).take(most)]
+    jpegs = [schema.parse_example(r)[schema.ENCODED].numpy()
+             for r in tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, "train")).take(most)]
     rows = {}
     for batch in args.serving_batches:
         images = tf.constant([jpegs[i % len(jpegs)] for i in range(batch)])
@@ -337,7 +338,8 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     import tensorflow as tf
 
-    from alexnet_tf import distribute, input_pipeline, records
+    from alexnet_tf import distribute, input_pipeline
+    from tfrecords import metadata
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus and not args.allow_cpu:
@@ -358,7 +360,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench-gpu-")
     try:
         data_dir = args.data_dir or make_records(work, args.images)
-        meta = records.load_metadata(data_dir)
+        meta = metadata.load_metadata(data_dir)
         if meta.num_classes > args.num_classes:
             parser.error(f"{data_dir} has {meta.num_classes} classes, more than --num_classes={args.num_classes}")
         stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)

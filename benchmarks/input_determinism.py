@@ -1,7 +1,7 @@
 r"""The input stream's speed in a fixed order and in none, side by side; and the cost of a resume.
 
     python -m benchmarks.input_determinism                    # builds a sample of 2,000 images first
-    python -m benchmarks.input_determinism --data_dir=tfrecords
+    python -m benchmarks.input_determinism --data_dir=data
 
 `input_pipeline.train_dataset` with a seed, iterated on the host without a
 model: `deterministic=False` (results handed on as they finish) against
@@ -28,7 +28,8 @@ import time
 
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline, records
+from alexnet_tf import input_pipeline
+from tfrecords import metadata
 from benchmarks import gpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         data_dir = args.data_dir
         if data_dir is None:
             data_dir = gpu.make_records(work, args.images)
-        meta = records.load_metadata(data_dir)
+        meta = metadata.load_metadata(data_dir)
         stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
         runs = {"nondeterministic": [], "deterministic": []}
         for i in range(args.repeats):

@@ -96,10 +96,10 @@ def main(argv=None) -> int:
     r["images"], r["images_per_second"] = 1, 1 / r["seconds"]
     results["serve"] = r
 
-    from alexnet_tf import records  # Without TensorFlow (unlike load_metadata): this process stays light.
+    from tfrecords import metadata, schema  # Without TensorFlow (unlike load_metadata): this process stays light.
 
-    with open(os.path.join(data, records.METADATA_FILE)) as f:
-        meta = records.Metadata.from_json(json.load(f), f.name)
+    with open(os.path.join(data, schema.METADATA_FILE)) as f:
+        meta = metadata.Metadata.from_json(json.load(f), f.name)
     shards = {k: v.num_shards for k, v in meta.splits.items()}
     cores = os.cpu_count() or 1
     per_image_core_seconds = results["build"]["seconds"] * cores / results["build"]["images"]

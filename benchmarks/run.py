@@ -66,20 +66,20 @@ def bench_input(data_dir: str, work: str, batch: int = 64) -> dict:
     import tensorflow as tf
 
     from alexnet_tf import input_pipeline as ip
-    from alexnet_tf import records
+    from tfrecords import folder, metadata, schema
 
-    meta = records.load_metadata(data_dir)
+    meta = metadata.load_metadata(data_dir)
     stats = ip.ColorStats.from_metadata(data_dir, meta)
     stream = ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)
     ours = _rate(iter(stream), batch)
     # The same with the step's float part (mean, lighting) also on the CPU, as on a CPU-only machine.
     whole = stream.map(lambda x, y: (ip.finish_batch(*x, stats), y), num_parallel_calls=tf.data.AUTOTUNE)
     ours_whole = _rate(iter(whole), batch)
-    files = records.shard_paths(data_dir, meta, "train")
+    files = folder.shard_paths(data_dir, meta, "train")
     bare = (tf.data.Dataset.from_tensor_slices(files).repeat()
             .interleave(tf.data.TFRecordDataset, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=False)
-            .map(lambda s: tf.io.decode_jpeg(records.parse_example(s)[records.ENCODED], channels=3),
+            .map(lambda s: tf.io.decode_jpeg(schema.parse_example(s)[schema.ENCODED], channels=3),
                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
             .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
     decode_only = _rate(iter(bare), batch)
@@ -89,10 +89,10 @@ def bench_input(data_dir: str, work: str, batch: int = 64) -> dict:
     os.makedirs(jpeg_dir, exist_ok=True)
     paths = []
     for i, raw in enumerate(tf.data.TFRecordDataset(files)):
-        ex = records.parse_example(raw)
-        path = os.path.join(jpeg_dir, f"{i}_{int(ex[records.LABEL])}.JPEG")
+        ex = schema.parse_example(raw)
+        path = os.path.join(jpeg_dir, f"{i}_{int(ex[schema.LABEL])}.JPEG")
         with open(path, "wb") as f:
-            f.write(ex[records.ENCODED].numpy())
+            f.write(ex[schema.ENCODED].numpy())
         paths.append(path)
     torch_rate = _torch_loader_rate(paths, stats, batch)
     return {
@@ -256,9 +256,10 @@ def bench_train(batch: int = 64, steps: int = 5) -> dict:
 def bench_export(data_dir: str, work: str) -> dict:
     import tensorflow as tf
 
-    from alexnet_tf import export, input_pipeline, model as model_lib, records
+    from alexnet_tf import export, input_pipeline, model as model_lib
+    from tfrecords import folder, metadata, schema
 
-    meta = records.load_metadata(data_dir)
+    meta = metadata.load_metadata(data_dir)
     stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
     info = {"num_classes": meta.num_classes, "grouped": True, "dropout": 0.5,
             "classes": [c.to_json() for c in meta.classes],
@@ -266,8 +267,8 @@ def bench_export(data_dir: str, work: str) -> dict:
     path = export.export(model_lib.build_alexnet(meta.num_classes), info, stats.mean,
                          os.path.join(work, "saved_model"))
     serve = tf.saved_model.load(path).signatures["serving_default"]
-    jpegs = [records.parse_example(r)[records.ENCODED].numpy()
-             for r in tf.data.TFRecordDataset(records.shard_paths(data_dir, meta, "validation")).take(32)]
+    jpegs = [schema.parse_example(r)[schema.ENCODED].numpy()
+             for r in tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, "validation")).take(32)]
     one = tf.constant(jpegs[:1])
     many = tf.constant(jpegs)
     for _ in range(3):

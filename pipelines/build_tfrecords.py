@@ -15,7 +15,7 @@ This module is the driver: it plans the reading (`imagenet_layout`), runs
 `transforms.BuildRecords` (list members -> assign shards -> write shards, with
 colour statistics and counts; each step a named composite transform), then
 checks read = written + rejected per split and writes mean_image.npy and
-metadata.json (typed: `records.Metadata`) last, atomically.
+metadata.json (typed: `metadata.Metadata`) last, atomically.
 
 Each build writes into a staging folder of its own inside --output_dir
 (marked with the build's id) and moves the checked dataset in at the end: a
@@ -41,9 +41,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-from alexnet_tf import fileio, records
 from pipelines import imagenet_layout, members, runners, transforms
 from pipelines.runners import BUNDLE_ERROR_LOGGERS, LOCAL_RUNNERS, BuildError
+from tfrecords import classes, fileio, metadata, schema
 
 log = logging.getLogger("pipelines.build_tfrecords")
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                    "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
                    "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
                    f"its mark, at most {imagenet_layout.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
-    p.add_argument("--output_dir", default="tfrecords",
+    p.add_argument("--output_dir", default="data",
                    help="Where shards and metadata.json go; outside --imagenet_dir.")
     p.add_argument("--train_shards", type=int, default=1024)
     p.add_argument("--validation_shards", type=int, default=128)
@@ -136,7 +136,7 @@ def _existing_dataset(output_dir: str) -> list[str]:
     ours = []
     for name in fileio.listdir(output_dir):
         base = name.split(".tmp-")[0]
-        if base in (records.METADATA_FILE, records.MEAN_IMAGE_FILE) or records.parse_shard_name(base) is not None:
+        if base in (schema.METADATA_FILE, schema.MEAN_IMAGE_FILE) or schema.parse_shard_name(base) is not None:
             ours.append(name)
     return sorted(ours)
 
@@ -351,15 +351,15 @@ def _swap_in(staging: str, output_dir: str, existing: list[str], build: str) -> 
     The old metadata.json goes first and the new one comes last, so a crash in
     between never leaves a metadata.json that describes files of two builds.
     """
-    for name in sorted(existing, key=lambda n: n != records.METADATA_FILE):
+    for name in sorted(existing, key=lambda n: n != schema.METADATA_FILE):
         path = os.path.join(output_dir, name)
         if fileio.isdir(path):
             fileio.rmtree(path)
         else:
             fileio.remove(path)
     names = [n for n in fileio.listdir(staging)
-             if n in (records.METADATA_FILE, records.MEAN_IMAGE_FILE) or records.parse_shard_name(n)]
-    for name in sorted(names, key=lambda n: n == records.METADATA_FILE):
+             if n in (schema.METADATA_FILE, schema.MEAN_IMAGE_FILE) or schema.parse_shard_name(n)]
+    for name in sorted(names, key=lambda n: n == schema.METADATA_FILE):
         fileio.rename(os.path.join(staging, name), os.path.join(output_dir, name))
     _remove_build_folder(staging, build)
 
@@ -387,7 +387,7 @@ def _beam_options(beam_args: list[str]):
 
 
 def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
-              started: float) -> records.Metadata:
+              started: float) -> metadata.Metadata:
     """Checks the pipeline's summary, writes mean_image.npy and metadata.json.
 
     Returns:
@@ -420,13 +420,13 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
                 problems.append(f"{split}: shard {s['file']} is missing or empty")
         if shard_list and sorted(s["index"] for s in shard_list) != list(range(shard_list[0]["num_shards"])):
             problems.append(f"{split}: shard indices are not 0..{shard_list[0]['num_shards'] - 1}")
-        splits[split] = records.SplitInfo(
+        splits[split] = metadata.SplitInfo(
             num_examples=written,
             num_shards=len(shard_list),
             num_read=read,
             num_rejected=rejected,
             source=layout.splits[split].description,
-            shards=[records.ShardInfo(s["file"], s["num_examples"], s.get("bytes"), s.get("sha256"),
+            shards=[metadata.ShardInfo(s["file"], s["num_examples"], s.get("bytes"), s.get("sha256"),
                                       s.get("head_sha256")) for s in shard_list],
             num_upscaled=sum(s["num_upscaled"] for s in shard_list),
         )
@@ -446,22 +446,22 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
         )
     stats = None
     if summary["color_stats"]:  # {} without training images.
-        stats = records.ColorStatsInfo(**summary["color_stats"])
+        stats = metadata.ColorStatsInfo(**summary["color_stats"])
         if summary["mean_image"] is not None:
-            tmp = os.path.join(build_dir, records.MEAN_IMAGE_FILE)
+            tmp = os.path.join(build_dir, schema.MEAN_IMAGE_FILE)
             with fileio.open_file(tmp, "wb") as f:
                 np.save(f, summary["mean_image"])
-            fileio.rename(tmp, os.path.join(output_dir, records.MEAN_IMAGE_FILE))
-            stats = dataclasses.replace(stats, mean_image_file=records.MEAN_IMAGE_FILE,
+            fileio.rename(tmp, os.path.join(output_dir, schema.MEAN_IMAGE_FILE))
+            stats = dataclasses.replace(stats, mean_image_file=schema.MEAN_IMAGE_FILE,
                                         mean_image_shape=(args.image_size, args.image_size, 3))
-    meta = records.Metadata(
-        format_version=records.FORMAT_VERSION,
+    meta = metadata.Metadata(
+        format_version=schema.FORMAT_VERSION,
         dataset="ILSVRC2012",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         num_classes=len(config.classes),
-        classes=[records.ClassInfo(i, s, n) for i, (s, n) in enumerate(zip(config.classes, config.names))],
+        classes=[classes.ClassInfo(i, s, n) for i, (s, n) in enumerate(zip(config.classes, config.names))],
         splits=splits,
-        image=records.ImageInfo(
+        image=metadata.ImageInfo(
             size=args.image_size if args.resize else None,
             resized=args.resize,
             jpeg_quality=args.jpeg_quality,
@@ -470,8 +470,8 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             if args.resize else "original JPEG bytes kept where valid RGB JPEG",
         ),
         color_stats=stats,
-        rejected=[records.Rejection(r["split"], r["file"], r["reason"]) for r in summary["rejected"]],
-        build=records.BuildInfo(
+        rejected=[metadata.Rejection(r["split"], r["file"], r["reason"]) for r in summary["rejected"]],
+        build=metadata.BuildInfo(
             imagenet_dir=layout.imagenet_dir,
             val_labels=layout.val_labels,
             seed=args.seed,
@@ -481,13 +481,13 @@ def _finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig
             seconds=round(time.time() - started, 1),
         ),
     )
-    records.write_metadata(output_dir, meta)
+    metadata.write_metadata(output_dir, meta)
     fileio.rmtree(build_dir)
     return meta, sorted({s["worker"] for s in summary["shards"] if s.get("worker")})
 
 
-def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = (), workers: list[str] = ()) -> str:
-    lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
+def _report(meta: metadata.Metadata, output_dir: str, skipped: list[str] = (), workers: list[str] = ()) -> str:
+    lines = [f"wrote {output_dir}/{schema.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
     if workers:
         hosts = len({w.rsplit(":", 1)[0] for w in workers})
         shards = sum(info.num_shards for info in meta.splits.values())
@@ -509,7 +509,7 @@ def _report(meta: records.Metadata, output_dir: str, skipped: list[str] = (), wo
     return "\n".join(lines)
 
 
-def run(argv: list[str] | None = None) -> records.Metadata:
+def run(argv: list[str] | None = None) -> metadata.Metadata:
     """Runs the whole build; returns the metadata written.
 
     Raises:
@@ -550,7 +550,7 @@ def run(argv: list[str] | None = None) -> records.Metadata:
     return meta
 
 
-def _build_locked(args, layout, options, runner, started, me: dict) -> tuple[records.Metadata, list[str]]:
+def _build_locked(args, layout, options, runner, started, me: dict) -> tuple[metadata.Metadata, list[str]]:
     """The build under the lock: into a staging folder of its own, then swapped in whole.
 
     On any failure the staging folder is removed and the folder's earlier
@@ -657,14 +657,14 @@ def _check_class_text(synsets) -> None:
     """
     for label, (synset, name) in enumerate(zip(synsets, imagenet_layout.class_names(synsets))):
         for what, text in (("synset", synset), ("name", name)):
-            bad = records.control_character(text)
+            bad = classes.control_character(text)
             if bad:
                 raise BuildError(f"class {label} (synset {json.dumps(synset)}) has a control character ({bad}) in its "
                                  f"{what} {json.dumps(text)}: synsets and class names must be one line of text; "
                                  "rename its folder or archive")
 
 
-def _build(args, layout, options, runner, started, target: str) -> tuple[records.Metadata, list[str]]:
+def _build(args, layout, options, runner, started, target: str) -> tuple[metadata.Metadata, list[str]]:
     """Runs the pipeline into `target` and writes its metadata.json there (see `_finalize`)."""
     config = BuildConfig(
         classes=tuple(layout.classes),

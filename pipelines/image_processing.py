@@ -3,7 +3,7 @@
 Content decides the format, never the file name: ILSVRC2012 holds CMYK JPEGs,
 a PNG and grayscale JPEGs under `.JPEG` names, and every one of them must
 become an RGB JPEG. Only the formats serving decodes are stored
-(`records.IMAGE_FORMATS`: JPEG, PNG, GIF, BMP); others (WebP, TIFF, ...) and
+(`schema.IMAGE_FORMATS`: JPEG, PNG, GIF, BMP); others (WebP, TIFF, ...) and
 undecodable inputs raise `BadImage` with the reason.
 
 Memory per image, beyond the file's bytes (what a worker needs per image it
@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from alexnet_tf import records
+from tfrecords import schema
 
 # The image work allocates and frees arrays of 0.2-50 MB for every image. glibc
 # gives blocks above its mmap threshold (128 KiB at first; fixed there in Dask's
@@ -54,7 +54,7 @@ def keep_large_blocks() -> bool:
 
 # Decompression bombs are rejected by PIL above this; ImageNet's largest images
 # are far below it, and a larger input is almost surely damaged or hostile.
-MAX_PIXELS = records.MAX_PIXELS
+MAX_PIXELS = schema.MAX_PIXELS
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -108,12 +108,12 @@ def _open(data: bytes) -> Image.Image:
 
 
 def served_format(data: bytes) -> str | None:
-    """The format serving reads `data` as, by its first bytes (`records.IMAGE_MAGIC`); None if it refuses it.
+    """The format serving reads `data` as, by its first bytes (`schema.IMAGE_MAGIC`); None if it refuses it.
 
     The same test as the exported model's, so that the build stores only what
     serving decodes: by content, as PIL opens WebP, TIFF and others too.
     """
-    return next((name for magic, name in records.IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    return next((name for magic, name in schema.IMAGE_MAGIC.items() if data.startswith(magic)), None)
 
 
 # The colour conversions below are per pixel; they run on bands of this many
@@ -221,13 +221,13 @@ def process_image(data: bytes, image_size: int = 256, resize: bool = True, quali
 
     Raises:
       BadImage: the input is empty, not an image, truncated or corrupt, or of
-        a format serving does not decode (only `records.IMAGE_FORMATS`).
+        a format serving does not decode (only `schema.IMAGE_FORMATS`).
     """
     img = _open(data)
     fmt, mode = img.format or "unknown", img.mode
     if served_format(data) is None:
         # Stored, it would train on images that the exported model refuses.
-        raise BadImage(f"{fmt} is not one of the formats serving decodes: {', '.join(records.IMAGE_FORMATS)}")
+        raise BadImage(f"{fmt} is not one of the formats serving decodes: {', '.join(schema.IMAGE_FORMATS)}")
     size = source_size = img.size  # (width, height) of the input.
     if size[0] * size[1] > MAX_PIXELS:
         raise BadImage(f"{size[0]}x{size[1]} {fmt}: {size[0] * size[1]:,} pixels, above the limit of "

@@ -13,7 +13,7 @@ an extracted `test/`) has no labels: it is reported as skipped (an archive by it
 This module is the driver's side: it lists only what is cheap to list (the
 outer archives' headers, folder names) and turns it into `ReadUnit`s. Workers
 list the members of each unit and read each image by its byte range
-(`pipelines.members`). Files are opened through `alexnet_tf.fileio`, so
+(`pipelines.members`). Files are opened through `tfrecords.fileio`, so
 `gs://` paths work.
 """
 
@@ -27,9 +27,9 @@ import re
 import tarfile
 from typing import Sequence
 
-from alexnet_tf import fileio
 from pipelines import members as members_lib
 from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (the plan is made of these)
+from tfrecords import fileio
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"

@@ -4,7 +4,7 @@
 the members of a unit (tar headers or folder entries: names and byte ranges,
 never image bytes) and later reads each member's bytes by its range. Archives
 are never extracted and never held in memory whole. Files are opened through
-`alexnet_tf.fileio`: the OS for local paths (no TensorFlow in the workers),
+`tfrecords.fileio`: the OS for local paths (no TensorFlow in the workers),
 TensorFlow's file systems for `gs://` and other URLs.
 """
 
@@ -17,7 +17,7 @@ import stat
 import tarfile
 from typing import Iterator, NamedTuple
 
-from alexnet_tf import fileio
+from tfrecords import fileio
 
 
 # The most bytes read for one image: about 600 times the average ILSVRC2012

@@ -28,8 +28,8 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from alexnet_tf import fileio, records
 from pipelines import transforms
+from tfrecords import fileio, schema
 
 log = logging.getLogger("pipelines.build_tfrecords")
 
@@ -301,7 +301,7 @@ class ShardWatch:
         start = time.monotonic()
         while not self.stop.wait(self.every_s):
             try:
-                done = sum(1 for n in fileio.listdir(self.folder) if records.parse_shard_name(n) is not None)
+                done = sum(1 for n in fileio.listdir(self.folder) if schema.parse_shard_name(n) is not None)
             except OSError:
                 continue
             print(f"build_tfrecords: {done} shards written ({time.monotonic() - start:.0f} s)", file=sys.stderr,

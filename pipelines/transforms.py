@@ -23,8 +23,8 @@ computes what the final write needs computes everything. All sums are
 integers, so the result does not depend on the order a runner merges them in.
 
 Workers import neither TensorFlow nor anything heavy beyond Pillow and NumPy
-for local paths (see `alexnet_tf.fileio`); records are framed by
-`alexnet_tf.records.write_record`.
+for local paths (see `tfrecords.fileio`); records are framed by
+`tfrecords.framing.write_record`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from alexnet_tf import fileio, records
 from pipelines import color_stats, image_processing, members
+from tfrecords import fileio, framing, integrity, schema
 
 # With few images, fewer shards than asked for: each holds at least this many
 # records (a shard of one or two images would also hold a single class).
@@ -77,7 +77,7 @@ class BuildConfig:
 
 # The modules whose code decides a record's bytes (with the libraries in `worker_facts`).
 BUILD_CODE = ("pipelines.transforms", "pipelines.color_stats", "pipelines.image_processing", "pipelines.members",
-              "alexnet_tf.records", "alexnet_tf.fileio")
+              "tfrecords.schema", "tfrecords.framing", "tfrecords.integrity", "tfrecords.fileio")
 
 
 def worker_facts() -> dict:
@@ -315,7 +315,7 @@ class WriteShardFn(beam.DoFn):
         c = self.config
         out = image_processing.process_image(self.reader.read(member), c.image_size, c.resize, c.jpeg_quality)
         label = self.label_of[member.synset]
-        example = records.make_example(
+        example = schema.make_example(
             jpeg=out.jpeg,
             height=out.height,
             width=out.width,
@@ -328,7 +328,7 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element):
         (split, shard, shards), items = element
-        name = records.shard_name(split, shard, shards)
+        name = schema.shard_name(split, shard, shards)
         final = os.path.join(self.output_dir, name)
         sums = color_stats.PixelSums()
         count = upscaled = 0
@@ -336,7 +336,7 @@ class WriteShardFn(beam.DoFn):
         # under the final name.
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         with fileio.open_file(tmp, "wb") as raw:
-            f = records.DigestingWriter(raw)  # Its size and digests, for metadata.json.
+            f = integrity.DigestingWriter(raw)  # Its size and digests, for metadata.json.
             for _, member in sorted(items, key=lambda kv: kv[0]):
                 try:
                     example, out = self._record(member)
@@ -346,7 +346,7 @@ class WriteShardFn(beam.DoFn):
                     reason = str(e) if isinstance(e, image_processing.BadImage) else f"unreadable: {e}"
                     yield _rejection(split, member.name, reason)
                     continue
-                records.write_record(f, example)
+                framing.write_record(f, example)
                 count += 1
                 upscaled += out.upscaled
                 self.written.inc()

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from alexnet_tf import fileio, records
+from tfrecords import fileio, folder, framing, integrity, metadata, schema
 
 # Fields of metadata.json that differ between two builds of the same input.
 UNCOMPARED = (("created",), ("build", "seconds"))
@@ -35,24 +35,24 @@ def _check_record(raw: bytes, where: str, classes, size: int | None) -> list[str
 
     problems = []
     try:
-        ex = records.parse_example(raw)
+        ex = schema.parse_example(raw)
     except tf.errors.InvalidArgumentError as e:
         return [f"{where}: not a record of this format ({e.message.splitlines()[0]})"]
-    label = int(ex[records.LABEL])
-    synset = ex[records.SYNSET].numpy().decode()
-    where = f"{where} ({ex[records.FILENAME].numpy().decode()})"
+    label = int(ex[schema.LABEL])
+    synset = ex[schema.SYNSET].numpy().decode()
+    where = f"{where} ({ex[schema.FILENAME].numpy().decode()})"
     if not 0 <= label < len(classes):
         problems.append(f"{where}: label {label} outside 0..{len(classes) - 1}")
     elif synset != classes[label].synset:
         problems.append(f"{where}: label {label} is {classes[label].synset} but the record says {synset}")
     try:
-        image = tf.io.decode_jpeg(ex[records.ENCODED], channels=0)
+        image = tf.io.decode_jpeg(ex[schema.ENCODED], channels=0)
         h, w, c = image.shape
         if c != 3:
             problems.append(f"{where}: image has {c} channels, expected 3")
-        if (h, w) != (int(ex[records.HEIGHT]), int(ex[records.WIDTH])):
+        if (h, w) != (int(ex[schema.HEIGHT]), int(ex[schema.WIDTH])):
             problems.append(f"{where}: image is {h}x{w} but the record says "
-                            f"{int(ex[records.HEIGHT])}x{int(ex[records.WIDTH])}")
+                            f"{int(ex[schema.HEIGHT])}x{int(ex[schema.WIDTH])}")
         elif size is not None and (h, w) != (size, size):
             problems.append(f"{where}: image is {h}x{w} but metadata.json says {size}x{size}")
     except tf.errors.InvalidArgumentError as e:
@@ -60,7 +60,7 @@ def _check_record(raw: bytes, where: str, classes, size: int | None) -> list[str
     return problems
 
 
-def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, heads: dict) -> tuple[int, list[str]]:
+def _check_shard(path: str, shard: metadata.ShardInfo, meta: metadata.Metadata, heads: dict) -> tuple[int, list[str]]:
     """Returns (records read, problems) for one shard."""
     import tensorflow as tf
 
@@ -68,21 +68,21 @@ def _check_shard(path: str, shard: records.ShardInfo, meta: records.Metadata, he
     name = os.path.basename(path)
     classes, expected = meta.classes, shard.num_examples
     size = meta.image.square
-    digest, count = records.ShardDigest(), 0
+    digest, count = integrity.ShardDigest(), 0
     try:
         # One read of the file: the records as they stream past, their bytes into the digest.
         with tf.io.gfile.GFile(path, "rb") as f:
             try:
-                for raw in records.read_records(f, tf.io.gfile.stat(path).length, digest):
+                for raw in framing.read_records(f, tf.io.gfile.stat(path).length, digest):
                     problems.extend(_check_record(raw, f"{name} record {count}", classes, size))
                     count += 1
-            except records.DamagedRecord as e:
+            except framing.DamagedRecord as e:
                 problems.append(f"{name}: unreadable after {count} records ({e})")
             digest.update_from(f)  # What follows a damaged record still counts in the digest.
     except tf.errors.OpError as e:
         problems.append(f"{name}: unreadable after {count} records ({e.message.splitlines()[0]})")
     else:
-        wrong = shard.sha256 is not None and records.shard_mismatch(shard, digest, heads, full=True)
+        wrong = shard.sha256 is not None and integrity.shard_mismatch(shard, digest, heads, full=True)
         if wrong:  # The shard's identity first, then what it holds.
             problems.insert(0, wrong)
     if count != expected:
@@ -95,8 +95,8 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
     import tensorflow as tf
 
     try:
-        meta = records.load_metadata(data_dir)
-    except records.MetadataError as e:
+        meta = metadata.load_metadata(data_dir)
+    except metadata.MetadataError as e:
         return [str(e)]
     problems: list[str] = []
     listed = set()
@@ -109,7 +109,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
                 problems.append(f"{shard.file}: listed in metadata.json but missing")
             else:
                 jobs.append((path, shard))
-    on_disk = {n for n in tf.io.gfile.listdir(data_dir) if records.parse_shard_name(n)}
+    on_disk = {n for n in tf.io.gfile.listdir(data_dir) if schema.parse_shard_name(n)}
     for extra in sorted(on_disk - listed):
         problems.append(f"{extra}: shard file not listed in metadata.json (left from another build?)")
     stats = meta.color_stats
@@ -121,7 +121,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
                 problems.append("metadata.json: color_stats has no mean_image_file")
         else:
             try:
-                mean = records.load_mean_image(data_dir, meta)
+                mean = folder.load_mean_image(data_dir, meta)
                 if mean.shape != stats.mean_image_shape:
                     problems.append(f"mean image shape {mean.shape} != {stats.mean_image_shape}")
             except (OSError, ValueError, tf.errors.OpError) as e:
@@ -148,7 +148,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
 def dataset_files(data_dir: str) -> list[str]:
     """The names of a dataset's files in `data_dir`: shards, the mean image, metadata.json."""
     return sorted(n for n in fileio.listdir(data_dir)
-                  if records.parse_shard_name(n) or n in (records.MEAN_IMAGE_FILE, records.METADATA_FILE))
+                  if schema.parse_shard_name(n) or n in (schema.MEAN_IMAGE_FILE, schema.METADATA_FILE))
 
 
 def _first_difference(path: str, other: str) -> str | None:
@@ -199,13 +199,13 @@ def _load_json(path: str):
         with fileio.open_file(path, "r") as f:
             return json.load(f), None
     except (OSError, ValueError) as e:
-        return None, f"{records.METADATA_FILE}: unreadable in {os.path.dirname(path)} ({e})"
+        return None, f"{schema.METADATA_FILE}: unreadable in {os.path.dirname(path)} ({e})"
 
 
 def _file_differences(name: str, data_dir: str, other: str) -> list[str]:
     """The differences of one file present in both folders."""
     path, path_other = os.path.join(data_dir, name), os.path.join(other, name)
-    if name == records.METADATA_FILE:
+    if name == schema.METADATA_FILE:
         (meta, error), (meta_other, error_other) = _load_json(path), _load_json(path_other)
         if error or error_other:
             return [e for e in (error, error_other) if e]
@@ -227,9 +227,9 @@ def compare(data_dir: str, other: str, workers: int | None = None) -> tuple[list
       differing metadata.json field (by its JSON path, `created` and
       `build.seconds` not compared); no lines when the two are the same dataset.
     """
-    for folder in (data_dir, other):
-        if not fileio.isdir(folder):
-            return [f"{folder}: no such folder"], 0
+    for side in (data_dir, other):
+        if not fileio.isdir(side):
+            return [f"{side}: no such folder"], 0
     mine, theirs = set(dataset_files(data_dir)), set(dataset_files(other))
     lines = [f"{name}: in {data_dir} only" for name in sorted(mine - theirs)]
     lines += [f"{name}: missing from {data_dir} (in {other})" for name in sorted(theirs - mine)]
@@ -249,7 +249,7 @@ def _report(problems: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipelines.verify_tfrecords", description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", default="tfrecords", help="Folder with the shards and metadata.json.")
+    p.add_argument("--data_dir", default="data", help="Folder with the shards and metadata.json.")
     p.add_argument("--workers", type=int, default=None,
                    help="Shards checked (or compared) in parallel (default: cores).")
     p.add_argument("--same_as", default=None,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         _report(problems)
         sys.exit(1)
-    meta = records.load_metadata(args.data_dir)
+    meta = metadata.load_metadata(args.data_dir)
     counts = ", ".join(f"{s} {i.num_examples} in {i.num_shards} shards" for s, i in meta.splits.items())
     print(f"verify_tfrecords: OK {args.data_dir}: {counts}; {meta.num_classes} classes")
 

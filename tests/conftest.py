@@ -40,24 +40,24 @@ def read_split(data_dir, meta, split):
     """All records of a split as dicts of Python values, with their shard file."""
     import tensorflow as tf
 
-    from alexnet_tf import records
+    from tfrecords import folder, schema
 
     rows = []
-    for path in records.shard_paths(data_dir, meta, split):
+    for path in folder.shard_paths(data_dir, meta, split):
         for raw in tf.data.TFRecordDataset(path):
-            ex = records.parse_example(raw)
+            ex = schema.parse_example(raw)
             rows.append(
                 {
                     "shard": os.path.basename(path),
-                    "jpeg": ex[records.ENCODED].numpy(),
-                    "label": int(ex[records.LABEL]),
-                    "synset": ex[records.SYNSET].numpy().decode(),
-                    "text": ex[records.TEXT].numpy().decode(),
-                    "filename": ex[records.FILENAME].numpy().decode(),
-                    "height": int(ex[records.HEIGHT]),
-                    "width": int(ex[records.WIDTH]),
-                    "format": ex[records.FORMAT].numpy().decode(),
-                    "colorspace": ex[records.COLORSPACE].numpy().decode(),
+                    "jpeg": ex[schema.ENCODED].numpy(),
+                    "label": int(ex[schema.LABEL]),
+                    "synset": ex[schema.SYNSET].numpy().decode(),
+                    "text": ex[schema.TEXT].numpy().decode(),
+                    "filename": ex[schema.FILENAME].numpy().decode(),
+                    "height": int(ex[schema.HEIGHT]),
+                    "width": int(ex[schema.WIDTH]),
+                    "format": ex[schema.FORMAT].numpy().decode(),
+                    "colorspace": ex[schema.COLORSPACE].numpy().decode(),
                 }
             )
     return rows

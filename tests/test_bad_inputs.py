@@ -11,12 +11,12 @@ import sys
 import pytest
 
 import cluster
-from alexnet_tf import records
+from tfrecords import folder, integrity, metadata
 
 
 def _remove_validation_shard(d, meta):
-    os.remove(records.shard_paths(d, meta, "validation")[0])
-    return f"1 shard(s) listed in {records.metadata_path(d)} are missing: {records.shard_paths(d, meta, 'validation')[0]}"
+    os.remove(folder.shard_paths(d, meta, "validation")[0])
+    return f"1 shard(s) listed in {metadata.metadata_path(d)} are missing: {folder.shard_paths(d, meta, 'validation')[0]}"
 
 
 def _empty_mean_image(d, meta):
@@ -40,16 +40,16 @@ def _wrong_mean_image(d, meta):
 
 
 def _damage(d, meta, at):
-    path = records.shard_paths(d, meta, "validation")[0]
+    path = folder.shard_paths(d, meta, "validation")[0]
     data = bytearray(open(path, "rb").read())
-    assert len(data) > records.HEAD_BYTES + 10_000
+    assert len(data) > integrity.HEAD_BYTES + 10_000
     data[at:at + 10] = b"X" * 10
     open(path, "wb").write(bytes(data))
     return path
 
 
 def _damaged_validation_shard(d, meta):  # Past the bytes checked at start: found by the records' CRC, named.
-    path = _damage(d, meta, records.HEAD_BYTES + 5000)
+    path = _damage(d, meta, integrity.HEAD_BYTES + 5000)
     return f"records shard {path} is damaged (corrupted record at "
 
 
@@ -60,7 +60,7 @@ def _damaged_shard_head(d, meta):  # Within them: found at start, named.
 
 
 def _swapped_train_shards(d, meta):
-    a, b = records.shard_paths(d, meta, "train")[:2]
+    a, b = folder.shard_paths(d, meta, "train")[:2]
     os.rename(a, a + ".x")
     os.rename(b, a)
     os.rename(a + ".x", b)

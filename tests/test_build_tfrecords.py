@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_tf import records
+from tfrecords import folder, integrity, metadata, schema
 from conftest import LOCAL_BEAM, build, extract_sample, read_split, tar_members
 from pipelines import build_tfrecords, image_processing, imagenet_layout, make_sample, transforms
 
@@ -57,10 +57,10 @@ def test_shards_are_named_balanced_and_never_empty(built):
         assert n == transforms.effective_num_shards(
             getattr(meta.build, f"{split}_shards"), info.num_examples
         )
-        assert [s.file for s in info.shards] == [records.shard_name(split, i, n) for i in range(n)]
+        assert [s.file for s in info.shards] == [schema.shard_name(split, i, n) for i in range(n)]
         counts = [s.num_examples for s in info.shards]
         assert min(counts) >= 1 and max(counts) - min(counts) <= 1
-    assert os.path.exists(os.path.join(out, records.METADATA_FILE))
+    assert os.path.exists(os.path.join(out, schema.METADATA_FILE))
     assert not [n for n in os.listdir(out) if n.startswith(build_tfrecords.STAGING_PREFIX)]  # Nothing of the build's left.
 
 
@@ -143,7 +143,7 @@ def test_color_stats_match_numpy_over_the_stored_pixels(built, sample):
     np.testing.assert_allclose(cov @ got, got * np.array(stats.eigenvalues), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-12)
     assert list(stats.eigenvalues) == sorted(stats.eigenvalues, reverse=True)
-    mean_image = records.load_mean_image(out, meta)
+    mean_image = folder.load_mean_image(out, meta)
     assert mean_image.shape == (256, 256, 3) and mean_image.dtype == np.float32
     np.testing.assert_allclose(mean_image, np.mean(pixels_of, axis=0), rtol=1e-6, atol=1e-4)
     # And the images as stored (decoded JPEGs) agree up to JPEG noise.
@@ -271,7 +271,7 @@ def test_noresize_keeps_original_rgb_jpeg_bytes(sample, tmp_path):
     assert meta.image.size is None and not meta.image.resized
     # Images of many sizes: no mean image (readers take the mean colour); the
     # statistics are those of each image at 1/8 scale, exactly.
-    assert meta.color_stats.mean_image_file is None and not os.path.exists(tmp_path / records.MEAN_IMAGE_FILE)
+    assert meta.color_stats.mean_image_file is None and not os.path.exists(tmp_path / schema.MEAN_IMAGE_FILE)
     x = np.concatenate([b.reshape(-1, 3) for b in blocks]).astype(np.float64)
     assert meta.color_stats.num_pixels == len(x)
     np.testing.assert_allclose(meta.color_stats.mean_rgb, x.mean(axis=0), rtol=1e-12)
@@ -311,13 +311,13 @@ def test_upscaled_images_are_counted_in_metadata_and_the_report(tmp_path, capsys
     src = _tiny_imagenet(tmp_path, {name: _encoded(h, w, "PNG") for name, (h, w) in sizes.items()})
     meta = build(src, tmp_path / "out")
     assert meta.splits["train"].num_upscaled == 2 and meta.splits["train"].num_examples == 4
-    raw = json.loads((tmp_path / "out" / records.METADATA_FILE).read_text())
+    raw = json.loads((tmp_path / "out" / schema.METADATA_FILE).read_text())
     assert raw["splits"]["train"]["num_upscaled"] == 2
-    assert records.load_metadata(str(tmp_path / "out")) == meta
+    assert metadata.load_metadata(str(tmp_path / "out")) == meta
     assert "train: 2 of the 4 images scaled up (shorter side below 256)" in capsys.readouterr().err
     # Metadata of builds that did not count still reads (None), and writes back as it was.
     del raw["splits"]["train"]["num_upscaled"]
-    old = records.Metadata.from_json(raw)
+    old = metadata.Metadata.from_json(raw)
     assert old.splits["train"].num_upscaled is None and old.to_json() == raw
     meta = build(src, tmp_path / "kept", "--noresize")
     assert meta.splits["train"].num_upscaled == 0
@@ -459,7 +459,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(sample, tmp_path):
 def test_too_many_rejections_fail_without_metadata(sample, tmp_path):
     with pytest.raises(build_tfrecords.BuildError, match=r"1 of 160 inputs rejected .*max_reject_fraction=0.001"):
         build(sample["output_dir"], tmp_path, "--max_reject_fraction=0.001")
-    assert not (tmp_path / records.METADATA_FILE).exists()
+    assert not (tmp_path / schema.METADATA_FILE).exists()
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def test_existing_output_is_refused_then_replaced_whole(sample, tmp_path):
     with pytest.raises(build_tfrecords.BuildError, match="already holds a dataset.*--overwrite"):
         build(sample["output_dir"], tmp_path)
     meta = build(sample["output_dir"], tmp_path, "--train_shards=3", "--overwrite")
-    shards = sorted(f for f in os.listdir(tmp_path) if records.parse_shard_name(f))
+    shards = sorted(f for f in os.listdir(tmp_path) if schema.parse_shard_name(f))
     listed = sorted(s.file for info in meta.splits.values() for s in info.shards)
     assert shards == listed and "train-00000-of-00003" in shards  # The 2-shard build is gone.
     assert (tmp_path / "notes.txt").read_text() == "mine"  # Other files are not ours to remove.
@@ -485,7 +485,7 @@ def _dataset_files(folder) -> dict:
 def test_a_crashed_overwrite_leaves_the_old_dataset_whole(sample, tmp_path, monkeypatch):
     build(sample["output_dir"], tmp_path)
     before = _dataset_files(tmp_path)
-    assert records.METADATA_FILE in before
+    assert schema.METADATA_FILE in before
 
     def crash(self, element):
         raise RuntimeError("worker lost")
@@ -506,8 +506,8 @@ def test_an_overwrite_that_fails_its_checks_leaves_the_old_dataset_whole(sample,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
     # And one that passes replaces it whole.
     meta = build(sample["output_dir"], tmp_path, "--overwrite", "--image_size=240")
-    assert records.load_metadata(str(tmp_path)) == meta and meta.image.size == 240
-    assert records.load_mean_image(str(tmp_path), meta).shape == (240, 240, 3)
+    assert metadata.load_metadata(str(tmp_path)) == meta and meta.image.size == 240
+    assert folder.load_mean_image(str(tmp_path), meta).shape == (240, 240, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(build_tfrecords.STAGING_PREFIX)]
 
 
@@ -528,7 +528,7 @@ def test_an_overwrite_leaves_a_users_own_build_folder_alone(sample, built, tmp_p
     (tmp_path / "_build" / "notes.txt").write_text("mine")
     meta = build(sample["output_dir"], tmp_path, "--overwrite", "--train_shards=2")
     assert (tmp_path / "_build" / "notes.txt").read_text() == "mine"
-    assert meta.splits["train"].num_shards == 2 and records.load_metadata(str(tmp_path)) == meta
+    assert meta.splits["train"].num_shards == 2 and metadata.load_metadata(str(tmp_path)) == meta
 
 
 def test_a_folder_without_the_builds_marker_is_never_removed_or_reused(tmp_path, capfd):
@@ -587,7 +587,7 @@ def test_only_marked_folders_of_builds_that_are_gone_are_cleared(tmp_path, capfd
 def _disk_full_after(monkeypatch, nbytes):
     """Writes of shard bytes fail with ENOSPC once `nbytes` have been written (in-process workers)."""
     written = [0]
-    real = records.DigestingWriter.write
+    real = integrity.DigestingWriter.write
 
     def write(self, data):
         written[0] += len(data)
@@ -595,7 +595,7 @@ def _disk_full_after(monkeypatch, nbytes):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, data)
 
-    monkeypatch.setattr(records.DigestingWriter, "write", write)
+    monkeypatch.setattr(integrity.DigestingWriter, "write", write)
 
 
 def test_a_full_disk_stops_with_one_line_and_leaves_the_earlier_dataset_whole(sample, tmp_path, monkeypatch,
@@ -697,8 +697,8 @@ def test_default_input_is_the_embedded_sample(tmp_path, monkeypatch):
 
 def test_metadata_json_round_trips_through_the_reader(built):
     out, meta = built
-    assert records.load_metadata(out) == meta
-    raw = json.loads(open(os.path.join(out, records.METADATA_FILE)).read())
+    assert metadata.load_metadata(out) == meta
+    raw = json.loads(open(os.path.join(out, schema.METADATA_FILE)).read())
     assert meta.to_json() == raw
 
 
@@ -715,7 +715,7 @@ def test_a_local_build_never_imports_tensorflow(sample, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    assert os.path.exists(tmp_path / records.METADATA_FILE)
+    assert os.path.exists(tmp_path / schema.METADATA_FILE)
 
 
 # ---------------------------------------------------------------------------
@@ -739,9 +739,9 @@ def test_two_builds_into_one_folder_one_refuses_naming_the_other(sample, tmp_pat
     assert sorted(codes) == [0, 1], text
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
     assert "is being written by another build (host " in text[loser].strip().splitlines()[-1]
-    meta = records.load_metadata(str(out))
+    meta = metadata.load_metadata(str(out))
     size = 256 if winner == 0 else 240  # One dataset, the winner's, whole.
-    assert meta.image.size == size and records.load_mean_image(str(out), meta).shape == (size, size, 3)
+    assert meta.image.size == size and folder.load_mean_image(str(out), meta).shape == (size, size, 3)
     assert not (out / build_tfrecords.LOCK_FILE).exists()
     check = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(out)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
@@ -795,7 +795,7 @@ def test_a_build_killed_mid_write_cannot_touch_the_build_that_takes_over(sample,
                                "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     # Killed (the driver alone, as the OOM killer or a lost session does) once its workers write shards.
-    _poll(lambda: any(".tmp-" in p.name or records.parse_shard_name(p.name) for p in out.rglob("*")), 240,
+    _poll(lambda: any(".tmp-" in p.name or schema.parse_shard_name(p.name) for p in out.rglob("*")), 240,
           "the first shard")
     lock = json.loads((out / build_tfrecords.LOCK_FILE).read_text())
     killed.kill()
@@ -807,8 +807,8 @@ def test_a_build_killed_mid_write_cannot_touch_the_build_that_takes_over(sample,
     assert build_tfrecords.build_processes(lock["build"]) == []
     time.sleep(1)
     listed = {s.file for info in meta.splits.values() for s in info.shards}
-    assert sorted(p.name for p in out.iterdir()) == sorted(listed | {records.METADATA_FILE, records.MEAN_IMAGE_FILE})
-    assert records.load_metadata(str(out)) == meta and meta.splits["train"].num_shards == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed | {schema.METADATA_FILE, schema.MEAN_IMAGE_FILE})
+    assert metadata.load_metadata(str(out)) == meta and meta.splits["train"].num_shards == 2
     check = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(out)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, (orphans, check.stderr[-2000:], open(log.name).read()[-2000:])

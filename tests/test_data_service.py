@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import data_service, input_pipeline, records
+from alexnet_tf import data_service, input_pipeline
 from alexnet_tf.config import TrainConfig
+from tfrecords import folder
 
 
 
@@ -28,7 +29,7 @@ def _cli(*argv, timeout=60):
 
 
 def _fingerprints(data_dir, meta) -> list[int]:
-    files = records.shard_paths(data_dir, meta, "train")
+    files = folder.shard_paths(data_dir, meta, "train")
     return [int(input_pipeline.record_fingerprint(s)) for s in tf.data.TFRecordDataset(files)]
 
 
@@ -310,7 +311,7 @@ def in_process_service():
 
 def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_process_service):
     out, meta = built
-    assert len(records.shard_paths(out, meta, "train")) >= 2  # Something to share between the workers.
+    assert len(folder.shard_paths(out, meta, "train")) >= 2  # Something to share between the workers.
     epoch = input_pipeline.epoch_records(out, meta, seed=7, shuffle_buffer=50).map(input_pipeline.record_fingerprint)
     readers = [[], []]
     threads = [threading.Thread(target=_read, args=(input_pipeline.distribute_epoch(epoch.batch(4),
@@ -343,7 +344,7 @@ def test_service_batches_are_training_batches(built, in_process_service):
     assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
     assert aug.alpha.shape == (8, 3) and set(labels.numpy()) <= set(range(meta.num_classes))
     # A record's crop comes from (seed, its fingerprint), not from the worker that made it.
-    first = next(iter(tf.data.TFRecordDataset(records.shard_paths(out, meta, "train")[0])))
+    first = next(iter(tf.data.TFRecordDataset(folder.shard_paths(out, meta, "train")[0])))
     image, _ = input_pipeline.parse_record(first)
     seed = input_pipeline.record_seed(3, input_pipeline.record_fingerprint(first))
     a = input_pipeline.crop_for_train(image, stats, seed=seed)[1]

@@ -40,8 +40,9 @@ EVALUATE = textwrap.dedent("""
     from alexnet_tf import distribute
     strategy = distribute.make_strategy(sys.argv[2], cpu_devices=2)
     import tensorflow as tf
-    from alexnet_tf import evaluation, input_pipeline, model, records
-    meta = records.load_metadata(sys.argv[1])
+    from alexnet_tf import evaluation, input_pipeline, model
+    from tfrecords import metadata
+    meta = metadata.load_metadata(sys.argv[1])
     stats = input_pipeline.ColorStats.from_metadata(sys.argv[1], meta, "image")
     with strategy.scope():
         net = model.build_alexnet(meta.num_classes, seed=3, dtype=sys.argv[3])

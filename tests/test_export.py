@@ -386,13 +386,13 @@ def _records_of_other_classes(out, meta, dest):
     import dataclasses
     import shutil
 
-    from alexnet_tf import records
+    from tfrecords import metadata
 
     shutil.copytree(out, dest)
     c = list(meta.classes)
     c[0], c[1] = (dataclasses.replace(c[0], synset=c[1].synset, name=c[1].name),
                   dataclasses.replace(c[1], synset=c[0].synset, name=c[0].name))
-    records.write_metadata(str(dest), dataclasses.replace(meta, classes=tuple(c)))
+    metadata.write_metadata(str(dest), dataclasses.replace(meta, classes=tuple(c)))
     return str(dest), c
 
 
@@ -460,11 +460,11 @@ def test_predict_writes_only_its_own_one_line_errors_to_stderr(predicted_bad_fil
 
 
 def test_predict_names_the_pixel_limit_and_the_size_of_a_forged_image(predicted_bad_files):
-    from alexnet_tf import records
+    from tfrecords import schema
 
     proc, paths = predicted_bad_files
     assert (f"predict: error: {paths['forged']}: cannot be decoded (30000x20000: 600,000,000 pixels, above the "
-            f"limit of {records.MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged))"
+            f"limit of {schema.MAX_PIXELS:,} decoded pixels (a decompression bomb, or damaged))"
             ) in proc.stderr.splitlines()
 
 
@@ -484,14 +484,15 @@ def test_predict_drops_native_stderr_only_when_it_ends_normally(capfd):
 
 
 def test_predicts_help_states_the_bounds(capsys):
-    from alexnet_tf import predict, records
+    from alexnet_tf import predict
+    from tfrecords import schema
 
     with pytest.raises(SystemExit) as e:
         predict.main(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"batch {export.SERVING_CHUNK} images at a time" in text
-    assert f"above {records.MAX_PIXELS:,} pixels" in text
+    assert f"above {schema.MAX_PIXELS:,} pixels" in text
 
 
 # -- the export folder: what is replaced, what is refused, interruptions ------------
@@ -850,12 +851,13 @@ def test_evaluate_refuses_records_smaller_than_the_models_patches_before_any_wor
     import dataclasses
     import shutil
 
-    from alexnet_tf import evaluate, records
+    from alexnet_tf import evaluate
+    from tfrecords import metadata
 
     out, meta = built
     small = tmp_path / "small"  # As built with --image_size=100.
     shutil.copytree(out, small)
-    records.write_metadata(str(small), dataclasses.replace(meta, image=dataclasses.replace(meta.image, size=100)))
+    metadata.write_metadata(str(small), dataclasses.replace(meta, image=dataclasses.replace(meta.image, size=100)))
     if source == "--saved_model":
         model = str(tmp_path / "exported")
         _tiny_export(model, info=_tiny_info([c.to_json() for c in meta.classes]))

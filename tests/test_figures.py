@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import evaluation, figures, records
+from alexnet_tf import evaluation, figures
+from tfrecords.classes import ClassInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +132,7 @@ def test_ties_and_underflow_count_against_the_label():
 
 
 def test_tables_order_worst_first_and_most_confused_first():
-    classes = [records.ClassInfo(i, f"n{i:08d}", f"name {i}") for i in range(3)]
+    classes = [ClassInfo(i, f"n{i:08d}", f"name {i}") for i in range(3)]
     per_class = {"count": [4, 4, 0], "top1_error": [0.25, 0.75, 1.0], "top5_error": [0.0, 0.25, 1.0]}
     rows = figures.per_class_table(per_class, classes)
     assert [r["label"] for r in rows] == [1, 0]  # The class without images is left out.
@@ -352,7 +353,7 @@ def test_report_and_tensorboard_render_in_a_real_browser(trained_run, tensorboar
 def test_report_of_an_older_export_says_what_it_lacks():
     from alexnet_tf import report
 
-    classes = [records.ClassInfo(i, f"n{i:08d}", f"name {i} & co") for i in range(2)]
+    classes = [ClassInfo(i, f"n{i:08d}", f"name {i} & co") for i in range(2)]
     result = {"split": "validation", "num_examples": 4, "central_crop": {"top1_error": 0.5, "top5_error": 0.0},
               "paper_one_cnn_validation": {"top1_error": 0.407, "top5_error": 0.182}}
     per_class = {"count": [2, 2], "top1_error": [0.5, 0.5], "top5_error": [0.0, 0.0],

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from alexnet_tf import input_pipeline as ip
-from alexnet_tf import records
+from tfrecords import folder
 from conftest import read_split
 
 
@@ -301,7 +301,7 @@ def test_each_record_is_augmented_from_its_own_seed(data):
     # A stream of one shard read in order (no shuffle to speak of): record i is augmented with record_seed(seed, i).
     ds = ip.train_dataset(out, meta, stats, 4, shuffle_buffer=1, seed=9, deterministic=True)
     (patches, aug), labels = next(iter(ds))
-    first_shard = records.shard_paths(out, meta, "train")
+    first_shard = folder.shard_paths(out, meta, "train")
     order = tf.data.Dataset.from_tensor_slices(first_shard).shuffle(len(first_shard), seed=9)
     jpeg = next(iter(tf.data.TFRecordDataset(next(iter(order))).map(lambda s: ip.parse_record(s)[0])))
     patch, expected = ip.crop_for_train(jpeg, stats, seed=ip.record_seed(9, 0))
@@ -327,4 +327,4 @@ def test_input_context_splits_shards_between_workers(data):
         seen.append(set(files))
         assert ip.train_dataset(out, meta, stats, 8, ctx).element_spec[0][0].shape == (4, 227, 227, 3)
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(records.shard_paths(out, meta, "train"))
+    assert seen[0] | seen[1] == set(folder.shard_paths(out, meta, "train"))

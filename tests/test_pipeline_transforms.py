@@ -16,10 +16,10 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from alexnet_tf import fileio, records
 from pipelines import color_stats, image_processing, imagenet_layout, members, transforms
 from pipelines.members import Member, ReadUnit
 from pipelines.transforms import BuildConfig
+from tfrecords import fileio, framing, integrity, schema
 
 
 def _encode(array, fmt="JPEG", mode=None, **kw):
@@ -143,11 +143,11 @@ def test_undecodable_inputs_are_rejected_with_a_reason(data, reason):
 @pytest.mark.parametrize("fmt", ["WEBP", "TIFF"])
 @pytest.mark.parametrize("resize", [True, False])
 def test_formats_serving_does_not_decode_are_rejected_with_the_list(fmt, resize):
-    # PIL opens them; the exported model refuses them (records.IMAGE_MAGIC), so the build must too.
+    # PIL opens them; the exported model refuses them (schema.IMAGE_MAGIC), so the build must too.
     with pytest.raises(image_processing.BadImage) as e:
         image_processing.process_image(_encode(_image(300, 300), fmt), resize=resize)
     assert str(e.value) == f"{fmt} is not one of the formats serving decodes: JPEG, PNG, GIF, BMP"
-    assert records.IMAGE_FORMATS == ("JPEG", "PNG", "GIF", "BMP")  # The one list, both sides.
+    assert schema.IMAGE_FORMATS == ("JPEG", "PNG", "GIF", "BMP")  # The one list, both sides.
     for served in ("JPEG", "PNG", "GIF", "BMP"):
         assert image_processing.served_format(_encode(_image(16, 16), served)) == served
 
@@ -309,10 +309,10 @@ def test_write_shards_writes_in_key_order_and_tags_rejections_and_sums(tmp_path)
         ]), label="rejected")
         assert_that(out["sums"] | beam.Map(lambda m: (m.num_images, m.num_pixels)),
                     equal_to([(3, 3 * 256 * 256)]), label="sums")
-    rows = [records.parse_example(r) for r in tf_records(out_dir / "train-00001-of-00003")]
+    rows = [schema.parse_example(r) for r in tf_records(out_dir / "train-00001-of-00003")]
     # Key order: b (10), d (20), a (40).
-    assert [r[records.FILENAME].numpy().decode() for r in rows] == ["b.JPEG", "d.JPEG", "a.JPEG"]
-    assert [int(r[records.LABEL]) for r in rows] == [1, 1, 0]
+    assert [r[schema.FILENAME].numpy().decode() for r in rows] == ["b.JPEG", "d.JPEG", "a.JPEG"]
+    assert [int(r[schema.LABEL]) for r in rows] == [1, 1, 0]
     assert sorted(os.listdir(out_dir)) == ["train-00001-of-00003"]  # No temporary file left.
 
 
@@ -325,7 +325,7 @@ def _shard_written(out_dir):
         assert info == {"split": "train", "index": 1, "num_shards": 3, "file": "train-00001-of-00003",
                         "num_examples": 3, "num_upscaled": 1, "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(),
-                        "head_sha256": hashlib.sha256(data[:records.HEAD_BYTES]).hexdigest()}
+                        "head_sha256": hashlib.sha256(data[:integrity.HEAD_BYTES]).hexdigest()}
     return match
 
 
@@ -471,7 +471,7 @@ def test_assign_shards_groups_contiguous_key_ranges():
 def test_summary_reaches_the_driver_through_a_beam_sink(tmp_path):
     pixels, other = _image(40, 50), _image(30, 20, seed=3)
     parts = [color_stats.PixelSums.of_image(pixels, pixels[:8, :8]), color_stats.PixelSums.of_image(other, other[:8, :8])]
-    shards = [{"split": "train", "index": i, "num_shards": 2, "file": records.shard_name("train", i, 2),
+    shards = [{"split": "train", "index": i, "num_shards": 2, "file": schema.shard_name("train", i, 2),
                "num_examples": 3} for i in (1, 0)]
     rejected = [{"split": "train", "file": "b", "reason": "r2"}, {"split": "train", "file": "a", "reason": "r1"}]
     with BeamTestPipeline() as p:
@@ -522,8 +522,8 @@ def test_make_example_matches_tensorflow_byte_for_byte_without_importing_it():
 
     code = (
         "import sys\n"
-        "from alexnet_tf import records\n"
-        "b = records.make_example(jpeg=b'\\xff\\xd8jpeg', height=256, width=255, label=7, synset='n01440764',"
+        "from tfrecords import schema\n"
+        "b = schema.make_example(jpeg=b'\\xff\\xd8jpeg', height=256, width=255, label=7, synset='n01440764',"
         " text='tench', filename='n01440764_1.JPEG')\n"
         "assert 'tensorflow' not in sys.modules\n"
         "sys.stdout.write(b.hex())\n"
@@ -539,13 +539,13 @@ def test_make_example_matches_tensorflow_byte_for_byte_without_importing_it():
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
 
     theirs = tf.train.Example(features=tf.train.Features(feature={
-        records.ENCODED: b(b"\xff\xd8jpeg"), records.FORMAT: b(b"JPEG"), records.HEIGHT: i(256),
-        records.WIDTH: i(255), records.CHANNELS: i(3), records.COLORSPACE: b(b"RGB"), records.LABEL: i(7),
-        records.SYNSET: b(b"n01440764"), records.TEXT: b(b"tench"), records.FILENAME: b(b"n01440764_1.JPEG"),
+        schema.ENCODED: b(b"\xff\xd8jpeg"), schema.FORMAT: b(b"JPEG"), schema.HEIGHT: i(256),
+        schema.WIDTH: i(255), schema.CHANNELS: i(3), schema.COLORSPACE: b(b"RGB"), schema.LABEL: i(7),
+        schema.SYNSET: b(b"n01440764"), schema.TEXT: b(b"tench"), schema.FILENAME: b(b"n01440764_1.JPEG"),
     })).SerializeToString(deterministic=True)
     assert ours == theirs
-    parsed = records.parse_example(ours)
-    assert int(parsed[records.WIDTH]) == 255 and parsed[records.TEXT].numpy() == b"tench"
+    parsed = schema.parse_example(ours)
+    assert int(parsed[schema.WIDTH]) == 255 and parsed[schema.TEXT].numpy() == b"tench"
 
 
 def test_write_record_framing_is_tensorflows(tmp_path):
@@ -553,7 +553,7 @@ def test_write_record_framing_is_tensorflows(tmp_path):
 
     payloads = [b"", b"x", bytes(range(256)) * 40]
     with open(tmp_path / "ours", "wb") as f:
-        sizes = [records.write_record(f, p) for p in payloads]
+        sizes = [framing.write_record(f, p) for p in payloads]
     with tf.io.TFRecordWriter(str(tmp_path / "theirs")) as w:
         for p in payloads:
             w.write(p)
@@ -625,7 +625,7 @@ print(out.width, out.height, (kib("VmHWM") - before) * 1024 / (width * height))
 """
 
 
-# 9 million pixels, and a long thin 17 million; the bounds are per input pixel (records.MAX_PIXELS at most).
+# 9 million pixels, and a long thin 17 million; the bounds are per input pixel (schema.MAX_PIXELS at most).
 @pytest.mark.parametrize("fmt, mode, size, resize, bytes_per_pixel", [
     ("JPEG", "CMYK", "3000x3000", "resize", 0.5),  # Decoded at 1/8 scale: 8 bytes a pixel before (CMYK, RGB).
     ("JPEG", "L", "3000x3000", "resize", 0.5),

@@ -12,8 +12,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-from alexnet_tf import records
 from pipelines import verify_tfrecords
+from tfrecords import checked_json, framing, integrity, metadata, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,11 +29,11 @@ def copy(built, tmp_path):
 
 def _raw(dst):
     """metadata.json as parsed JSON, to damage on disk."""
-    return json.loads((dst / records.METADATA_FILE).read_text())
+    return json.loads((dst / schema.METADATA_FILE).read_text())
 
 
 def _save(dst, raw):
-    (dst / records.METADATA_FILE).write_text(json.dumps(raw))
+    (dst / schema.METADATA_FILE).write_text(json.dumps(raw))
 
 
 def _rewrite_first_record(path, **changes):
@@ -79,8 +79,8 @@ def test_count_mismatch(copy):
 def test_label_out_of_range_and_wrong_synset(copy):
     dst, meta = copy
     first, second = meta.splits["train"].shards[:2]
-    _rewrite_first_record(dst / first.file, **{records.LABEL: 10})
-    _rewrite_first_record(dst / second.file, **{records.SYNSET: b"n00000001"})
+    _rewrite_first_record(dst / first.file, **{schema.LABEL: 10})
+    _rewrite_first_record(dst / second.file, **{schema.SYNSET: b"n00000001"})
     problems = verify_tfrecords.verify(str(dst), progress=False)
     assert len(problems) == 4
     assert any("label 10 outside 0..9" in p for p in problems)
@@ -92,7 +92,7 @@ def test_label_out_of_range_and_wrong_synset(copy):
 def test_undecodable_image(copy):
     dst, meta = copy
     name = meta.splits["train"].shards[0].file
-    _rewrite_first_record(dst / name, **{records.ENCODED: b"\xff\xd8 not really a jpeg"})
+    _rewrite_first_record(dst / name, **{schema.ENCODED: b"\xff\xd8 not really a jpeg"})
     digest, problem = verify_tfrecords.verify(str(dst), progress=False)
     assert digest.startswith(f"{name} is not the file this build wrote")
     assert problem.startswith(f"{name} record 0") and "does not decode as JPEG" in problem
@@ -104,7 +104,7 @@ def test_unlisted_shard_and_missing_metadata(copy):
     assert verify_tfrecords.verify(str(dst), progress=False) == [
         "train-00000-of-00099: shard file not listed in metadata.json (left from another build?)"
     ]
-    os.remove(dst / records.METADATA_FILE)
+    os.remove(dst / schema.METADATA_FILE)
     (problem,) = verify_tfrecords.verify(str(dst), progress=False)
     assert "metadata.json not found" in problem
 
@@ -115,7 +115,7 @@ def test_malformed_metadata_is_one_problem(copy):
     del raw["splits"]["train"]["shards"][0]["file"]
     _save(dst, raw)
     assert verify_tfrecords.verify(str(dst), progress=False) == [
-        f"{dst / records.METADATA_FILE}: splits.train.shards[0].file is missing"
+        f"{dst / schema.METADATA_FILE}: splits.train.shards[0].file is missing"
     ]
 
 
@@ -152,7 +152,7 @@ def test_the_build_records_every_shards_size_and_digest(built):
     for info in meta.splits.values():
         for shard in info.shards:
             path = os.path.join(out, shard.file)
-            digest = records.file_digest(path).info()
+            digest = integrity.file_digest(path).info()
             assert (shard.bytes, shard.sha256, shard.head_sha256) == (
                 os.path.getsize(path), digest["sha256"], digest["head_sha256"])
 
@@ -166,8 +166,8 @@ def test_swapped_shards_are_named_by_verify_and_at_the_start_of_training(copy):
     problems = verify_tfrecords.verify(str(dst), progress=False)
     assert f"{a} holds the bytes of {b} (swapped or copied)" in problems
     assert f"{b} holds the bytes of {a} (swapped or copied)" in problems
-    with pytest.raises(records.MetadataError, match=f"{a} holds the bytes of {b}"):
-        records.check_shards(str(dst), meta)
+    with pytest.raises(metadata.MetadataError, match=f"{a} holds the bytes of {b}"):
+        integrity.check_shards(str(dst), meta)
 
 
 def test_a_shard_from_another_build_is_named(copy, built):
@@ -180,8 +180,8 @@ def test_a_shard_from_another_build_is_named(copy, built):
             w.write(r)
     expected = f"{name} is not the file this build wrote (its first bytes differ: damaged, or from another build)"
     assert verify_tfrecords.verify(str(dst), progress=False) == [expected]
-    with pytest.raises(records.MetadataError, match="not the ones its metadata.json lists"):
-        records.check_shards(str(dst), meta)
+    with pytest.raises(metadata.MetadataError, match="not the ones its metadata.json lists"):
+        integrity.check_shards(str(dst), meta)
 
 
 def test_damage_past_the_first_bytes_is_found_by_verify_not_at_start(copy):
@@ -189,18 +189,18 @@ def test_damage_past_the_first_bytes_is_found_by_verify_not_at_start(copy):
     shard = max(meta.splits["train"].shards, key=lambda s: s.bytes)
     path = dst / shard.file
     data = bytearray(path.read_bytes())
-    assert len(data) > records.HEAD_BYTES + 100
+    assert len(data) > integrity.HEAD_BYTES + 100
     data[-50] ^= 0xFF  # Inside the last image's JPEG bytes.
     path.write_bytes(bytes(data))
-    records.check_shards(str(dst), meta)  # Size and first bytes unchanged: the cheap check passes.
+    integrity.check_shards(str(dst), meta)  # Size and first bytes unchanged: the cheap check passes.
     problems = verify_tfrecords.verify(str(dst), progress=False)
-    assert (f"{shard.file} differs from the file this build wrote after its first {records.HEAD_BYTES:,} bytes "
+    assert (f"{shard.file} differs from the file this build wrote after its first {integrity.HEAD_BYTES:,} bytes "
             "(damaged)") in problems
     truncated = bytes(data[:-7])
     path.write_bytes(truncated)
-    with pytest.raises(records.MetadataError, match=f"{shard.file} is {len(truncated):,} bytes, the build wrote "
+    with pytest.raises(metadata.MetadataError, match=f"{shard.file} is {len(truncated):,} bytes, the build wrote "
                                                     f"{shard.bytes:,} \\(truncated or appended to\\)"):
-        records.check_shards(str(dst), meta)
+        integrity.check_shards(str(dst), meta)
 
 
 def test_metadata_of_an_earlier_version_without_digests_still_verifies(copy, capsys):
@@ -213,7 +213,7 @@ def test_metadata_of_an_earlier_version_without_digests_still_verifies(copy, cap
     _save(dst, raw)
     assert verify_tfrecords.verify(str(dst), progress=False) == []
     assert "records no shard digests" in capsys.readouterr().err
-    records.check_shards(str(dst), records.load_metadata(str(dst)))
+    integrity.check_shards(str(dst), metadata.load_metadata(str(dst)))
 
 
 def test_the_shard_holding_a_damaged_record_is_found_from_the_offset_alone(copy):
@@ -229,10 +229,10 @@ def test_the_shard_holding_a_damaged_record_is_found_from_the_offset_alone(copy)
     with pytest.raises(tf.errors.DataLossError, match=f"corrupted record at {at}") as caught:
         for _ in tf.data.TFRecordDataset(str(target)):
             pass
-    assert records.damaged_at(str(target), at)
-    assert not records.damaged_at(str(target), at + 1)  # Not a record boundary there.
-    assert not any(records.damaged_at(str(dst / s.file), at) for s in shards if s.file != shards[1].file)
-    message = records.data_loss_message(caught.value, str(dst), meta)
+    assert integrity.damaged_at(str(target), at)
+    assert not integrity.damaged_at(str(target), at + 1)  # Not a record boundary there.
+    assert not any(integrity.damaged_at(str(dst / s.file), at) for s in shards if s.file != shards[1].file)
+    message = integrity.data_loss_message(caught.value, str(dst), meta)
     assert message.startswith(f"records shard {target} is damaged (corrupted record at {at}")
     # A damaged length field: named by where the record starts.
     data[offset + 2] ^= 0xFF
@@ -240,19 +240,19 @@ def test_the_shard_holding_a_damaged_record_is_found_from_the_offset_alone(copy)
     with pytest.raises(tf.errors.DataLossError, match=f"corrupted record at {offset}"):
         for _ in tf.data.TFRecordDataset(str(target)):
             pass
-    assert records.damaged_at(str(target), offset) and not records.damaged_at(str(target), offset + 12)
+    assert integrity.damaged_at(str(target), offset) and not integrity.damaged_at(str(target), offset + 12)
 
 
 def _read_all(path, digest=None):
     with open(path, "rb") as f:
-        return list(records.read_records(f, os.path.getsize(path), digest))
+        return list(framing.read_records(f, os.path.getsize(path), digest))
 
 
 def test_one_read_gives_tensorflows_records_and_the_digest_and_names_damage_as_tensorflow_does(copy):
     dst, meta = copy
     shard = meta.splits["train"].shards[1]
     target = dst / shard.file
-    digest = records.ShardDigest()
+    digest = integrity.ShardDigest()
     got = _read_all(target, digest)
     assert got == [r.numpy() for r in tf.data.TFRecordDataset(str(target))] and len(got) == shard.num_examples
     assert digest.info() == {"bytes": shard.bytes, "sha256": shard.sha256, "head_sha256": shard.head_sha256}
@@ -273,14 +273,14 @@ def test_one_read_gives_tensorflows_records_and_the_digest_and_names_damage_as_t
                 pass
         if at is not None:  # TensorFlow's words for the same place.
             assert message in tf_error.value.message
-        with pytest.raises(records.DamagedRecord, match=message):
+        with pytest.raises(framing.DamagedRecord, match=message):
             _read_all(target)
     # A length field claiming more than the file holds (its CRC recomputed to match) is not read.
     data = bytearray(clean)
     huge = (1 << 60).to_bytes(8, "little")
-    data[offset:offset + 12] = huge + records._masked_crc32c(huge).to_bytes(4, "little")
+    data[offset:offset + 12] = huge + framing.masked_crc32c(huge).to_bytes(4, "little")
     target.write_bytes(bytes(data))
-    with pytest.raises(records.DamagedRecord, match=f"truncated record at {offset}"):
+    with pytest.raises(framing.DamagedRecord, match=f"truncated record at {offset}"):
         _read_all(target)
 
 
@@ -312,8 +312,8 @@ def test_a_shard_outside_the_folder_is_refused_by_verify_and_the_readers(copy, t
     message = "splits.train.shards[0].file must be a shard file name of split train"
     problems = verify_tfrecords.verify(str(dst), progress=False)
     assert len(problems) == 1 and message in problems[0], problems
-    with pytest.raises(records.MetadataError, match=re.escape(message)):  # What every reader opens a folder with.
-        records.load_metadata(str(dst))
+    with pytest.raises(metadata.MetadataError, match=re.escape(message)):  # What every reader opens a folder with.
+        metadata.load_metadata(str(dst))
 
 
 def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(copy, tmp_path):
@@ -328,9 +328,9 @@ def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(co
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"train: error: {dst / records.METADATA_FILE}: splits.train.shards[0].file must be a shard file name of "
+        f"train: error: {dst / schema.METADATA_FILE}: splits.train.shards[0].file must be a shard file name of "
         f"split train such as train-00000-of-00001 (a plain name inside the records folder), got "
-        f"{records._show(str(tmp_path / first))}")
+        f"{checked_json.show(str(tmp_path / first))}")
     assert not (tmp_path / "run").exists()
 
 
@@ -342,11 +342,11 @@ def _fake_dataset(folder, seconds=1.5, created="2026-12-02T10:00:00Z"):
     folder.mkdir()
     (folder / "train-00000-of-00002").write_bytes(b"\x01" * 3000)
     (folder / "train-00001-of-00002").write_bytes(b"\x02" * 10)
-    (folder / records.MEAN_IMAGE_FILE).write_bytes(b"\x93NUMPY fake")
+    (folder / schema.MEAN_IMAGE_FILE).write_bytes(b"\x93NUMPY fake")
     (folder / ".build.lock").write_text(created)  # Not part of the dataset.
     meta = {"created": created, "build": {"seconds": seconds, "runner": "local"},
             "color_stats": {"mean": [0.1, 0.2, 0.3]}, "splits": {"train": {"shards": [{"n": 1}, {"n": 2}]}}}
-    (folder / records.METADATA_FILE).write_text(json.dumps(meta))
+    (folder / schema.METADATA_FILE).write_text(json.dumps(meta))
     return folder
 
 
@@ -375,12 +375,12 @@ def test_a_changed_shard_byte_is_named_with_its_offset(two):
 
 def test_metadata_fields_are_named_by_their_json_path(two):
     a, b = two
-    meta = json.loads((b / records.METADATA_FILE).read_text())
+    meta = json.loads((b / schema.METADATA_FILE).read_text())
     meta["color_stats"]["mean"][1] = 0.20000000000000004  # A last-bit difference is a difference.
     meta["splits"]["train"]["shards"][1]["n"] = 3
     meta["build"]["runner"] = "DaskRunner"
     meta["build"]["workers"] = 2
-    (b / records.METADATA_FILE).write_text(json.dumps(meta))
+    (b / schema.METADATA_FILE).write_text(json.dumps(meta))
     assert verify_tfrecords.compare(str(a), str(b))[0] == [
         f"metadata.json: build.runner: \"local\" in {a}, \"DaskRunner\" in {b}",
         f"metadata.json: build.workers: only in {b}",
@@ -391,7 +391,7 @@ def test_metadata_fields_are_named_by_their_json_path(two):
 
 def test_missing_and_extra_files_are_named(two):
     a, b = two
-    os.remove(a / records.MEAN_IMAGE_FILE)
+    os.remove(a / schema.MEAN_IMAGE_FILE)
     (a / "validation-00000-of-00001").write_bytes(b"x")
     assert verify_tfrecords.compare(str(a), str(b)) == ([
         f"validation-00000-of-00001: in {a} only",
@@ -405,7 +405,7 @@ def test_same_as_cli(two):
     cmd = [sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(a), "--same_as", str(b)]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (ok.returncode, ok.stdout) == (0, f"verify_tfrecords: same dataset as {b} (4 files)\n"), ok.stderr
-    (b / records.METADATA_FILE).write_text("{not json")
+    (b / schema.METADATA_FILE).write_text("{not json")
     os.remove(b / "train-00001-of-00002")
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""

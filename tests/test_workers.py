@@ -11,15 +11,17 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import distribute, evaluation, input_pipeline, model as model_lib, records, trainer
+from alexnet_tf import distribute, evaluation, input_pipeline, model as model_lib, trainer
 from alexnet_tf.config import TrainConfig
+from tfrecords import folder
 
 EVALUATE = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
-    from alexnet_tf import distribute, evaluation, input_pipeline, model, records
+    from alexnet_tf import distribute, evaluation, input_pipeline, model
+    from tfrecords import metadata
     strategy = distribute.make_strategy(sys.argv[2])
-    meta = records.load_metadata(sys.argv[1])
+    meta = metadata.load_metadata(sys.argv[1])
     stats = input_pipeline.ColorStats.from_metadata(sys.argv[1], meta, "image")
     with strategy.scope():
         net = model.build_alexnet(meta.num_classes, seed=3, dtype="float32")
@@ -36,7 +38,7 @@ def _result(stdout: str) -> dict:
 @pytest.mark.slow  # Two worker processes; the default suite keeps the two-worker training test.
 def test_sharded_evaluation_equals_one_worker_exactly(built):
     out, meta = built
-    assert len(records.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
+    assert len(folder.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
     outputs = cluster.run_workers(lambda i: ["-c", EVALUATE, out, "multi_worker"])
     sharded = [_result(stdout) for stdout, _ in outputs]
     # One worker, the same weights (seeded), the same batch size: the whole split.

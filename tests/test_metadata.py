@@ -1,4 +1,4 @@
-"""metadata.json as typed objects: round trips and the checks of `records.Metadata.from_json`."""
+"""metadata.json as typed objects: round trips and the checks of `metadata.Metadata.from_json`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from alexnet_tf import records
+from tfrecords import classes, folder, metadata, schema
 
 PATH = "some/where/metadata.json"
 
@@ -19,47 +19,47 @@ PATH = "some/where/metadata.json"
 def raw(built):
     """A fresh copy of the built metadata.json, parsed, to edit."""
     out, _ = built
-    with open(os.path.join(out, records.METADATA_FILE)) as f:
+    with open(os.path.join(out, schema.METADATA_FILE)) as f:
         return json.load(f)
 
 
 def _error(obj) -> str:
-    with pytest.raises(records.MetadataError) as e:
-        records.Metadata.from_json(obj, PATH)
+    with pytest.raises(metadata.MetadataError) as e:
+        metadata.Metadata.from_json(obj, PATH)
     return str(e.value)
 
 
 def test_built_metadata_round_trips_byte_for_byte(built):
     out, meta = built
-    text = open(os.path.join(out, records.METADATA_FILE)).read()
+    text = open(os.path.join(out, schema.METADATA_FILE)).read()
     raw = json.loads(text)
-    parsed = records.Metadata.from_json(raw)
+    parsed = metadata.Metadata.from_json(raw)
     assert parsed.to_json() == raw
     assert json.dumps(parsed.to_json(), indent=1) + "\n" == text  # What the builder writes.
     assert list(parsed.to_json()) == list(raw)  # Same key order, not only the same keys.
     assert list(parsed.to_json()["color_stats"]) == list(raw["color_stats"])
-    assert parsed == meta == records.load_metadata(out)  # run() returns what it wrote.
-    assert records.Metadata.from_json(meta.to_json()) == meta
+    assert parsed == meta == metadata.load_metadata(out)  # run() returns what it wrote.
+    assert metadata.Metadata.from_json(meta.to_json()) == meta
     assert hash(parsed) == hash(meta)
 
 
 def test_attributes_are_typed(built):
     out, meta = built
-    assert meta.format_version == records.FORMAT_VERSION and meta.dataset == "ILSVRC2012"
-    assert meta.classes[0] == records.ClassInfo(0, "n01440764", "tench")
+    assert meta.format_version == schema.FORMAT_VERSION and meta.dataset == "ILSVRC2012"
+    assert meta.classes[0] == classes.ClassInfo(0, "n01440764", "tench")
     assert meta.synsets == tuple(c.synset for c in meta.classes) and len(meta.synsets) == meta.num_classes
     assert list(meta.splits) == ["train", "validation"]
     train = meta.split("train")
-    assert isinstance(train, records.SplitInfo) and isinstance(train.shards, tuple)
+    assert isinstance(train, metadata.SplitInfo) and isinstance(train.shards, tuple)
     first = train.shards[0]
-    assert first.file == records.shard_name("train", 0, train.num_shards)
+    assert first.file == schema.shard_name("train", 0, train.num_shards)
     assert type(first.bytes) is int and len(first.sha256) == len(first.head_sha256) == 64
     assert sum(s.num_examples for s in train.shards) == train.num_examples
-    assert meta.image == records.ImageInfo(256, True, 90, "RGB", meta.image.note)
+    assert meta.image == metadata.ImageInfo(256, True, 90, "RGB", meta.image.note)
     stats = meta.color_stats
     assert isinstance(stats.eigenvalues, tuple) and len(stats.eigenvalues) == 3
     assert isinstance(stats.covariance[0], tuple) and len(stats.covariance) == 3
-    assert stats.mean_image_file == records.MEAN_IMAGE_FILE and stats.mean_image_shape == (256, 256, 3)
+    assert stats.mean_image_file == schema.MEAN_IMAGE_FILE and stats.mean_image_shape == (256, 256, 3)
     assert meta.rejected[0].split == "train" and "truncated" in meta.rejected[0].reason
     assert meta.build.seed == 0 and meta.build.train_shards == 1024 and meta.build.extra == {}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -68,44 +68,44 @@ def test_attributes_are_typed(built):
 
 def test_unknown_split(built):
     out, meta = built
-    with pytest.raises(records.MetadataError, match=r"split 'test' not in metadata.json; it has \['train', "):
+    with pytest.raises(metadata.MetadataError, match=r"split 'test' not in metadata.json; it has \['train', "):
         meta.split("test")
-    with pytest.raises(records.MetadataError, match=r"split 'test' not in .*metadata.json; it has \['train', "):
-        records.shard_paths(out, meta, "test")
+    with pytest.raises(metadata.MetadataError, match=r"split 'test' not in .*metadata.json; it has \['train', "):
+        folder.shard_paths(out, meta, "test")
 
 
 def test_color_stats_are_none_without_training_images(raw):
     raw["color_stats"] = {}
-    meta = records.Metadata.from_json(raw)
+    meta = metadata.Metadata.from_json(raw)
     assert meta.color_stats is None
     assert meta.to_json()["color_stats"] == {} and meta.to_json() == raw
     del raw["color_stats"]
-    assert records.Metadata.from_json(raw).color_stats is None
-    with pytest.raises(records.MetadataError, match="names no mean image"):
-        records.load_mean_image("anywhere", meta)
+    assert metadata.Metadata.from_json(raw).color_stats is None
+    with pytest.raises(metadata.MetadataError, match="names no mean image"):
+        folder.load_mean_image("anywhere", meta)
 
 
 def test_color_stats_without_a_mean_image(raw):
     del raw["color_stats"]["mean_image_file"], raw["color_stats"]["mean_image_shape"]
-    meta = records.Metadata.from_json(raw)
+    meta = metadata.Metadata.from_json(raw)
     assert meta.color_stats.mean_image_file is None and meta.color_stats.mean_image_shape is None
     assert meta.to_json() == raw  # The keys stay absent.
-    with pytest.raises(records.MetadataError, match="names no mean image"):
-        records.load_mean_image("anywhere", meta)
+    with pytest.raises(metadata.MetadataError, match="names no mean image"):
+        folder.load_mean_image("anywhere", meta)
 
 
 def test_unknown_build_keys_survive_a_round_trip(raw):
     raw["build"]["runner"] = "DataflowRunner"
     raw["build"]["workers"] = {"max": 64}
-    meta = records.Metadata.from_json(raw)
+    meta = metadata.Metadata.from_json(raw)
     assert meta.build.extra == {"runner": "DataflowRunner", "workers": {"max": 64}}
     assert meta.to_json() == raw and list(meta.to_json()["build"]) == list(raw["build"])
-    assert records.Metadata.from_json(meta.to_json()) == meta
+    assert metadata.Metadata.from_json(meta.to_json()) == meta
 
 
 def test_color_stats_info_turns_lists_into_tuples():
     eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    stats = records.ColorStatsInfo(255, 1, 4, [1.0, 2.0, 3.0], [0.5, 0.5, 0.5], eye, [3.0, 2.0, 1.0], eye,
+    stats = metadata.ColorStatsInfo(255, 1, 4, [1.0, 2.0, 3.0], [0.5, 0.5, 0.5], eye, [3.0, 2.0, 1.0], eye,
                                    mean_image_shape=[2, 2, 3])
     assert stats.covariance == ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     assert stats.mean_image_shape == (2, 2, 3)
@@ -191,50 +191,42 @@ def test_top_level_must_be_an_object():
 
 
 def test_load_metadata_errors(raw, tmp_path):
-    path = str(tmp_path / records.METADATA_FILE)
-    with pytest.raises(records.MetadataError, match=re.escape(f"{path} not found: build the records first")):
-        records.load_metadata(str(tmp_path))
-    (tmp_path / records.METADATA_FILE).write_text('{"format_version": 1,')
-    with pytest.raises(records.MetadataError, match=re.escape(f"{path} is not valid JSON: ")):
-        records.load_metadata(str(tmp_path))
+    path = str(tmp_path / schema.METADATA_FILE)
+    with pytest.raises(metadata.MetadataError, match=re.escape(f"{path} not found: build the records first")):
+        metadata.load_metadata(str(tmp_path))
+    (tmp_path / schema.METADATA_FILE).write_text('{"format_version": 1,')
+    with pytest.raises(metadata.MetadataError, match=re.escape(f"{path} is not valid JSON: ")):
+        metadata.load_metadata(str(tmp_path))
     raw["format_version"] = 2
-    (tmp_path / records.METADATA_FILE).write_text(json.dumps(raw))
-    with pytest.raises(records.MetadataError, match=re.escape(f"{path} has format_version 2; this code reads 1")):
-        records.load_metadata(str(tmp_path))
+    (tmp_path / schema.METADATA_FILE).write_text(json.dumps(raw))
+    with pytest.raises(metadata.MetadataError, match=re.escape(f"{path} has format_version 2; this code reads 1")):
+        metadata.load_metadata(str(tmp_path))
     raw["format_version"] = 1
     del raw["splits"]["train"]["num_read"]
-    (tmp_path / records.METADATA_FILE).write_text(json.dumps(raw))
-    with pytest.raises(records.MetadataError, match=re.escape(f"{path}: splits.train.num_read is missing")):
-        records.load_metadata(str(tmp_path))
+    (tmp_path / schema.METADATA_FILE).write_text(json.dumps(raw))
+    with pytest.raises(metadata.MetadataError, match=re.escape(f"{path}: splits.train.num_read is missing")):
+        metadata.load_metadata(str(tmp_path))
 
 
 def test_write_metadata_writes_the_builders_bytes_and_refuses_inconsistent_metadata(built, tmp_path):
     out, meta = built
-    records.write_metadata(str(tmp_path), meta)
-    assert (tmp_path / records.METADATA_FILE).read_text() == open(os.path.join(out, records.METADATA_FILE)).read()
+    metadata.write_metadata(str(tmp_path), meta)
+    assert (tmp_path / schema.METADATA_FILE).read_text() == open(os.path.join(out, schema.METADATA_FILE)).read()
     bad = dataclasses.replace(meta, num_classes=meta.num_classes + 1)
     dst = tmp_path / "bad"
     dst.mkdir()
-    with pytest.raises(records.MetadataError, match=f"num_classes={meta.num_classes + 1} but"):
-        records.write_metadata(str(dst), bad)
+    with pytest.raises(metadata.MetadataError, match=f"num_classes={meta.num_classes + 1} but"):
+        metadata.write_metadata(str(dst), bad)
     assert os.listdir(dst) == []
 
 
 def test_edits_do_not_reach_the_built_copy(raw, built):
     out, meta = built
     before = copy.deepcopy(meta.to_json())
-    parsed = records.Metadata.from_json(raw)
+    parsed = metadata.Metadata.from_json(raw)
     raw["splits"]["train"]["shards"].clear()
     raw["build"]["seed"] = 99
     assert parsed == meta and meta.to_json() == before
-
-
-def test_class_lists_must_be_the_same_synsets_in_the_same_order():
-    records.check_same_classes(["n1", "n2"], ("n1", "n2"), "the model", "recs")
-    with pytest.raises(records.ClassMismatch, match=r"^the model has 2 classes, recs has 3$"):
-        records.check_same_classes(["n1", "n2"], ["n1", "n2", "n3"], "the model", "recs")
-    with pytest.raises(records.ClassMismatch, match=r"label 1 is n2 in the model, n9 in recs$"):
-        records.check_same_classes(["n1", "n2"], ["n1", "n9"], "the model", "recs")
 
 
 @pytest.mark.parametrize("file", [
@@ -267,4 +259,4 @@ def test_class_text_with_a_control_character_is_refused(raw, key, char):
 
 def test_class_text_may_be_any_printable_text(raw):
     raw["classes"][3]["name"] = "Æsop's tench, café \u00e9t\u00e9 \U0001F41F \u200d"
-    assert records.Metadata.from_json(raw, PATH).classes[3].name == raw["classes"][3]["name"]
+    assert metadata.Metadata.from_json(raw, PATH).classes[3].name == raw["classes"][3]["name"]

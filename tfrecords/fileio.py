@@ -1,4 +1,4 @@
-"""File access for the build: the OS for local paths, TensorFlow's file systems for URLs.
+"""File access for the build and the readers: the OS for local paths, TensorFlow's file systems for URLs.
 
 A path with a scheme (`gs://`, `s3://`, `hdfs://`) goes through `tf.io.gfile`,
 whose remote file systems the readers use too; a local path goes straight to
@@ -8,9 +8,11 @@ a few seconds and several hundred MiB saved (measured in `benchmarks/build.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import IO
+import uuid
+from typing import IO, Any
 
 
 def is_remote(path: str) -> bool:
@@ -91,3 +93,15 @@ def error_reason(e: BaseException) -> str:
     else:
         text = str(e) or type(e).__name__
     return (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def write_json_atomically(path: str, obj: Any) -> None:
+    """Writes JSON to `path` through a temporary file and a rename.
+
+    Readers see either the old file or the whole new one, never a torn write
+    (on object stores, which have no rename, the copy is still all-or-nothing).
+    """
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open_file(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    rename(tmp, path)

@@ -1,0 +1,117 @@
+"""A records folder opened once: `Records` holds its metadata, classes, shard paths, colour statistics and mean image.
+
+`Records.open(data_dir)` reads `metadata.json`, checks every listed shard's
+size and head digest, and is then handed to whatever reads the folder (the
+input stream, the evaluator, the figures, the run checks), so none of them
+opens the folder again or takes its path and metadata side by side.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tfrecords import integrity
+from tfrecords.classes import ClassInfo, check_same_classes
+from tfrecords.metadata import ColorStatsInfo, Metadata, MetadataError, SplitInfo, load_metadata, metadata_path
+
+
+def shard_paths(data_dir: str, meta: Metadata, split: str) -> list[str]:
+    """Full paths of a split's shards, in shard order, as listed in metadata."""
+    if split not in meta.splits:
+        raise MetadataError(f"split {split!r} not in {metadata_path(data_dir)}; it has {sorted(meta.splits)}")
+    return [os.path.join(data_dir, s.file) for s in meta.splits[split].shards]
+
+
+def load_mean_image(data_dir: str, meta: Metadata) -> np.ndarray:
+    """The training-set mean image (H, W, 3) float32 in 0..255 pixel units.
+
+    Raises:
+      MetadataError: the metadata names no mean image (no training split was
+        built), or the file is missing or not the array metadata.json describes.
+    """
+    import tensorflow as tf
+
+    if meta.color_stats is None or meta.color_stats.mean_image_file is None:
+        raise MetadataError(f"{metadata_path(data_dir)} names no mean image (was the training split built?)")
+    path = os.path.join(data_dir, meta.color_stats.mean_image_file)
+    if not tf.io.gfile.exists(path):
+        raise MetadataError(f"{path} is missing (named by {metadata_path(data_dir)})")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            mean = np.load(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise MetadataError(f"{path} is not a NumPy array file ({e}): the records folder is damaged") from e
+    size = meta.image.square
+    if mean.dtype.kind != "f" or (size and mean.shape != (size, size, 3)):
+        raise MetadataError(f"{path} holds a {mean.dtype} array of shape {mean.shape}, not the "
+                            f"{size}x{size}x3 float mean image {metadata_path(data_dir)} describes")
+    return mean
+
+
+class Records:
+    """One records folder, opened and checked once.
+
+    Attributes:
+      data_dir: The folder (a local path or a URL TensorFlow reads).
+      meta: Its `metadata.json`.
+    """
+
+    def __init__(self, data_dir: str, meta: Metadata):
+        self.data_dir, self.meta = data_dir, meta
+        self._mean_image = None
+
+    @classmethod
+    def open(cls, data_dir: str, splits=None) -> Records:
+        """Reads `<data_dir>/metadata.json` and checks the shards of `splits` (default all).
+
+        Raises:
+          MetadataError: the metadata is missing or malformed, or a shard is
+            missing or not the file the build wrote (see `integrity.check_shards`).
+        """
+        meta = load_metadata(data_dir)
+        integrity.check_shards(data_dir, meta, splits)
+        return cls(data_dir, meta)
+
+    @property
+    def metadata_path(self) -> str:
+        return metadata_path(self.data_dir)
+
+    @property
+    def classes(self) -> tuple[ClassInfo, ...]:
+        return self.meta.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    @property
+    def color_stats(self) -> ColorStatsInfo | None:
+        return self.meta.color_stats
+
+    def split(self, name: str) -> SplitInfo:
+        """The split `name` (`MetadataError` when it was not built)."""
+        return self.meta.split(name)
+
+    def has_examples(self, split: str) -> bool:
+        """Whether `split` was built and holds at least one record."""
+        return split in self.meta.splits and self.meta.splits[split].num_examples > 0
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Full paths of a split's shards, in shard order."""
+        return shard_paths(self.data_dir, self.meta, split)
+
+    def mean_image(self) -> np.ndarray:
+        """The training-set mean image (H, W, 3) float32, read once."""
+        if self._mean_image is None:
+            self._mean_image = load_mean_image(self.data_dir, self.meta)
+        return self._mean_image
+
+    def check_classes(self, model_synsets, model: str) -> None:
+        """Raises `ClassMismatch` unless `model_synsets` are this folder's classes in label order."""
+        check_same_classes(model_synsets, self.meta.synsets, model, f"the records in {self.data_dir}")
+
+    def data_loss_message(self, error) -> str:
+        """One line naming the damaged shard behind a `tf.errors.DataLossError` met reading this folder."""
+        return integrity.data_loss_message(error, self.data_dir, self.meta)
