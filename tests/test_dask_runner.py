@@ -87,13 +87,14 @@ def test_both_workers_apply_the_pipelines_dofns(dask_build):
 
 
 @pytest.mark.slow
-def test_the_builds_summary_counts_both_workers(dask_build):
-    _, proc, _ = dask_build
+def test_the_builds_summary_counts_the_workers_that_wrote_shards(dask_build):
+    _, proc, tasks = dask_build
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Shard writes follow their inputs' data, so on a loaded machine one worker may write them all; the count is
+    # of processes that wrote shards, never more than the workers that ran the pipeline's steps.
     workers = workers_in_summary(proc.stderr)
-    if workers is None:
-        pytest.skip("the build's summary names no worker count (a line like 'workers: 2'); nothing to check")
-    assert workers == 2, proc.stderr[-2000:]
+    ran = [w for w, keys in tasks.items() if any("apply_dofn_to_bundle" in k for k in keys)]
+    assert workers is not None and 1 <= workers <= len(ran) == 2, proc.stderr[-2000:]
 
 
 @pytest.mark.slow  # A cluster, a build cut short and up to two more: a few minutes on 2 cores.
