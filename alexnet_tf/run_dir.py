@@ -90,27 +90,27 @@ def run_lock(model_dir: str):
     if "://" in model_dir:
         yield
         return
-    import fcntl
-
     os.makedirs(model_dir, exist_ok=True)
-    with open(path(model_dir, LOCK), "a+") as f:
+    lock = path(model_dir, LOCK)
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = held.enter_context(fileio.held_lock(lock, wait=False))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not yet said which"
+            with open(lock) as f:
+                holder = f.read().strip() or "a process that has not yet said which"
             raise RunDirError(f"--model_dir {model_dir} is in use by another training run ({holder}); wait for it "
                               "to end, or use another --model_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-        f.flush()
+        if f is not None:  # None: no kernel lock on this OS.
+            f.seek(0)
+            f.truncate()
+            f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+            f.flush()
         try:
             yield
         finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if f is not None:
+                f.truncate(0)
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[tuple[int, str]]:

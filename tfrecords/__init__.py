@@ -11,6 +11,6 @@ import it and nothing of each other, so the two sides cannot drift apart.
 - `classes`: class identity and the same-classes check.
 - `integrity`: shard sizes and digests, damage found and named.
 - `folder`: `Records`, a records folder opened and checked once.
-- `fileio`: local paths and URLs alike; atomic JSON writes; the folder lock.
+- `fileio`: local paths and URLs alike; atomic JSON writes; the kernel's file lock.
 - `checked_json`: typed JSON reads that name the bad field.
 """

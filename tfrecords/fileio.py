@@ -8,11 +8,12 @@ a few seconds and several hundred MiB saved (measured in `benchmarks/build.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 
 def is_remote(path: str) -> bool:
@@ -105,3 +106,28 @@ def write_json_atomically(path: str, obj: Any) -> None:
     with open_file(tmp, "w") as f:
         f.write(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     rename(tmp, path)
+
+
+@contextlib.contextmanager
+def held_lock(path: str, wait: bool = True) -> Iterator[IO | None]:
+    """Holds the kernel's exclusive lock (`flock`) on the local file `path`, made if missing; yields it open.
+
+    The kernel releases the lock when its holder ends, even by kill -9, so
+    nothing stale is ever left to remove. The file is open for reading and
+    appending: a holder may write who it is for the next one to read. Where
+    the OS has no `flock` (not POSIX) nothing is locked and None is yielded.
+
+    Raises:
+      BlockingIOError: `wait` is False and another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
