@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from tfrecords import schema
+
 # Krizhevsky et al. (2012), Table 2, "1 CNN", validation set (10-patch averaging, §4.1).
 PAPER_ONE_CNN_VAL = {"top1_error": 0.407, "top5_error": 0.182}
 
@@ -47,7 +49,7 @@ class Loaded:
     kernel: object  # conv1's kernel, or None (older exports).
     groups: int  # Bands of conv1's kernels (conv2's groups).
     history: list | None  # A model folder's history.json.
-    crop: int = 227  # The side of the square patches the model takes.
+    crop: int = schema.CROP  # The side of the square patches the model takes.
 
 
 def load(saved_model: str | None, model_dir: str | None) -> Loaded:

@@ -16,10 +16,9 @@ import tensorflow as tf
 from keras import layers
 
 from alexnet_tf import recipes
+from tfrecords import schema
 
-# The paper says 224x224 inputs, but 11x11 kernels at stride 4 give 55x55 maps
-# (as its Figure 2 shows) only from 227x227: (227 - 11) / 4 + 1 = 55.
-INPUT_SIZE = 227
+INPUT_SIZE = schema.CROP  # 227, not the 224 the paper's text says (see schema.CROP).
 
 LAYER_NAMES = (
     "conv1", "norm1", "pool1", "conv2", "norm2", "pool2", "conv3", "conv4", "conv5",

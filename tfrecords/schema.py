@@ -36,6 +36,13 @@ IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM"
 # serving: decompression bombs and damaged headers stop here.
 MAX_PIXELS = 128 * 1024 * 1024
 
+# §2: images are stored as 256x256 squares (the build's default `--image_size`)
+# and the network takes 227x227 patches of them. The paper says 224x224 inputs,
+# but 11x11 kernels at stride 4 give 55x55 maps (as its Figure 2 shows) only
+# from 227x227: (227 - 11) / 4 + 1 = 55. Stored images are at least CROP.
+SQUARE = 256
+CROP = 227
+
 # Whole names only (`fullmatch`); ASCII digits (`\d` would take any script's).
 _SHARD_RE = re.compile(r"(train|validation)-([0-9]{5})-of-([0-9]{5})")
 
