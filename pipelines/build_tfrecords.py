@@ -37,8 +37,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from alexnet_tf import fileio, records
-from pipelines import (build_report, build_summary, imagenet_layout, members, output_folder, runners, shard_writing,
-                       transforms)
+from pipelines import (build_report, build_summary, class_labels, imagenet_layout, members, output_folder, runners,
+                       shard_writing, transforms)
 from pipelines.runners import BUNDLE_ERROR_LOGGERS, LOCAL_RUNNERS, BuildError
 
 log = logging.getLogger("pipelines.build_tfrecords")
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Validation labels, one synset per line in file-number order. Default: "
                    "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
                    "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
-                   f"its mark, at most {imagenet_layout.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
+                   f"its mark, at most {class_labels.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
     p.add_argument("--output_dir", default="tfrecords",
                    help="Where shards and metadata.json go; outside --imagenet_dir.")
     p.add_argument("--train_shards", type=int, default=1024)
@@ -255,7 +255,7 @@ def _check_class_text(synsets) -> None:
     Such a class would train and export, and then break the exported model's
     class table (one class a line, tab-separated).
     """
-    for label, (synset, name) in enumerate(zip(synsets, imagenet_layout.class_names(synsets))):
+    for label, (synset, name) in enumerate(zip(synsets, class_labels.class_names(synsets))):
         for what, text in (("synset", synset), ("name", name)):
             bad = records.control_character(text)
             if bad:
@@ -288,7 +288,7 @@ def _build(args, layout, options, runner, started, target: str) -> tuple[records
     """Runs the pipeline into `target` and writes its metadata.json there (see `build_report.finalize`)."""
     config = BuildConfig(
         classes=tuple(layout.classes),
-        names=tuple(imagenet_layout.class_names(layout.classes)),
+        names=tuple(class_labels.class_names(layout.classes)),
         image_size=args.image_size,
         resize=args.resize,
         jpeg_quality=args.jpeg_quality,
