@@ -21,7 +21,7 @@ from pipelines.transforms import BuildConfig
 
 
 def finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
-              started: float) -> records.Metadata:
+             started: float) -> tuple[records.Metadata, list[str]]:
     """Checks the pipeline's summary, writes mean_image.npy and metadata.json.
 
     Returns:
@@ -121,6 +121,17 @@ def finalize(output_dir: str, build_dir: str, layout, args, config: BuildConfig,
 
 
 def report(meta: records.Metadata, output_dir: str, skipped: list[str] = (), workers: list[str] = ()) -> str:
+    """The build's closing lines: metadata.json written, read = written + rejected per split, the first rejections.
+
+    Args:
+      meta: The metadata written.
+      output_dir: The folder it was written to.
+      skipped: Lines on inputs not built (the test set), as the layout reports them.
+      workers: The worker processes (host:pid) that wrote the shards.
+
+    Returns:
+      The lines, joined by newlines.
+    """
     lines = [f"wrote {output_dir}/{records.METADATA_FILE} ({meta.num_classes} classes, {meta.build.seconds} s)"]
     if workers:
         hosts = len({w.rsplit(":", 1)[0] for w in workers})

@@ -155,7 +155,15 @@ def read_marker(folder: str) -> dict | None:
 
 
 def make_staging(output_dir: str, me: dict) -> str:
-    """Creates this build's staging folder, marked with `me`; refuses a folder of that name already there."""
+    """Creates this build's staging folder, marked with `me`; refuses a folder of that name already there.
+
+    Args:
+      output_dir: The build's output folder.
+      me: The build's facts (`BuildLock.me`); its id names the folder.
+
+    Returns:
+      The staging folder's path.
+    """
     path = os.path.join(output_dir, STAGING_PREFIX + me["build"])
     if fileio.exists(path):
         raise BuildError(f"{path} already exists and has no marker of this build; it is left alone: "
@@ -171,7 +179,11 @@ def make_staging(output_dir: str, me: dict) -> str:
 
 
 def remove_build_folder(folder: str, build: str) -> None:
-    """Removes a folder that the build `build` made; refuses one whose marker does not name it."""
+    """Removes a folder that the build `build` made; refuses one whose marker does not name it.
+
+    Raises:
+      BuildError: when the folder's marker is missing or names another build.
+    """
     marker = read_marker(folder)
     if marker is None or marker["build"] != build:
         raise BuildError(f"{folder} has no {MARKER_FILE} naming build {build}: not removed, as this build did not "
@@ -204,7 +216,13 @@ def build_processes(build: str) -> list[int]:
 
 
 def wait_for_processes(build: str, timeout_s: float, quiet: bool = False) -> list[int]:
-    """Waits until no process of the build `build` runs; returns those still running after `timeout_s`."""
+    """Waits until no process of the build `build` runs; returns those still running after `timeout_s`.
+
+    Args:
+      build: The build's id.
+      timeout_s: How long to wait at most.
+      quiet: Say nothing about the wait (otherwise one line on stderr).
+    """
     deadline = time.monotonic() + timeout_s
     pids = build_processes(build)
     if pids and not quiet:
