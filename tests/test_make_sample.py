@@ -354,11 +354,11 @@ def imagenet_shaped(tmp_path_factory):
 
 
 def test_imagenet_shape_has_every_synset_in_order_nested(imagenet_shaped):
-    from pipelines import imagenet_layout
+    from pipelines import class_labels
 
     out, manifest = imagenet_shaped
     train = read_train(out / ms.TRAIN_TAR)
-    synsets = imagenet_layout.ilsvrc_synsets()
+    synsets = class_labels.ilsvrc_synsets()
     assert len(synsets) == 1000 and list(train) == [f"{s}.tar" for s in synsets]
     assert all(len(members) == 2 for members in train.values()) and manifest["num_train"] == 2000
     for cls, members in list(train.items())[:5]:

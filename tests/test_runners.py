@@ -149,12 +149,12 @@ def test_two_builds_with_other_worker_counts_write_the_same_metadata(sample, bui
     ("all", "the pipeline ended without writing its summary: the runner skipped its last step"),
 ])
 def test_a_branch_a_runner_skipped_is_an_error_not_a_missing_file(sample, tmp_path, monkeypatch, drop, message):
-    from pipelines import build_tfrecords, transforms
+    from pipelines import build_summary, build_tfrecords
 
-    real = transforms.read_summary
+    real = build_summary.read_summary
 
     def skipped(build_dir):
-        path = os.path.join(build_dir, transforms.SUMMARY_FILE)
+        path = os.path.join(build_dir, build_summary.SUMMARY_FILE)
         if drop == "all":
             os.remove(path)
         else:
@@ -165,7 +165,7 @@ def test_a_branch_a_runner_skipped_is_an_error_not_a_missing_file(sample, tmp_pa
                 f.writelines(lines)
         return real(build_dir)
 
-    monkeypatch.setattr(transforms, "read_summary", skipped)
+    monkeypatch.setattr(build_summary, "read_summary", skipped)
     out = tmp_path / "out"
     with pytest.raises(build_tfrecords.BuildError, match=re.escape(message)):
         build(sample["output_dir"], out)
