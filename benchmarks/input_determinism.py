@@ -28,7 +28,7 @@ import time
 
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline, records
+from alexnet_tf import input_pipeline, preprocessing, records
 from benchmarks import gpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         if data_dir is None:
             data_dir = gpu.make_records(work, args.images)
         meta = records.load_metadata(data_dir)
-        stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
+        stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
         runs = {"nondeterministic": [], "deterministic": []}
         for i in range(args.repeats):
             for name in runs:

@@ -67,7 +67,7 @@ BUILD_ENV = "ALEXNET_TF_BUILD"
 # How long a build waits for the leftover workers of a killed build to end;
 # past it their folder is left in place (named) and the build goes on.
 ORPHAN_WAIT_S = 300.0
-# --image_size: at least the network's 227x227 input patches (alexnet_tf.input_pipeline.CROP;
+# --image_size: at least the network's 227x227 input patches (alexnet_tf.preprocessing.CROP;
 # the trainer refuses smaller records), at most 1024, 4x the paper's 256: per worker the
 # image, its JPEG and the int64 mean-image sum grow with its square (about 25 MB at 1024,
 # 1.5 GB at 8000).
