@@ -89,7 +89,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
     import numpy as np
     import tensorflow as tf
 
-    from alexnet_tf import input_pipeline
+    from alexnet_tf import preprocessing
     from alexnet_tf.evaluation import Evaluator
     from tfrecords import integrity, metadata
 
@@ -98,7 +98,7 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
         raise ValueError(f"split {split!r} is not in {metadata.metadata_path(data_dir)} "
                          f"(it has {sorted(meta.splits)})")
     integrity.check_shards(data_dir, meta, [split])
-    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(mean, np.float32), meta.image.square)
+    stats = preprocessing.ColorStats.for_evaluation(np.asarray(mean, np.float32), meta.image.square)
     strategy = tf.distribute.get_strategy()
     central = Evaluator(model, strategy, data_dir, meta, stats, batch_size, per_class=per_class, confusion=per_class)
     result = {
@@ -185,9 +185,9 @@ def write_report(args, loaded: Loaded, meta, result: dict, per_class: dict) -> s
     """Draws the figures of the loaded model and writes the report; returns its path."""
     import numpy as np
 
-    from alexnet_tf import figures, input_pipeline, report
+    from alexnet_tf import figures, preprocessing, report
 
-    stats = input_pipeline.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32), meta.image.square)
+    stats = preprocessing.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32), meta.image.square)
     fixed = figures.FixedImages(args.data_dir, meta, stats, args.figure_pool, split=args.split)
     drawn = fixed.draw(loaded.forward, [c.name for c in meta.classes], loaded.kernel, loaded.groups)
     page = report.build(result, per_class, meta.classes, drawn, source=args.saved_model or args.model_dir,

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, input_pipeline
+from alexnet_tf import distribute, input_pipeline, preprocessing
 from tfrecords import metadata
 
 
@@ -142,7 +142,7 @@ class Evaluator:
       confusion: Also count (true, predicted) label pairs (with `per_class`).
     """
 
-    def __init__(self, model, strategy, data_dir: str, meta: metadata.Metadata, stats: input_pipeline.ColorStats,
+    def __init__(self, model, strategy, data_dir: str, meta: metadata.Metadata, stats: preprocessing.ColorStats,
                  batch_size: int, per_class: bool = False, confusion: bool = False):
         self.model, self.strategy, self.data_dir, self.meta, self.stats = model, strategy, data_dir, meta, stats
         self.batch_size = batch_size

@@ -10,8 +10,8 @@ Signatures:
       top5_probabilities, top5_synsets, top5_names
     `images` holds encoded images (JPEG, PNG, GIF or BMP bytes; the TF Serving
     convention for binary input). Preprocessing runs inside the graph and is
-    the evaluation's own (`input_pipeline.preprocess_for_eval`): decode to RGB
-    as the build does (`input_pipeline.decode_rgb`: transparency on white),
+    the evaluation's own (`preprocessing.preprocess_for_eval`): decode to RGB
+    as the build does (`preprocessing.decode_rgb`: transparency on white),
     shorter side to 256, central 256x256, central 227x227 patch, mean subtracted.
   preprocessed(images: float32[batch, 227, 227, 3]) -> logits, probabilities, fc7
     For inputs already preprocessed that way (e.g. the paper's ten patches);
@@ -55,7 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline, model as model_lib, run_dir
+from alexnet_tf import model as model_lib, preprocessing, run_dir
 from tfrecords import fileio
 
 CLASSES_ASSET = "classes.tsv"
@@ -330,12 +330,12 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     layers = {layer.name: layer for layer in model.layers}  # AlexNet's; other networks lack the figures' parts.
     grouped = isinstance(layers.get("conv2"), model_lib.GroupedConv2D)
     groups = tf.Variable(2 if grouped else 1, trainable=False, name="conv1_groups")
-    stats = input_pipeline.ColorStats.for_evaluation(mean_var, info["square_size"])
+    stats = preprocessing.ColorStats.for_evaluation(mean_var, info["square_size"])
 
     def one(args):
         image_bytes, index = args
         known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m)
-                               for m in input_pipeline.IMAGE_MAGIC])
+                               for m in preprocessing.IMAGE_MAGIC])
         # A clear error for the request, naming the batch element; the serving
         # process carries on. The first bytes go in as numbers: raw binary in an
         # error message is not valid UTF-8 for the client that decodes it.
@@ -345,13 +345,13 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
         # Decoding waits for the checks: otherwise they race, and a non-image
         # sometimes fails first in the decoder with a less telling message.
         with tf.control_dependencies([check]):
-            hw = input_pipeline.header_size(image_bytes)
+            hw = preprocessing.header_size(image_bytes)
             small = tf.debugging.Assert(
-                hw[0] * hw[1] <= input_pipeline.MAX_PIXELS,
+                hw[0] * hw[1] <= preprocessing.MAX_PIXELS,
                 ["image", index, "of the batch is", hw[0], "x", hw[1], "pixels (height x width), above the limit "
-                 f"of {input_pipeline.MAX_PIXELS} decoded pixels"])
+                 f"of {preprocessing.MAX_PIXELS} decoded pixels"])
         with tf.control_dependencies([small]):
-            return input_pipeline.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
+            return preprocessing.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
 
     both = keras.Model(model.inputs, [layers["fc7"].output, model.output]) if "fc7" in layers else None
     num_classes = info["num_classes"]

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
-from alexnet_tf import input_pipeline
+from alexnet_tf import preprocessing
 from tfrecords import folder, metadata
 
 # Figure 4 shows eight images with their top-5 (left) and five queries with
@@ -264,11 +264,11 @@ class FixedImages:
     in the pool, in order (so they show different classes), then the rest.
     """
 
-    def __init__(self, data_dir: str, meta: metadata.Metadata, stats: input_pipeline.ColorStats,
+    def __init__(self, data_dir: str, meta: metadata.Metadata, stats: preprocessing.ColorStats,
                  pool: int = POOL, split: str = "validation"):
         self.stats, self.meta = stats, meta
         ds = tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, split)).take(pool)
-        pairs = [input_pipeline.parse_record(s) for s in ds]
+        pairs = [preprocessing.parse_record(s) for s in ds]
         if not pairs:
             raise ValueError(f"the {split} split has no images to draw figures from")
         self.jpegs = tf.stack([p[0] for p in pairs])
@@ -278,14 +278,14 @@ class FixedImages:
 
     def display(self, indices) -> np.ndarray:
         """The central crop the model sees, as uint8 (len, crop, crop, 3)."""
-        off = (self.stats.square_size - input_pipeline.CROP) // 2
-        squares = [input_pipeline.decode_square(self.jpegs[i], self.stats.square_size) for i in indices]
-        return np.stack([s[off:off + input_pipeline.CROP, off:off + input_pipeline.CROP].numpy() for s in squares])
+        off = (self.stats.square_size - preprocessing.CROP) // 2
+        squares = [preprocessing.decode_square(self.jpegs[i], self.stats.square_size) for i in indices]
+        return np.stack([s[off:off + preprocessing.CROP, off:off + preprocessing.CROP].numpy() for s in squares])
 
     def inputs(self, batch_size: int = 50) -> tf.data.Dataset:
         stats = self.stats
         return (tf.data.Dataset.from_tensor_slices(self.jpegs)
-                .map(lambda b: input_pipeline.preprocess_for_eval(b, stats), num_parallel_calls=tf.data.AUTOTUNE)
+                .map(lambda b: preprocessing.preprocess_for_eval(b, stats), num_parallel_calls=tf.data.AUTOTUNE)
                 .batch(batch_size))
 
     def draw(self, forward, names, kernels=None, groups: int = 2) -> Figures:

@@ -35,7 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, evaluation, export, figures, input_pipeline, model as model_lib, recipes, run_dir
+from alexnet_tf import (distribute, evaluation, export, figures, input_pipeline, model as model_lib, preprocessing,
+                        recipes, run_dir)
 from alexnet_tf.config import ConfigError, TrainConfig
 from tfrecords import classes, fileio, integrity, metadata
 
@@ -379,7 +380,7 @@ class Summaries:
             if self.preview is not None:  # The same images every epoch, augmented afresh.
                 images = input_pipeline.augment_preview(self.preview, stats, seed=epoch)
                 tf.summary.image("augmented_training_images",
-                                 input_pipeline.display_images(images, stats), max_outputs=config.log_images)
+                                 preprocessing.display_images(images, stats), max_outputs=config.log_images)
             if config.histograms and epoch % max(config.histogram_every, 1) == 0:
                 for v in model.trainable_variables:
                     write_histogram(v.path, v.numpy())
@@ -436,7 +437,7 @@ class Data:
     """What the run takes from the records folder."""
 
     meta: metadata.Metadata
-    stats: input_pipeline.ColorStats
+    stats: preprocessing.ColorStats
     num_classes: int
     steps_per_epoch: int
     has_validation: bool
@@ -447,7 +448,7 @@ def read_data(config: TrainConfig, strategy) -> Data:
     meta = metadata.load_metadata(config.data_dir)
     integrity.check_shards(config.data_dir, meta)
     try:
-        stats = input_pipeline.ColorStats.from_metadata(config.data_dir, meta, config.mean)
+        stats = preprocessing.ColorStats.from_metadata(config.data_dir, meta, config.mean)
     except ValueError as e:  # --mean=image on records of many sizes.
         raise ConfigError(str(e)) from None
     num_train = meta.split("train").num_examples
@@ -459,10 +460,10 @@ def read_data(config: TrainConfig, strategy) -> Data:
     if config.batch_size % replicas:
         raise ConfigError(f"--batch_size={config.batch_size} does not divide over the {replicas} replicas; use a "
                           f"multiple of {replicas} (or another --cpu_devices / --gpu_split)")
-    if meta.image.square is not None and meta.image.square < input_pipeline.CROP:
+    if meta.image.square is not None and meta.image.square < preprocessing.CROP:
         raise ConfigError(f"{config.data_dir} holds {meta.image.square}x{meta.image.square} images, smaller than "
-                          f"the network's {input_pipeline.CROP}x{input_pipeline.CROP} input patches; rebuild the "
-                          f"records with --image_size of at least {input_pipeline.CROP} (the paper's 256)")
+                          f"the network's {preprocessing.CROP}x{preprocessing.CROP} input patches; rebuild the "
+                          f"records with --image_size of at least {preprocessing.CROP} (the paper's 256)")
     has_val = "validation" in meta.splits and meta.splits["validation"].num_examples > 0
     return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
 
@@ -846,7 +847,7 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
         bias_lr = tf.Variable(1.0, trainable=False, dtype=tf.float32)
     loop = TrainLoop(
         model, optimizer, strategy, config.batch_size, config.weight_decay,
-        finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, data.stats), labels),
+        finish=lambda inputs, labels: (preprocessing.finish_batch(*inputs, data.stats), labels),
         jit_compile=config.jit_compile, state=state, warmup_steps=config.warmup_epochs * data.steps_per_epoch,
         finite=bool(config.data_service), decay_biases=recipe.decay_biases,
         bias_lr=None if recipe.bias_lr is None else bias_lr)

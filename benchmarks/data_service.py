@@ -82,11 +82,11 @@ def _measure(make_iterator, batch: int, args, procs=()) -> dict:
 def bench(data_dir: str, work: str, batch: int, args) -> dict:
     import psutil
 
-    from alexnet_tf import data_service, input_pipeline as ip
+    from alexnet_tf import data_service, input_pipeline as ip, preprocessing
     from tfrecords import metadata
 
     meta = metadata.load_metadata(data_dir)
-    stats = ip.ColorStats.from_metadata(data_dir, meta)
+    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
     result = {"batch": batch, "train_records": meta.split("train").num_examples,
               "local": _measure(lambda: iter(ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)),
                                 batch, args)}

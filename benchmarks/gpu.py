@@ -11,7 +11,7 @@ Measures, under `make_strategy("mirrored")` over every GPU:
    the distributed iterator), in float32, float16 (dynamic loss scaling) and
    float16 with XLA, at each per-replica batch.
 2. train_records: the same step (float16 with XLA) fed by the real input
-   stream (`input_pipeline.train_dataset`, `finish_batch` in the step). Without
+   stream (`input_pipeline.train_dataset`, `preprocessing.finish_batch` in the step). Without
    --data_dir, --images sample images are generated and built into records first.
 3. input_stream: images/s of `train_dataset` alone, on every host core.
 4. serving: images/s of the exported SavedModel's `serving_default` on JPEG bytes.
@@ -156,20 +156,20 @@ def synthetic_dataset(global_batch: int, context, stats, num_classes: int, seed:
       seed: Seed of the random patches, parameters and labels.
 
     Returns:
-      A dataset of ((uint8 patches, input_pipeline.Augment), int32 labels) batches.
+      A dataset of ((uint8 patches, preprocessing.Augment), int32 labels) batches.
     """
     import tensorflow as tf
 
-    from alexnet_tf import input_pipeline
+    from alexnet_tf import preprocessing
 
     batch = context.get_per_replica_batch_size(global_batch)
     rng = np.random.default_rng(seed + context.input_pipeline_id)
     patches = rng.integers(0, 256, (batch, 227, 227, 3), np.uint8)
     room = stats.square_size - 227 + 1
-    aug = input_pipeline.Augment(top=rng.integers(0, room, batch).astype(np.int32),
-                                 left=rng.integers(0, room, batch).astype(np.int32),
-                                 flip=rng.integers(0, 2, batch).astype(bool),
-                                 alpha=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
+    aug = preprocessing.Augment(top=rng.integers(0, room, batch).astype(np.int32),
+                                left=rng.integers(0, room, batch).astype(np.int32),
+                                flip=rng.integers(0, 2, batch).astype(bool),
+                                alpha=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
     labels = rng.integers(0, num_classes, batch, np.int32)
     return tf.data.Dataset.from_tensors(((patches, aug), labels)).repeat()
 
@@ -190,12 +190,12 @@ def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int,
       dataset_fn: Makes one input pipeline's dataset of ((patches, augment), labels).
       stats: Colour statistics for `finish_batch`, which runs inside the step.
     """
-    from alexnet_tf import input_pipeline, trainer
+    from alexnet_tf import preprocessing, trainer
     from alexnet_tf.config import TrainConfig
 
     model, optimizer = build_model_and_optimizer(args.model, args.num_classes, strategy, compute_dtype)
     loop = trainer.TrainLoop(model, optimizer, strategy, global_batch, TrainConfig().weight_decay,
-                             finish=lambda inputs, labels: (input_pipeline.finish_batch(*inputs, stats), labels),
+                             finish=lambda inputs, labels: (preprocessing.finish_batch(*inputs, stats), labels),
                              jit_compile=jit)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     loop.run(iterator, args.warmup_steps)[0].numpy()
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     import tensorflow as tf
 
-    from alexnet_tf import distribute, input_pipeline
+    from alexnet_tf import distribute, input_pipeline, preprocessing
     from tfrecords import metadata
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         meta = metadata.load_metadata(data_dir)
         if meta.num_classes > args.num_classes:
             parser.error(f"{data_dir} has {meta.num_classes} classes, more than --num_classes={args.num_classes}")
-        stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
+        stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "device": {"kind": "GPU" if gpus else "CPU", "name": name, "count": len(gpus)},

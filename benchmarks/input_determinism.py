@@ -28,7 +28,7 @@ import time
 
 import tensorflow as tf
 
-from alexnet_tf import input_pipeline
+from alexnet_tf import input_pipeline, preprocessing
 from tfrecords import metadata
 from benchmarks import gpu
 
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         if data_dir is None:
             data_dir = gpu.make_records(work, args.images)
         meta = metadata.load_metadata(data_dir)
-        stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
+        stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
         runs = {"nondeterministic": [], "deterministic": []}
         for i in range(args.repeats):
             for name in runs:

@@ -66,14 +66,15 @@ def bench_input(data_dir: str, work: str, batch: int = 64) -> dict:
     import tensorflow as tf
 
     from alexnet_tf import input_pipeline as ip
+    from alexnet_tf import preprocessing
     from tfrecords import folder, metadata, schema
 
     meta = metadata.load_metadata(data_dir)
-    stats = ip.ColorStats.from_metadata(data_dir, meta)
+    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
     stream = ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)
     ours = _rate(iter(stream), batch)
     # The same with the step's float part (mean, lighting) also on the CPU, as on a CPU-only machine.
-    whole = stream.map(lambda x, y: (ip.finish_batch(*x, stats), y), num_parallel_calls=tf.data.AUTOTUNE)
+    whole = stream.map(lambda x, y: (preprocessing.finish_batch(*x, stats), y), num_parallel_calls=tf.data.AUTOTUNE)
     ours_whole = _rate(iter(whole), batch)
     files = folder.shard_paths(data_dir, meta, "train")
     bare = (tf.data.Dataset.from_tensor_slices(files).repeat()
@@ -256,11 +257,11 @@ def bench_train(batch: int = 64, steps: int = 5) -> dict:
 def bench_export(data_dir: str, work: str) -> dict:
     import tensorflow as tf
 
-    from alexnet_tf import export, input_pipeline, model as model_lib
+    from alexnet_tf import export, model as model_lib, preprocessing
     from tfrecords import folder, metadata, schema
 
     meta = metadata.load_metadata(data_dir)
-    stats = input_pipeline.ColorStats.from_metadata(data_dir, meta)
+    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
     info = {"num_classes": meta.num_classes, "grouped": True, "dropout": 0.5,
             "classes": [c.to_json() for c in meta.classes],
             "mean": "image", "square_size": 256}

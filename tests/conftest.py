@@ -95,11 +95,11 @@ def model_folder(built, tmp_path_factory):
     leaves it, with seeded weights (no history.json)."""
     import tensorflow as tf
 
-    from alexnet_tf import input_pipeline, model as model_lib, run_dir
+    from alexnet_tf import model as model_lib, preprocessing, run_dir
 
     out, meta = built
     model_dir = tmp_path_factory.mktemp("model")
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_metadata(out, meta)
     model = model_lib.build_alexnet(meta.num_classes, seed=7)
     # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
     fc8 = model.get_layer("fc8")

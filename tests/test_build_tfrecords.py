@@ -297,9 +297,9 @@ def test_bad_flags(sample, tmp_path, flag, match):
 
 
 def test_image_size_bounds_are_the_networks_patch_and_1024(tmp_path):
-    from alexnet_tf import input_pipeline
+    from alexnet_tf import preprocessing
 
-    assert build_tfrecords.MIN_IMAGE_SIZE == input_pipeline.CROP  # Smaller records cannot be trained on.
+    assert build_tfrecords.MIN_IMAGE_SIZE == preprocessing.CROP  # Smaller records cannot be trained on.
     assert "227..1024" in " ".join(build_tfrecords._parser().format_help().split())
     for size, ok in [("227", True), ("256", True), ("1024", True), ("226", False), ("1025", False), ("8000", False),
                      ("0", False)]:

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import data_service, input_pipeline
+from alexnet_tf import data_service, input_pipeline, preprocessing
 from alexnet_tf.config import TrainConfig
 from tfrecords import folder
 
@@ -333,7 +333,7 @@ def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_pr
 
 def test_service_batches_are_training_batches(built, in_process_service):
     out, meta = built
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_metadata(out, meta)
     ds = input_pipeline.service_train_dataset(out, meta, stats, 8, in_process_service, "batches", seed=3,
                                               shuffle_buffer=50)
     batches = list(ds)
@@ -345,10 +345,10 @@ def test_service_batches_are_training_batches(built, in_process_service):
     assert aug.alpha.shape == (8, 3) and set(labels.numpy()) <= set(range(meta.num_classes))
     # A record's crop comes from (seed, its fingerprint), not from the worker that made it.
     first = next(iter(tf.data.TFRecordDataset(folder.shard_paths(out, meta, "train")[0])))
-    image, _ = input_pipeline.parse_record(first)
+    image, _ = preprocessing.parse_record(first)
     seed = input_pipeline.record_seed(3, input_pipeline.record_fingerprint(first))
-    a = input_pipeline.crop_for_train(image, stats, seed=seed)[1]
-    b = input_pipeline.crop_for_train(image, stats, seed=seed)[1]
+    a = preprocessing.crop_for_train(image, stats, seed=seed)[1]
+    b = preprocessing.crop_for_train(image, stats, seed=seed)[1]
     assert int(a.top) == int(b.top) and int(a.left) == int(b.left)
 
 

@@ -40,10 +40,10 @@ EVALUATE = textwrap.dedent("""
     from alexnet_tf import distribute
     strategy = distribute.make_strategy(sys.argv[2], cpu_devices=2)
     import tensorflow as tf
-    from alexnet_tf import evaluation, input_pipeline, model
+    from alexnet_tf import evaluation, model, preprocessing
     from tfrecords import metadata
     meta = metadata.load_metadata(sys.argv[1])
-    stats = input_pipeline.ColorStats.from_metadata(sys.argv[1], meta, "image")
+    stats = preprocessing.ColorStats.from_metadata(sys.argv[1], meta, "image")
     with strategy.scope():
         net = model.build_alexnet(meta.num_classes, seed=3, dtype=sys.argv[3])
         fc8 = net.get_layer("fc8")

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import export, input_pipeline, run_dir
+from alexnet_tf import export, preprocessing, run_dir
 from conftest import read_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_serving_signature_matches_the_keras_model(exported):
     loaded = tf.saved_model.load(path)
     rows = read_split(out, meta, "validation")[:4]
     result = loaded.signatures["serving_default"](images=tf.constant([r["jpeg"] for r in rows]))
-    x = tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats) for r in rows])
+    x = tf.stack([preprocessing.preprocess_for_eval(tf.constant(r["jpeg"]), stats) for r in rows])
     expected = tf.nn.softmax(model(x, training=False)).numpy()
     np.testing.assert_allclose(result["probabilities"].numpy(), expected, rtol=1e-4, atol=1e-6)
     order = np.argsort(-expected, axis=1)[:, :5]
@@ -153,7 +153,7 @@ def test_serving_in_chunks_gives_the_whole_batchs_outputs(exported, tmp_path, mo
     assert a.keys() == b.keys() and a["probabilities"].shape == (8, meta.num_classes)
     for key in a:
         _same_outputs(a[key].numpy(), b[key].numpy(), key)
-    x = tf.stack([input_pipeline.preprocess_for_eval(images[i], stats) for i in range(8)])
+    x = tf.stack([preprocessing.preprocess_for_eval(images[i], stats) for i in range(8)])
     a, b = (m.signatures["preprocessed"](images=x) for m in (chunked, whole))
     assert sorted(a) == ["fc7", "logits", "probabilities"]
     for key in a:
@@ -225,11 +225,10 @@ def test_undecodable_input_is_a_clear_error_and_serving_goes_on(exported):
 
 
 def test_an_image_above_the_pixel_limit_is_refused_from_its_header(exported):
-    from alexnet_tf import input_pipeline
     from conftest import png_claiming
     from pipelines import image_processing
 
-    assert input_pipeline.MAX_PIXELS == image_processing.MAX_PIXELS  # Serving refuses what the build refuses.
+    assert preprocessing.MAX_PIXELS == image_processing.MAX_PIXELS  # Serving refuses what the build refuses.
     path, _, _, out, meta = exported
     serve = tf.saved_model.load(path).signatures["serving_default"]
     jpeg = read_split(out, meta, "validation")[0]["jpeg"]
@@ -304,7 +303,7 @@ def test_saved_model_cli_lists_and_runs_it(exported, tmp_path):
 def test_keras_users_can_wrap_it_with_tfsmlayer(exported):
     path, model, stats, out, meta = exported
     layer = keras.layers.TFSMLayer(path, call_endpoint="preprocessed")
-    x = tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
+    x = tf.stack([preprocessing.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
                   for r in read_split(out, meta, "validation")[:2]])
     np.testing.assert_allclose(layer(x)["logits"].numpy(), model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
@@ -329,10 +328,10 @@ def test_evaluate_reports_central_and_ten_crop_errors(exported, tmp_path):
     assert result["num_examples"] == meta.splits["validation"].num_examples
     # A direct computation over the records with the Keras model.
     rows = read_split(out, meta, "validation")
-    central = tf.nn.softmax(model(tf.stack([input_pipeline.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
+    central = tf.nn.softmax(model(tf.stack([preprocessing.preprocess_for_eval(tf.constant(r["jpeg"]), stats)
                                             for r in rows]), training=False)).numpy()
     ten = np.stack([
-        tf.nn.softmax(model(input_pipeline.ten_crops(tf.constant(r["jpeg"]), stats), training=False)).numpy().mean(0)
+        tf.nn.softmax(model(preprocessing.ten_crops(tf.constant(r["jpeg"]), stats), training=False)).numpy().mean(0)
         for r in rows])
     labels = np.array([r["label"] for r in rows])
     for probs, key in ((central, "central_crop"), (ten, "ten_crops")):

@@ -48,7 +48,7 @@ def test_read_data_refuses_a_batch_the_records_or_replicas_cannot_take(built, mo
     small = dataclasses.replace(meta, image=dataclasses.replace(meta.image, size=100))
     monkeypatch.setattr(metadata, "load_metadata", lambda d: small)
     monkeypatch.setattr(integrity, "check_shards", lambda d, m: None)
-    monkeypatch.setattr(trainer.input_pipeline.ColorStats, "from_metadata", lambda *a: types.SimpleNamespace())
+    monkeypatch.setattr(trainer.preprocessing.ColorStats, "from_metadata", lambda *a: types.SimpleNamespace())
     with pytest.raises(ConfigError, match="holds 100x100 images, smaller than the network's 227x227 input patches"):
         trainer.read_data(TrainConfig(data_dir=out, batch_size=8), one)
 

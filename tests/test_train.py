@@ -60,18 +60,18 @@ def test_presets_keep_the_papers_defaults():
 
 
 def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
-    from alexnet_tf import input_pipeline, model as model_lib
+    from alexnet_tf import model as model_lib, preprocessing
     from conftest import read_split
 
     out, meta = built
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_metadata(out, meta)
     model = model_lib.build_alexnet(meta.num_classes, seed=3)
     strategy = tf.distribute.get_strategy()
     got = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation", ten_crop=True)
     top1 = top5 = loss = 0.0
     rows = read_split(out, meta, "validation")
     for r in rows:
-        crops = input_pipeline.ten_crops(tf.constant(r["jpeg"]), stats)
+        crops = preprocessing.ten_crops(tf.constant(r["jpeg"]), stats)
         probs = tf.nn.softmax(model(crops, training=False)).numpy().astype(np.float64).mean(axis=0)
         order = np.argsort(-probs)
         top1 += order[0] == r["label"]
