@@ -28,16 +28,17 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipelines import imagenet_layout
+from pipelines.imagenet_layout import TRAIN_TAR, VAL_TAR
+from pipelines.raw_layout import VAL_LABELS, val_name, write_archives
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ SYNSETS = (
 )
 
 FORMAT_VERSION = 1
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-VAL_LABELS = "validation_labels.txt"
 MANIFEST = "manifest.json"
 MARKER = "SAMPLE_COMPLETE"
 # Written before anything else: the folder's ImageNet-named files are ours to replace.
@@ -84,9 +82,6 @@ def _claim(out: Path) -> None:
 MIN_TRAIN_PER_CLASS = 4
 MIN_VAL_PER_CLASS = 1
 
-# Every tar member gets this mtime (2012-06-18, around the ILSVRC2012 release)
-# so archive bytes depend only on their contents.
-_TAR_MTIME = 1_340_000_000
 _JPEG_QUALITY = 90
 _MIN_SIDE, _MAX_SIDE = 150, 500
 
@@ -305,37 +300,6 @@ def _encode(img: Image.Image, quirk: str | None) -> bytes:
 
 
 # --------------------------------------------------------------------------
-# Deterministic tar writing.
-# --------------------------------------------------------------------------
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
-@contextlib.contextmanager
-def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    with tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        yield tar
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-
-
-def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
-    with open(path, "rb") as f:
-        tar.addfile(_tarinfo(name, path.stat().st_size), f)
-
-
-# --------------------------------------------------------------------------
 # The sample.
 # --------------------------------------------------------------------------
 
@@ -432,37 +396,26 @@ def make_sample(
         train_quirks, val_quirks = {}, {}
 
     quirks = {}  # From here on: kind -> file written.
-    tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
-    try:
-        # Class tars go to disk first so memory stays at one image at a time.
-        with _open_tar(tmp / TRAIN_TAR) as outer:
-            for c, synset in enumerate(SYNSETS):
-                class_tar = tmp / f"{synset}.tar"
-                with _open_tar(class_tar) as inner:
-                    for k, name in enumerate(train_names[c]):
-                        rng = np.random.default_rng([seed, _STREAM_TRAIN, c, k])
-                        kind = train_quirks.get((c, k))
-                        if kind:
-                            quirks[kind] = f"{synset}/{name}"
-                        _add_bytes(inner, name, _encode(_render(c, rng), kind))
-                _add_file(outer, class_tar.name, class_tar)
-                class_tar.unlink()
 
-        with _open_tar(tmp / VAL_TAR) as tar:
-            for i, c in enumerate(val_classes, start=1):
-                name = f"ILSVRC2012_val_{i:08d}.JPEG"
-                rng = np.random.default_rng([seed, _STREAM_VAL, i])
-                kind = val_quirks.get(i)
-                if kind:
-                    quirks[f"val_{kind}"] = name
-                _add_bytes(tar, name, _encode(_render(int(c), rng), kind))
+    def class_images(c: int, synset: str):
+        for k, name in enumerate(train_names[c]):
+            rng = np.random.default_rng([seed, _STREAM_TRAIN, c, k])
+            kind = train_quirks.get((c, k))
+            if kind:
+                quirks[kind] = f"{synset}/{name}"
+            yield name, _encode(_render(c, rng), kind)
 
-        (tmp / VAL_LABELS).write_text("".join(SYNSETS[c] + "\n" for c in val_classes))
+    def val_images():
+        for i, c in enumerate(val_classes, start=1):
+            name = val_name(i)
+            rng = np.random.default_rng([seed, _STREAM_VAL, i])
+            kind = val_quirks.get(i)
+            if kind:
+                quirks[f"val_{kind}"] = name
+            yield name, _encode(_render(int(c), rng), kind)
 
-        for name in (TRAIN_TAR, VAL_TAR, VAL_LABELS):
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_archives(out, ((s, class_images(c, s)) for c, s in enumerate(SYNSETS)), val_images(),
+                   [SYNSETS[c] for c in val_classes])
 
     params = _params(seed, train_per_class, val_per_class)
     manifest = dict(
@@ -522,8 +475,6 @@ def _imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
 def ilsvrc_val_labels() -> list[str]:
     """The 50,000 validation synsets tensorflow-datasets ships: line n is the
     class of ILSVRC2012_val_{n:08d}.JPEG."""
-    from pipelines import imagenet_layout
-
     with open(imagenet_layout.default_val_labels_path()) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -563,7 +514,6 @@ def make_imagenet_sample(
         raise ValueError(f"train_per_class must be >= 1 (got {train_per_class})")
     if not 1 <= val_images <= ILSVRC_VAL_IMAGES:
         raise ValueError(f"val_images must be between 1 and {ILSVRC_VAL_IMAGES} (got {val_images})")
-    from pipelines import imagenet_layout
 
     say = progress or logger.info
     start = time.perf_counter()
@@ -587,38 +537,36 @@ def make_imagenet_sample(
     val_numbers = [int(n) for n in layout.choice(ILSVRC_VAL_IMAGES, size=val_images, replace=False) + 1]
 
     quirks, sizes = {}, []
-    tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
-    try:
-        with _open_tar(tmp / TRAIN_TAR) as outer:
-            for c, synset in enumerate(synsets):
-                numbers = layout.choice(max(15_000, 2 * train_per_class), size=train_per_class, replace=False) + 1
-                class_tar = tmp / f"{synset}.tar"
-                with _open_tar(class_tar) as inner:
-                    for k, n in enumerate(numbers):
-                        rng = np.random.default_rng([seed, _STREAM_TRAIN, 1000, c, k])
-                        size = _imagenet_size(rng)
-                        sizes.append(size)
-                        name = f"{synset}_{n}.JPEG"
-                        kind = odd.get((c, k))
-                        if kind:
-                            quirks.setdefault(kind, []).append(f"{synset}/{name}")
-                        _add_bytes(inner, name, _encode(_render_sized(c, rng, size), kind))
-                _add_file(outer, class_tar.name, class_tar)
-                class_tar.unlink()
-                if (c + 1) % 100 == 0:
-                    say(f"make_sample: {c + 1}/1000 classes, {(c + 1) * train_per_class} training images, "
-                        f"{time.perf_counter() - start:.0f} s")
-        with _open_tar(tmp / VAL_TAR) as tar:
-            for n in val_numbers:
-                rng = np.random.default_rng([seed, _STREAM_VAL, 1000, n])
-                size = _imagenet_size(rng)
-                sizes.append(size)
-                _add_bytes(tar, f"ILSVRC2012_val_{n:08d}.JPEG", _encode(_render_sized(index[val_labels[n - 1]], rng, size), None))
-        for name in (TRAIN_TAR, VAL_TAR):
-            os.replace(tmp / name, out / name)
-        (out / VAL_LABELS).unlink(missing_ok=True)  # The shipped list applies, as for the real archives.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def class_images(c: int, synset: str, numbers: np.ndarray):
+        for k, n in enumerate(numbers):
+            rng = np.random.default_rng([seed, _STREAM_TRAIN, 1000, c, k])
+            size = _imagenet_size(rng)
+            sizes.append(size)
+            name = f"{synset}_{n}.JPEG"
+            kind = odd.get((c, k))
+            if kind:
+                quirks.setdefault(kind, []).append(f"{synset}/{name}")
+            yield name, _encode(_render_sized(c, rng, size), kind)
+
+    def train():
+        for c, synset in enumerate(synsets):
+            numbers = layout.choice(max(15_000, 2 * train_per_class), size=train_per_class, replace=False) + 1
+            yield synset, class_images(c, synset, numbers)
+            # Resumed once the class's tar is in the archive.
+            if (c + 1) % 100 == 0:
+                say(f"make_sample: {c + 1}/1000 classes, {(c + 1) * train_per_class} training images, "
+                    f"{time.perf_counter() - start:.0f} s")
+
+    def val():
+        for n in val_numbers:
+            rng = np.random.default_rng([seed, _STREAM_VAL, 1000, n])
+            size = _imagenet_size(rng)
+            sizes.append(size)
+            yield val_name(n), _encode(_render_sized(index[val_labels[n - 1]], rng, size), None)
+
+    # No label file: the shipped list applies, as for the real archives.
+    write_archives(out, train(), val(), None)
 
     pixels = np.array([h * w for h, w in sizes])
     params = {"version": FORMAT_VERSION, "shape": "imagenet", "seed": int(seed),

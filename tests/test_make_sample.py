@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:  # Lets plain `pytest` import the package too.
     sys.path.insert(0, str(REPO))
 
 from pipelines import make_sample as ms  # noqa: E402
+from pipelines import raw_layout  # noqa: E402
 
 TRAIN, VAL = 6, 3
 NUM_CLASSES = len(ms.SYNSETS)
@@ -82,7 +83,7 @@ def test_train_layout(small_train):
             assert re.fullmatch(rf"{synset}_\d+\.JPEG", name), name
         for m, _ in members:  # Deterministic headers.
             assert (m.mode, m.uid, m.gid, m.uname, m.gname) == (0o644, 0, 0, "", "")
-            assert m.isfile() and m.mtime == ms._TAR_MTIME
+            assert m.isfile() and m.mtime == raw_layout.TAR_MTIME
 
 
 def test_val_layout_and_labels(small, small_val, small_train):
