@@ -22,61 +22,28 @@ Same ``--seed`` and counts give byte-identical tar files.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from pipelines import imagenet_layout, sample_images
+from pipelines import imagenet_layout, sample_folder, sample_images
 from pipelines.imagenet_layout import TRAIN_TAR, VAL_TAR
 from pipelines.raw_layout import VAL_LABELS, val_name, write_archives
+from pipelines.sample_folder import MANIFEST, MARKER
 
 logger = logging.getLogger(__name__)
 
 # The Imagenette classes, in sorted (= label index) order.
-SYNSETS = (
-    "n01440764",
-    "n02102040",
-    "n02979186",
-    "n03000684",
-    "n03028079",
-    "n03394916",
-    "n03417042",
-    "n03425413",
-    "n03445777",
-    "n03888257",
-)
+SYNSETS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+           "n03394916", "n03417042", "n03425413", "n03445777", "n03888257")
 assert len(sample_images.PATTERNS) == len(SYNSETS)  # One texture family per class.
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MARKER = "SAMPLE_COMPLETE"
-# Written before anything else: the folder's ImageNet-named files are ours to replace.
-OWNER = ".written-by-make_sample"
-
-
-def _claim(out: Path) -> None:
-    """Makes `out` the sample's folder, and marks any sample there incomplete.
-
-    Raises:
-        FileExistsError: `out` holds ImageNet files (the archives, the label
-            file) that make_sample did not write, e.g. a real ImageNet folder:
-            they would be replaced.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    theirs = [n for n in (TRAIN_TAR, VAL_TAR, VAL_LABELS) if (out / n).exists()]
-    if theirs and not (out / OWNER).exists() and not (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} holds {', '.join(theirs)}, not written by make_sample: a sample would "
-                              "replace them; give an empty or new --output_dir")
-    (out / OWNER).touch()
-    # Whatever is there stops counting as complete until we finish.
-    (out / MARKER).unlink(missing_ok=True)
 MIN_TRAIN_PER_CLASS = 4
 MIN_VAL_PER_CLASS = 1
 
@@ -85,22 +52,13 @@ MIN_VAL_PER_CLASS = 1
 _STREAM_LAYOUT, _STREAM_TRAIN, _STREAM_VAL = 0, 1, 2
 
 
-# --------------------------------------------------------------------------
-# The sample.
-# --------------------------------------------------------------------------
-
-
 def _check_args(seed: int, train_per_class: int, val_per_class: int) -> None:
     if seed < 0:  # numpy's SeedSequence takes non-negative integers only.
         raise ValueError(f"seed must be >= 0 (got {seed})")
     if train_per_class < MIN_TRAIN_PER_CLASS:
-        raise ValueError(
-            f"train_per_class must be >= {MIN_TRAIN_PER_CLASS} (got {train_per_class})"
-        )
+        raise ValueError(f"train_per_class must be >= {MIN_TRAIN_PER_CLASS} (got {train_per_class})")
     if val_per_class < MIN_VAL_PER_CLASS:
-        raise ValueError(
-            f"val_per_class must be >= {MIN_VAL_PER_CLASS} (got {val_per_class})"
-        )
+        raise ValueError(f"val_per_class must be >= {MIN_VAL_PER_CLASS} (got {val_per_class})")
 
 
 def _params(seed: int, train_per_class: int, val_per_class: int) -> dict:
@@ -112,13 +70,6 @@ def _params(seed: int, train_per_class: int, val_per_class: int) -> dict:
         "train_per_class": int(train_per_class),
         "val_per_class": int(val_per_class),
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Writes JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def make_sample(
@@ -154,7 +105,7 @@ def make_sample(
     _check_args(seed, train_per_class, val_per_class)
     start = time.perf_counter()
     out = Path(output_dir).expanduser().resolve()
-    _claim(out)
+    sample_folder.claim(out)
 
     num_classes = len(SYNSETS)
     layout = np.random.default_rng([seed, _STREAM_LAYOUT])
@@ -214,8 +165,8 @@ def make_sample(
         val_tar=str(out / VAL_TAR),
         val_labels=str(out / VAL_LABELS),
     )
-    _write_json(out / MANIFEST, manifest)
-    _write_json(out / MARKER, params)  # Last: marks the sample complete.
+    sample_folder.write_json(out / MANIFEST, manifest)
+    sample_folder.write_json(out / MARKER, params)  # Last: marks the sample complete.
 
     logger.info(
         "Wrote %d training images (%d classes, %.1f MiB) to %s and %d validation "
@@ -293,7 +244,7 @@ def make_imagenet_sample(
     index = {s: i for i, s in enumerate(synsets)}
     val_labels = ilsvrc_val_labels()
     out = Path(output_dir).expanduser().resolve()
-    _claim(out)
+    sample_folder.claim(out)
 
     layout = np.random.default_rng([seed, _STREAM_LAYOUT, 1000])
     num_train = train_per_class * len(synsets)
@@ -356,8 +307,8 @@ def make_imagenet_sample(
         train_tar=str(out / TRAIN_TAR),
         val_tar=str(out / VAL_TAR),
     )
-    _write_json(out / MANIFEST, manifest)
-    _write_json(out / MARKER, params)
+    sample_folder.write_json(out / MANIFEST, manifest)
+    sample_folder.write_json(out / MARKER, params)
     say(f"make_sample: wrote {num_train} training images (1000 classes, "
         f"{(out / TRAIN_TAR).stat().st_size / 2**20:.0f} MiB) and {val_images} validation images "
         f"({(out / VAL_TAR).stat().st_size / 2**20:.0f} MiB) to {out} in {time.perf_counter() - start:.0f} s")
@@ -375,29 +326,6 @@ def default_cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         root = os.path.join(xdg, "alexnet_tf")
     return Path(root).expanduser() / "sample"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    """Serialises builders of one cache dir (e.g. parallel test workers)."""
-    try:
-        import fcntl
-    except ImportError:  # Not POSIX: no locking, still correct for one process.
-        yield
-        return
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_sample(
@@ -428,10 +356,10 @@ def ensure_sample(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     wanted = _params(seed, train_per_class, val_per_class)
-    with _dir_lock(out):
-        manifest = _read_json(out / MANIFEST)
+    with sample_folder.dir_lock(out):
+        manifest = sample_folder.read_json(out / MANIFEST)
         complete = (
-            _read_json(out / MARKER) == wanted
+            sample_folder.read_json(out / MARKER) == wanted
             and manifest is not None
             and all((out / n).is_file() for n in (TRAIN_TAR, VAL_TAR, VAL_LABELS))
         )

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # Lets plain `pytest` import the package too.
     sys.path.insert(0, str(REPO))
 
 from pipelines import make_sample as ms  # noqa: E402
-from pipelines import raw_layout, sample_images  # noqa: E402
+from pipelines import raw_layout, sample_folder, sample_images  # noqa: E402
 
 TRAIN, VAL = 6, 3
 NUM_CLASSES = len(ms.SYNSETS)
@@ -124,7 +124,7 @@ def test_manifest(small):
     assert marker["seed"] == 0 and marker["train_per_class"] == TRAIN
     # No temp files left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER, ms.OWNER]
+        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER, sample_folder.OWNER]
     )
 
 
