@@ -18,14 +18,8 @@ from PIL import Image, ImageDraw
 _JPEG_QUALITY = 90
 _MIN_SIDE, _MAX_SIDE = 150, 500
 
-# --------------------------------------------------------------------------
-# Image synthesis.
-#
-# Patterns are defined on coordinates normalised by the image's shorter side,
-# so after the usual "shorter side -> 256" resize every class has the same
-# scale range regardless of the original size. Each returns a mask in [0, 1]
-# that blends a background colour (0) into a foreground colour (1).
-# --------------------------------------------------------------------------
+# Each pattern returns a mask in [0, 1] that blends a background colour (0) into
+# a foreground colour (1).
 
 
 def _coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
