@@ -33,6 +33,7 @@ from pipelines.members import Member, ReadUnit, Skipped, skipped  # noqa: F401 (
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
+VAL_LABELS = "validation_labels.txt"  # Beside the archives: line n is the synset of ILSVRC2012_val_<n>.
 TRAIN_DIR = "train"
 VAL_DIR = "val"
 # The test set's archives (TFDS's manual folder holds the 2019 one) and folder.
@@ -363,7 +364,7 @@ def plan(imagenet_dir: str, val_labels: str | None = None) -> Layout:
     labels_path = None
     if flat is not None:
         if val_labels is None:
-            local = os.path.join(imagenet_dir, "validation_labels.txt")
+            local = os.path.join(imagenet_dir, VAL_LABELS)
             val_labels = local if fileio.exists(local) else class_labels.default_val_labels_path()
         labels = class_labels.read_val_labels(val_labels)
         labels_path = val_labels

@@ -22,335 +22,43 @@ Same ``--seed`` and counts give byte-identical tar files.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import logging
-import math
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from pipelines import class_labels, sample_folder, sample_images
+from pipelines.imagenet_layout import TRAIN_TAR, VAL_LABELS, VAL_TAR
+from pipelines.raw_layout import val_name, write_archives
+from pipelines.sample_folder import MANIFEST, MARKER
 
 logger = logging.getLogger(__name__)
 
 # The Imagenette classes, in sorted (= label index) order.
-SYNSETS = (
-    "n01440764",
-    "n02102040",
-    "n02979186",
-    "n03000684",
-    "n03028079",
-    "n03394916",
-    "n03417042",
-    "n03425413",
-    "n03445777",
-    "n03888257",
-)
+SYNSETS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+           "n03394916", "n03417042", "n03425413", "n03445777", "n03888257")
+assert len(sample_images.PATTERNS) == len(SYNSETS)  # One texture family per class.
 
 FORMAT_VERSION = 1
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-VAL_LABELS = "validation_labels.txt"
-MANIFEST = "manifest.json"
-MARKER = "SAMPLE_COMPLETE"
-# Written before anything else: the folder's ImageNet-named files are ours to replace.
-OWNER = ".written-by-make_sample"
-
-
-def _claim(out: Path) -> None:
-    """Makes `out` the sample's folder, and marks any sample there incomplete.
-
-    Raises:
-        FileExistsError: `out` holds ImageNet files (the archives, the label
-            file) that make_sample did not write, e.g. a real ImageNet folder:
-            they would be replaced.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    theirs = [n for n in (TRAIN_TAR, VAL_TAR, VAL_LABELS) if (out / n).exists()]
-    if theirs and not (out / OWNER).exists() and not (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} holds {', '.join(theirs)}, not written by make_sample: a sample would "
-                              "replace them; give an empty or new --output_dir")
-    (out / OWNER).touch()
-    # Whatever is there stops counting as complete until we finish.
-    (out / MARKER).unlink(missing_ok=True)
 MIN_TRAIN_PER_CLASS = 4
 MIN_VAL_PER_CLASS = 1
-
-# Every tar member gets this mtime (2012-06-18, around the ILSVRC2012 release)
-# so archive bytes depend only on their contents.
-_TAR_MTIME = 1_340_000_000
-_JPEG_QUALITY = 90
-_MIN_SIDE, _MAX_SIDE = 150, 500
 
 # Independent random streams, so that e.g. changing the number of validation
 # images does not change any training image.
 _STREAM_LAYOUT, _STREAM_TRAIN, _STREAM_VAL = 0, 1, 2
 
 
-# --------------------------------------------------------------------------
-# Image synthesis.
-#
-# Patterns are defined on coordinates normalised by the image's shorter side,
-# so after the usual "shorter side -> 256" resize every class has the same
-# scale range regardless of the original size. Each returns a mask in [0, 1]
-# that blends a background colour (0) into a foreground colour (1).
-# --------------------------------------------------------------------------
-
-
-def _coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    s = float(min(h, w))
-    y = (np.arange(h, dtype=np.float32) / s)[:, None]
-    x = (np.arange(w, dtype=np.float32) / s)[None, :]
-    return y, x
-
-
-def _wave(t: np.ndarray, sharpness: float) -> np.ndarray:
-    """Near-square wave of period 1 with slightly soft (anti-aliased) edges."""
-    return np.clip(0.5 + sharpness * np.sin(2 * np.pi * t), 0.0, 1.0)
-
-
-def _horizontal_stripes(rng, h, w):
-    y, _ = _coords(h, w)
-    f = rng.uniform(6, 12)  # cycles per shorter side
-    m = _wave(f * y + rng.random(), rng.uniform(2, 4))
-    return np.broadcast_to(m, (h, w))
-
-
-def _vertical_stripes(rng, h, w):
-    _, x = _coords(h, w)
-    f = rng.uniform(6, 12)
-    m = _wave(f * x + rng.random(), rng.uniform(2, 4))
-    return np.broadcast_to(m, (h, w))
-
-
-def _checkerboard(rng, h, w):
-    y, x = _coords(h, w)
-    f = rng.uniform(2.5, 5)
-    prod = np.sin(2 * np.pi * (f * x + rng.random())) * np.sin(
-        2 * np.pi * (f * y + rng.random())
-    )
-    return np.clip(0.5 + 4.0 * prod, 0.0, 1.0)
-
-
-def _random_centre(rng, h, w, margin=0.2):
-    s = min(h, w)
-    cy = rng.uniform(margin, 1 - margin) * h / s
-    cx = rng.uniform(margin, 1 - margin) * w / s
-    return cy, cx
-
-
-def _rings(rng, h, w):
-    y, x = _coords(h, w)
-    cy, cx = _random_centre(rng, h, w)
-    r = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
-    return _wave(rng.uniform(4, 9) * r + rng.random(), rng.uniform(2, 4))
-
-
-def _dots(rng, h, w):
-    y, x = _coords(h, w)
-    f = rng.uniform(5, 9)  # dots per shorter side
-    py = np.mod(f * y + rng.random(), 1.0) - 0.5
-    px = np.mod(f * x + rng.random(), 1.0) - 0.5
-    dist = np.sqrt(py**2 + px**2)  # in lattice-cell units
-    radius = rng.uniform(0.2, 0.32)
-    return np.clip((radius - dist) * 25.0, 0.0, 1.0)
-
-
-def _crosshatch(rng, h, w):
-    y, x = _coords(h, w)
-    # Same frequency on both diagonals so a horizontal flip (which swaps them)
-    # yields an image from the same family.
-    f = rng.uniform(4, 8)
-    width = rng.uniform(0.12, 0.2)
-    a = np.abs(np.mod(f * (x + y) + rng.random(), 1.0) - 0.5)
-    b = np.abs(np.mod(f * (x - y) + rng.random(), 1.0) - 0.5)
-    line_a = np.clip((width - a) * 20.0, 0.0, 1.0)
-    line_b = np.clip((width - b) * 20.0, 0.0, 1.0)
-    return np.maximum(line_a, line_b)
-
-
-def _blobs(rng, h, w):
-    s = min(h, w)
-    cells = rng.uniform(2.5, 4.5)  # blobs per shorter side
-    gh = max(2, math.ceil(cells * h / s) + 1)
-    gw = max(2, math.ceil(cells * w / s) + 1)
-    grid = rng.standard_normal((gh, gw)).astype(np.float32)
-    # Bicubic upsampling of a coarse random grid gives smooth, band-limited blobs.
-    smooth = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC))
-    smooth = (smooth - smooth.mean()) / (smooth.std() + 1e-6)
-    return np.clip(0.5 + 0.6 * smooth, 0.0, 1.0)
-
-
-def _spokes(rng, h, w):
-    y, x = _coords(h, w)
-    cy, cx = _random_centre(rng, h, w, margin=0.3)
-    theta = np.arctan2(y - cy, x - cx)
-    n = int(rng.integers(6, 15))  # whole number so the pattern closes up
-    return np.clip(0.5 + 3.0 * np.sin(n * theta + rng.uniform(0, 2 * np.pi)), 0.0, 1.0)
-
-
-def _triangles(rng, h, w):
-    s = min(h, w)
-    canvas = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    count = int(rng.integers(8, 16) * (h * w) / (s * s))
-    for _ in range(max(count, 6)):
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        radius = rng.uniform(0.07, 0.16) * s
-        # Roughly equilateral, random orientation: thin slivers would look
-        # like stripes.
-        angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3
-        angles = angles + rng.uniform(-0.35, 0.35, size=3)
-        pts = [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in angles]
-        draw.polygon(pts, fill=255)
-    return np.asarray(canvas, dtype=np.float32) / 255.0
-
-
-def _speckle(rng, h, w):
-    # Cells of 2-4 px once the shorter side is resized to 256: fine grain
-    # that survives the resize instead of averaging out to flat grey.
-    cell = rng.uniform(2.0, 4.0) * min(h, w) / 256.0
-    iy = (np.arange(h) / cell).astype(np.int64)
-    ix = (np.arange(w) / cell).astype(np.int64)
-    small = rng.random((iy[-1] + 1, ix[-1] + 1)) < 0.5
-    return small[iy][:, ix].astype(np.float32)
-
-
-# Index i draws class SYNSETS[i].
-_PATTERNS: tuple[Callable[[np.random.Generator, int, int], np.ndarray], ...] = (
-    _horizontal_stripes,
-    _vertical_stripes,
-    _checkerboard,
-    _rings,
-    _dots,
-    _crosshatch,
-    _blobs,
-    _spokes,
-    _triangles,
-    _speckle,
-)
-assert len(_PATTERNS) == len(SYNSETS)
-
-
-def _random_size(rng: np.random.Generator) -> tuple[int, int]:
-    """(height, width) with ImageNet-like sizes: mostly landscape, 150..500 px."""
-    long_side = int(rng.integers(250, _MAX_SIDE + 1))
-    short_side = max(_MIN_SIDE, int(round(long_side * rng.uniform(0.5, 1.0))))
-    if rng.random() < 0.7:
-        return short_side, long_side
-    return long_side, short_side
-
-
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Background and foreground RGB, independent of the class.
-
-    Rejection keeps the two far enough apart for the pattern to be visible,
-    also in brightness alone (grayscale quirks, JPEG's subsampled chroma);
-    the rule is the same for every class, so mean colour carries no label.
-    """
-    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    while True:
-        bg, fg = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-        if np.linalg.norm(fg - bg) > 100 and abs(luma @ (fg - bg)) > 50:
-            return bg, fg
-
-
-def _render(class_index: int, rng: np.random.Generator) -> Image.Image:
-    """Draws one RGB image of the given class at a random size."""
-    return _render_sized(class_index, rng, _random_size(rng))
-
-
-def _render_sized(class_index: int, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """Draws one RGB image of the given class (its texture family: the class
-    modulo the families) at `size` (height, width)."""
-    h, w = size
-    bg, fg = _two_colours(rng)
-    mask = _PATTERNS[class_index % len(_PATTERNS)](rng, h, w).astype(np.float32)
-    # In-place float32 arithmetic: this function dominates the run time.
-    img = mask[..., None] * (fg - bg)
-    img += bg + 0.5  # +0.5: round rather than truncate on the cast below.
-    # Uniform rather than Gaussian noise: several times faster to draw.
-    noise = rng.random((h, w, 3), dtype=np.float32)
-    noise -= 0.5
-    noise *= np.float32(rng.uniform(10, 40))
-    img += noise
-    np.clip(img, 0, 255, out=img)
-    return Image.fromarray(img.astype(np.uint8))
-
-
-def _encode(img: Image.Image, quirk: str | None) -> bytes:
-    """Encodes an image as the bytes of a ``.JPEG`` file, honouring a quirk."""
-    buf = io.BytesIO()
-    if quirk == "png":
-        img.save(buf, format="PNG")
-    elif quirk == "cmyk":
-        img.convert("CMYK").save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    elif quirk == "grayscale":
-        img.convert("L").save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    else:
-        img.save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    data = buf.getvalue()
-    if quirk == "truncated":
-        # Header intact, scan data cut short: opens fine, fails on decode.
-        data = data[: len(data) // 2]
-    return data
-
-
-# --------------------------------------------------------------------------
-# Deterministic tar writing.
-# --------------------------------------------------------------------------
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
-@contextlib.contextmanager
-def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    with tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        yield tar
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-
-
-def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
-    with open(path, "rb") as f:
-        tar.addfile(_tarinfo(name, path.stat().st_size), f)
-
-
-# --------------------------------------------------------------------------
-# The sample.
-# --------------------------------------------------------------------------
-
-
 def _check_args(seed: int, train_per_class: int, val_per_class: int) -> None:
     if seed < 0:  # numpy's SeedSequence takes non-negative integers only.
         raise ValueError(f"seed must be >= 0 (got {seed})")
     if train_per_class < MIN_TRAIN_PER_CLASS:
-        raise ValueError(
-            f"train_per_class must be >= {MIN_TRAIN_PER_CLASS} (got {train_per_class})"
-        )
+        raise ValueError(f"train_per_class must be >= {MIN_TRAIN_PER_CLASS} (got {train_per_class})")
     if val_per_class < MIN_VAL_PER_CLASS:
-        raise ValueError(
-            f"val_per_class must be >= {MIN_VAL_PER_CLASS} (got {val_per_class})"
-        )
+        raise ValueError(f"val_per_class must be >= {MIN_VAL_PER_CLASS} (got {val_per_class})")
 
 
 def _params(seed: int, train_per_class: int, val_per_class: int) -> dict:
@@ -362,13 +70,6 @@ def _params(seed: int, train_per_class: int, val_per_class: int) -> dict:
         "train_per_class": int(train_per_class),
         "val_per_class": int(val_per_class),
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Writes JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def make_sample(
@@ -404,7 +105,7 @@ def make_sample(
     _check_args(seed, train_per_class, val_per_class)
     start = time.perf_counter()
     out = Path(output_dir).expanduser().resolve()
-    _claim(out)
+    sample_folder.claim(out)
 
     num_classes = len(SYNSETS)
     layout = np.random.default_rng([seed, _STREAM_LAYOUT])
@@ -432,37 +133,26 @@ def make_sample(
         train_quirks, val_quirks = {}, {}
 
     quirks = {}  # From here on: kind -> file written.
-    tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
-    try:
-        # Class tars go to disk first so memory stays at one image at a time.
-        with _open_tar(tmp / TRAIN_TAR) as outer:
-            for c, synset in enumerate(SYNSETS):
-                class_tar = tmp / f"{synset}.tar"
-                with _open_tar(class_tar) as inner:
-                    for k, name in enumerate(train_names[c]):
-                        rng = np.random.default_rng([seed, _STREAM_TRAIN, c, k])
-                        kind = train_quirks.get((c, k))
-                        if kind:
-                            quirks[kind] = f"{synset}/{name}"
-                        _add_bytes(inner, name, _encode(_render(c, rng), kind))
-                _add_file(outer, class_tar.name, class_tar)
-                class_tar.unlink()
 
-        with _open_tar(tmp / VAL_TAR) as tar:
-            for i, c in enumerate(val_classes, start=1):
-                name = f"ILSVRC2012_val_{i:08d}.JPEG"
-                rng = np.random.default_rng([seed, _STREAM_VAL, i])
-                kind = val_quirks.get(i)
-                if kind:
-                    quirks[f"val_{kind}"] = name
-                _add_bytes(tar, name, _encode(_render(int(c), rng), kind))
+    def class_images(c: int, synset: str):
+        for k, name in enumerate(train_names[c]):
+            rng = np.random.default_rng([seed, _STREAM_TRAIN, c, k])
+            kind = train_quirks.get((c, k))
+            if kind:
+                quirks[kind] = f"{synset}/{name}"
+            yield name, sample_images.encode(sample_images.render(c, rng), kind)
 
-        (tmp / VAL_LABELS).write_text("".join(SYNSETS[c] + "\n" for c in val_classes))
+    def val_images():
+        for i, c in enumerate(val_classes, start=1):
+            name = val_name(i)
+            rng = np.random.default_rng([seed, _STREAM_VAL, i])
+            kind = val_quirks.get(i)
+            if kind:
+                quirks[f"val_{kind}"] = name
+            yield name, sample_images.encode(sample_images.render(int(c), rng), kind)
 
-        for name in (TRAIN_TAR, VAL_TAR, VAL_LABELS):
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_archives(out, ((s, class_images(c, s)) for c, s in enumerate(SYNSETS)), val_images(),
+                   [SYNSETS[c] for c in val_classes])
 
     params = _params(seed, train_per_class, val_per_class)
     manifest = dict(
@@ -475,8 +165,8 @@ def make_sample(
         val_tar=str(out / VAL_TAR),
         val_labels=str(out / VAL_LABELS),
     )
-    _write_json(out / MANIFEST, manifest)
-    _write_json(out / MARKER, params)  # Last: marks the sample complete.
+    sample_folder.write_json(out / MANIFEST, manifest)
+    sample_folder.write_json(out / MARKER, params)  # Last: marks the sample complete.
 
     logger.info(
         "Wrote %d training images (%d classes, %.1f MiB) to %s and %d validation "
@@ -505,25 +195,9 @@ ILSVRC_VAL_IMAGES = 50_000
 ILSVRC_CMYK, ILSVRC_PNG = 22, 1
 
 
-def _imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
-    """(height, width) in ILSVRC2012's mix: most 500 px on the long side at 4:3
-    or 3:2 (500x375, 500x333), some smaller, a few several times larger."""
-    r = rng.random()
-    if r < 0.8:
-        long_side, aspect = 500, float(rng.choice([0.75, 0.666, 0.75, 1.0, 0.8]))
-    elif r < 0.97:
-        long_side, aspect = int(rng.integers(200, 500)), float(rng.uniform(0.6, 1.0))
-    else:
-        long_side, aspect = int(rng.integers(800, 2600)), float(rng.uniform(0.6, 0.8))
-    short_side = max(_MIN_SIDE // 2, int(round(long_side * aspect)))
-    return (short_side, long_side) if rng.random() < 0.75 else (long_side, short_side)
-
-
 def ilsvrc_val_labels() -> list[str]:
     """The 50,000 validation synsets tensorflow-datasets ships: line n is the
     class of ILSVRC2012_val_{n:08d}.JPEG."""
-    from pipelines import class_labels
-
     with open(class_labels.default_val_labels_path()) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -563,7 +237,6 @@ def make_imagenet_sample(
         raise ValueError(f"train_per_class must be >= 1 (got {train_per_class})")
     if not 1 <= val_images <= ILSVRC_VAL_IMAGES:
         raise ValueError(f"val_images must be between 1 and {ILSVRC_VAL_IMAGES} (got {val_images})")
-    from pipelines import class_labels
 
     say = progress or logger.info
     start = time.perf_counter()
@@ -571,7 +244,7 @@ def make_imagenet_sample(
     index = {s: i for i, s in enumerate(synsets)}
     val_labels = ilsvrc_val_labels()
     out = Path(output_dir).expanduser().resolve()
-    _claim(out)
+    sample_folder.claim(out)
 
     layout = np.random.default_rng([seed, _STREAM_LAYOUT, 1000])
     num_train = train_per_class * len(synsets)
@@ -587,38 +260,36 @@ def make_imagenet_sample(
     val_numbers = [int(n) for n in layout.choice(ILSVRC_VAL_IMAGES, size=val_images, replace=False) + 1]
 
     quirks, sizes = {}, []
-    tmp = Path(tempfile.mkdtemp(prefix=".make_sample-", dir=out))
-    try:
-        with _open_tar(tmp / TRAIN_TAR) as outer:
-            for c, synset in enumerate(synsets):
-                numbers = layout.choice(max(15_000, 2 * train_per_class), size=train_per_class, replace=False) + 1
-                class_tar = tmp / f"{synset}.tar"
-                with _open_tar(class_tar) as inner:
-                    for k, n in enumerate(numbers):
-                        rng = np.random.default_rng([seed, _STREAM_TRAIN, 1000, c, k])
-                        size = _imagenet_size(rng)
-                        sizes.append(size)
-                        name = f"{synset}_{n}.JPEG"
-                        kind = odd.get((c, k))
-                        if kind:
-                            quirks.setdefault(kind, []).append(f"{synset}/{name}")
-                        _add_bytes(inner, name, _encode(_render_sized(c, rng, size), kind))
-                _add_file(outer, class_tar.name, class_tar)
-                class_tar.unlink()
-                if (c + 1) % 100 == 0:
-                    say(f"make_sample: {c + 1}/1000 classes, {(c + 1) * train_per_class} training images, "
-                        f"{time.perf_counter() - start:.0f} s")
-        with _open_tar(tmp / VAL_TAR) as tar:
-            for n in val_numbers:
-                rng = np.random.default_rng([seed, _STREAM_VAL, 1000, n])
-                size = _imagenet_size(rng)
-                sizes.append(size)
-                _add_bytes(tar, f"ILSVRC2012_val_{n:08d}.JPEG", _encode(_render_sized(index[val_labels[n - 1]], rng, size), None))
-        for name in (TRAIN_TAR, VAL_TAR):
-            os.replace(tmp / name, out / name)
-        (out / VAL_LABELS).unlink(missing_ok=True)  # The shipped list applies, as for the real archives.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def class_images(c: int, synset: str, numbers: np.ndarray):
+        for k, n in enumerate(numbers):
+            rng = np.random.default_rng([seed, _STREAM_TRAIN, 1000, c, k])
+            size = sample_images.imagenet_size(rng)
+            sizes.append(size)
+            name = f"{synset}_{n}.JPEG"
+            kind = odd.get((c, k))
+            if kind:
+                quirks.setdefault(kind, []).append(f"{synset}/{name}")
+            yield name, sample_images.encode(sample_images.render_sized(c, rng, size), kind)
+
+    def train():
+        for c, synset in enumerate(synsets):
+            numbers = layout.choice(max(15_000, 2 * train_per_class), size=train_per_class, replace=False) + 1
+            yield synset, class_images(c, synset, numbers)
+            # Resumed once the class's tar is in the archive.
+            if (c + 1) % 100 == 0:
+                say(f"make_sample: {c + 1}/1000 classes, {(c + 1) * train_per_class} training images, "
+                    f"{time.perf_counter() - start:.0f} s")
+
+    def val():
+        for n in val_numbers:
+            rng = np.random.default_rng([seed, _STREAM_VAL, 1000, n])
+            size = sample_images.imagenet_size(rng)
+            sizes.append(size)
+            yield val_name(n), sample_images.encode(sample_images.render_sized(index[val_labels[n - 1]], rng, size), None)
+
+    # No label file: the shipped list applies, as for the real archives.
+    write_archives(out, train(), val(), None)
 
     pixels = np.array([h * w for h, w in sizes])
     params = {"version": FORMAT_VERSION, "shape": "imagenet", "seed": int(seed),
@@ -636,8 +307,8 @@ def make_imagenet_sample(
         train_tar=str(out / TRAIN_TAR),
         val_tar=str(out / VAL_TAR),
     )
-    _write_json(out / MANIFEST, manifest)
-    _write_json(out / MARKER, params)
+    sample_folder.write_json(out / MANIFEST, manifest)
+    sample_folder.write_json(out / MARKER, params)
     say(f"make_sample: wrote {num_train} training images (1000 classes, "
         f"{(out / TRAIN_TAR).stat().st_size / 2**20:.0f} MiB) and {val_images} validation images "
         f"({(out / VAL_TAR).stat().st_size / 2**20:.0f} MiB) to {out} in {time.perf_counter() - start:.0f} s")
@@ -655,29 +326,6 @@ def default_cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         root = os.path.join(xdg, "alexnet_tf")
     return Path(root).expanduser() / "sample"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    """Serialises builders of one cache dir (e.g. parallel test workers)."""
-    try:
-        import fcntl
-    except ImportError:  # Not POSIX: no locking, still correct for one process.
-        yield
-        return
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_sample(
@@ -708,10 +356,10 @@ def ensure_sample(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     wanted = _params(seed, train_per_class, val_per_class)
-    with _dir_lock(out):
-        manifest = _read_json(out / MANIFEST)
+    with sample_folder.dir_lock(out):
+        manifest = sample_folder.read_json(out / MANIFEST)
         complete = (
-            _read_json(out / MARKER) == wanted
+            sample_folder.read_json(out / MARKER) == wanted
             and manifest is not None
             and all((out / n).is_file() for n in (TRAIN_TAR, VAL_TAR, VAL_LABELS))
         )

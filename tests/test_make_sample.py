@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:  # Lets plain `pytest` import the package too.
     sys.path.insert(0, str(REPO))
 
 from pipelines import make_sample as ms  # noqa: E402
+from pipelines import raw_layout, sample_folder, sample_images  # noqa: E402
 
 TRAIN, VAL = 6, 3
 NUM_CLASSES = len(ms.SYNSETS)
@@ -82,7 +83,7 @@ def test_train_layout(small_train):
             assert re.fullmatch(rf"{synset}_\d+\.JPEG", name), name
         for m, _ in members:  # Deterministic headers.
             assert (m.mode, m.uid, m.gid, m.uname, m.gname) == (0o644, 0, 0, "", "")
-            assert m.isfile() and m.mtime == ms._TAR_MTIME
+            assert m.isfile() and m.mtime == raw_layout.TAR_MTIME
 
 
 def test_val_layout_and_labels(small, small_val, small_train):
@@ -123,7 +124,7 @@ def test_manifest(small):
     assert marker["seed"] == 0 and marker["train_per_class"] == TRAIN
     # No temp files left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER, ms.OWNER]
+        [ms.TRAIN_TAR, ms.VAL_TAR, ms.VAL_LABELS, ms.MANIFEST, ms.MARKER, sample_folder.OWNER]
     )
 
 
@@ -348,7 +349,7 @@ def imagenet_shaped(tmp_path_factory):
     """1000 classes of 2 images, 30 validation images; small pictures, to be quick."""
     out = tmp_path_factory.mktemp("imagenet")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ms, "_imagenet_size", lambda rng: (int(rng.integers(40, 60)), int(rng.integers(40, 80))))
+        mp.setattr(sample_images, "imagenet_size", lambda rng: (int(rng.integers(40, 60)), int(rng.integers(40, 80))))
         manifest = ms.make_imagenet_sample(out, seed=1, train_per_class=2, val_images=30)
     return out, manifest
 
@@ -384,18 +385,8 @@ def test_imagenet_shape_validation_numbers_are_real_and_labels_need_no_file(imag
     n = numbers[0]
     rng = np.random.default_rng([1, ms._STREAM_VAL, 1000, n])
     size = (int(rng.integers(40, 60)), int(rng.integers(40, 80)))
-    expected = ms._encode(ms._render_sized(index[labels[n - 1]], rng, size), None)
+    expected = sample_images.encode(sample_images.render_sized(index[labels[n - 1]], rng, size), None)
     assert val[0][1] == expected
-
-
-def test_imagenet_sizes_follow_imagenets_mix():
-    rng = np.random.default_rng(0)
-    sizes = [ms._imagenet_size(rng) for _ in range(5000)]
-    long_sides = np.array([max(s) for s in sizes])
-    assert 0.75 < np.mean(long_sides == 500) < 0.85  # Most are 500 px on the long side ...
-    assert (np.array(sizes) == (375, 500)).all(axis=1).mean() > 0.2  # ... many 500x375 ...
-    assert 0.01 < np.mean(long_sides > 800) < 0.05 and long_sides.max() > 2000  # ... a few far larger.
-    assert np.mean([h > w for h, w in sizes]) > 0.15  # Portrait ones too.
 
 
 def test_imagenet_shape_cli_bad_input(tmp_path):
