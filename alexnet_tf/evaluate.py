@@ -71,19 +71,20 @@ def load(saved_model: str | None, model_dir: str | None) -> Loaded:
                   int(model.input_shape[1]))
 
 
-def check_image_size(meta, data_dir: str, crop: int) -> None:
+def check_image_size(records, crop: int) -> None:
     """Raises ValueError when the records' stored squares are smaller than the model's `crop` x `crop` patches."""
-    square = meta.image.square
+    square = records.meta.image.square
     if square is not None and square < crop:
-        raise ValueError(f"{data_dir} holds {square}x{square} images, smaller than the {crop}x{crop} patches the "
+        raise ValueError(f"{records.data_dir} holds {square}x{square} images, smaller than the {crop}x{crop} patches the "
                          f"model takes; rebuild the records with --image_size of at least {crop} (the paper's 256)")
 
 
-def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: int = 100,
+def evaluate(model, mean, records, split: str = "validation", batch_size: int = 100,
              progress: bool = True, ten_crops: bool = True, per_class: bool = False) -> dict:
     """Central-patch and (with `ten_crops`, ten times the work) ten-patch errors of `model` on a split.
 
-    With `per_class`, the central patch's result also has "per_class" (images,
+    `records` is the records folder, opened (`tfrecords.folder.Records`); the
+    split's shards are checked here. With `per_class`, the central patch's result also has "per_class" (images,
     errors and the confusion matrix per class: `evaluation.split_sums`).
     """
     import numpy as np
@@ -91,23 +92,20 @@ def evaluate(model, mean, data_dir: str, split: str = "validation", batch_size: 
 
     from alexnet_tf import preprocessing
     from alexnet_tf.evaluation import Evaluator
-    from tfrecords import integrity, metadata
 
-    meta = metadata.load_metadata(data_dir)
-    if split not in meta.splits:
-        raise ValueError(f"split {split!r} is not in {metadata.metadata_path(data_dir)} "
-                         f"(it has {sorted(meta.splits)})")
-    integrity.check_shards(data_dir, meta, [split])
-    stats = preprocessing.ColorStats.for_evaluation(np.asarray(mean, np.float32), meta.image.square)
+    if split not in records.meta.splits:
+        raise ValueError(f"split {split!r} is not in {records.metadata_path} (it has {sorted(records.meta.splits)})")
+    records.check_shards([split])
+    stats = preprocessing.ColorStats.for_evaluation(np.asarray(mean, np.float32), records.meta.image.square)
     strategy = tf.distribute.get_strategy()
-    central = Evaluator(model, strategy, data_dir, meta, stats, batch_size, per_class=per_class, confusion=per_class)
+    central = Evaluator(model, strategy, records, stats, batch_size, per_class=per_class, confusion=per_class)
     result = {
         "split": split,
-        "num_examples": meta.splits[split].num_examples,
+        "num_examples": records.split(split).num_examples,
         "central_crop": central.evaluate(split, progress=progress),
     }
     if ten_crops:  # Plain sums: the per-class tables are the central patch's.
-        result["ten_crops"] = Evaluator(model, strategy, data_dir, meta, stats, batch_size).evaluate(
+        result["ten_crops"] = Evaluator(model, strategy, records, stats, batch_size).evaluate(
             split, ten_crop=True, progress=progress)
     result["paper_one_cnn_validation"] = PAPER_ONE_CNN_VAL
     return result
@@ -154,24 +152,26 @@ def main(argv=None) -> None:
         p.error(f"--report {args.report} is a file; it takes a folder (report.html is written into it)")
     import tensorflow as tf
 
-    from tfrecords import classes, fileio, integrity, metadata
+    from tfrecords import fileio, integrity, metadata
+    from tfrecords.folder import Records
 
-    meta = None  # For a damaged shard's message, once read.
+    records = None  # For a damaged shard's message, once read.
     try:
         loaded = load(args.saved_model, args.model_dir)
-        meta = metadata.load_metadata(args.data_dir)
-        classes.check_same_classes(loaded.synsets, [c.synset for c in meta.classes], "the model", args.data_dir)
-        check_image_size(meta, args.data_dir, loaded.crop)
-        result = evaluate(loaded.model, loaded.mean, args.data_dir, args.split, args.batch_size,
+        records = Records(args.data_dir, metadata.load_metadata(args.data_dir))
+        records.check_classes(loaded.synsets, "the model")
+        check_image_size(records, loaded.crop)
+        result = evaluate(loaded.model, loaded.mean, records, args.split, args.batch_size,
                           ten_crops=args.ten_crops, per_class=bool(args.report))
         per_class = result["central_crop"].pop("per_class", None)
         if args.report:
-            path = write_report(args, loaded, meta, result, per_class)
+            path = write_report(args, loaded, records, result, per_class)
     except (FileNotFoundError, ValueError, metadata.MetadataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(1)
     except tf.errors.DataLossError as e:
-        print(f"evaluate: error: {integrity.data_loss_message(e, args.data_dir, meta)}", file=sys.stderr)
+        message = records.data_loss_message(e) if records else integrity.data_loss_message(e, args.data_dir)
+        print(f"evaluate: error: {message}", file=sys.stderr)
         sys.exit(1)
     print(table(result))
     if args.report:
@@ -181,16 +181,16 @@ def main(argv=None) -> None:
     print(json.dumps(result))
 
 
-def write_report(args, loaded: Loaded, meta, result: dict, per_class: dict) -> str:
+def write_report(args, loaded: Loaded, records, result: dict, per_class: dict) -> str:
     """Draws the figures of the loaded model and writes the report; returns its path."""
     import numpy as np
 
     from alexnet_tf import figures, preprocessing, report
 
-    stats = preprocessing.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32), meta.image.square)
-    fixed = figures.FixedImages(args.data_dir, meta, stats, args.figure_pool, split=args.split)
-    drawn = fixed.draw(loaded.forward, [c.name for c in meta.classes], loaded.kernel, loaded.groups)
-    page = report.build(result, per_class, meta.classes, drawn, source=args.saved_model or args.model_dir,
+    stats = preprocessing.ColorStats.for_evaluation(np.asarray(loaded.mean, np.float32), records.meta.image.square)
+    fixed = figures.FixedImages(records, stats, args.figure_pool, split=args.split)
+    drawn = fixed.draw(loaded.forward, [c.name for c in records.classes], loaded.kernel, loaded.groups)
+    page = report.build(result, per_class, records.classes, drawn, source=args.saved_model or args.model_dir,
                         data_dir=args.data_dir, history=loaded.history)
     return report.write(args.report, page)
 

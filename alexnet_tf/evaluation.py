@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_tf import distribute, input_pipeline, preprocessing
-from tfrecords import metadata
+from tfrecords.folder import Records
 
 
 def top_k_hits(scores, labels, k: int):
@@ -134,19 +134,18 @@ class Evaluator:
       model: A callable (images, training=False) -> logits: a Keras model or
         a SavedModel adapter.
       strategy: The strategy the model's variables live under.
-      data_dir: Records folder.
-      meta: Its metadata.json.
+      records: The records folder, opened (`tfrecords.folder.Records`).
       stats: Colour statistics the images are preprocessed with.
       batch_size: Global evaluation batch size (per worker under multi_worker).
       per_class: Also count images, top-1 and top-5 hits per class.
       confusion: Also count (true, predicted) label pairs (with `per_class`).
     """
 
-    def __init__(self, model, strategy, data_dir: str, meta: metadata.Metadata, stats: preprocessing.ColorStats,
+    def __init__(self, model, strategy, records: Records, stats: preprocessing.ColorStats,
                  batch_size: int, per_class: bool = False, confusion: bool = False):
-        self.model, self.strategy, self.data_dir, self.meta, self.stats = model, strategy, data_dir, meta, stats
+        self.model, self.strategy, self.records, self.stats = model, strategy, records, stats
         self.batch_size = batch_size
-        self.classes = meta.num_classes if per_class or confusion else 0
+        self.classes = records.num_classes if per_class or confusion else 0
         self.confusion = bool(confusion and self.classes)
         sums_length = sums_size(self.classes, self.confusion)
         # Workers read disjoint shards in their own number of batches: no
@@ -188,23 +187,23 @@ class Evaluator:
             batch = max(1, batch // 10)
         # Never wider than the split: a partial batch is padded to the full batch
         # size, and a batch of 100,000 for 100 images would pad to gigabytes.
-        batch = min(batch, max(1, self.meta.split(split).num_examples))
+        batch = min(batch, max(1, self.records.split(split).num_examples))
         if self.workers > 1 or self.strategy.num_replicas_in_sync == 1:
             # One device per worker; each of several workers reads its own share.
             context = (tf.distribute.InputContext(self.workers, distribute.worker_index(self.strategy), 1)
                        if self.workers > 1 else None)
-            ds = input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split, ten_crop, context)
+            ds = input_pipeline.eval_dataset(self.records, self.stats, batch, split, ten_crop, context)
             step = lambda b: self._local(*b, batch)  # noqa: E731
         else:
             batch -= batch % self.strategy.num_replicas_in_sync
             batch = max(batch, self.strategy.num_replicas_in_sync)
             ds = self.strategy.distribute_datasets_from_function(
-                lambda ctx: input_pipeline.eval_dataset(self.data_dir, self.meta, self.stats, batch, split,
+                lambda ctx: input_pipeline.eval_dataset(self.records, self.stats, batch, split,
                                                         ten_crop, ctx))
             per_replica = batch // self.strategy.num_replicas_in_sync
             step = lambda b: self._distributed(b, per_replica)  # noqa: E731
         sums = np.zeros(sums_size(self.classes, self.confusion), np.int64)
-        expected = self.meta.split(split).num_examples
+        expected = self.records.split(split).num_examples
         bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
         for b in ds:
             sums += step(b).numpy()

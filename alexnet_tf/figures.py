@@ -26,7 +26,7 @@ import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
 from alexnet_tf import preprocessing
-from tfrecords import folder, metadata
+from tfrecords.folder import Records
 
 # Figure 4 shows eight images with their top-5 (left) and five queries with
 # six neighbours each (right).
@@ -264,10 +264,10 @@ class FixedImages:
     in the pool, in order (so they show different classes), then the rest.
     """
 
-    def __init__(self, data_dir: str, meta: metadata.Metadata, stats: preprocessing.ColorStats,
+    def __init__(self, records: Records, stats: preprocessing.ColorStats,
                  pool: int = POOL, split: str = "validation"):
-        self.stats, self.meta = stats, meta
-        ds = tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, split)).take(pool)
+        self.stats = stats
+        ds = tf.data.TFRecordDataset(records.shard_paths(split)).take(pool)
         pairs = [preprocessing.parse_record(s) for s in ds]
         if not pairs:
             raise ValueError(f"the {split} split has no images to draw figures from")

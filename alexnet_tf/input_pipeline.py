@@ -14,11 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_tf import preprocessing
-from tfrecords import folder, metadata
+from tfrecords.folder import Records
 
 
-def _files(data_dir: str, meta: metadata.Metadata, split: str, context: tf.distribute.InputContext | None):
-    files = folder.shard_paths(data_dir, meta, split)
+def _files(records: Records, split: str, context: tf.distribute.InputContext | None):
+    files = records.shard_paths(split)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if context and context.num_input_pipelines > 1:
         if len(files) < context.num_input_pipelines:
@@ -49,8 +49,7 @@ def _one_pass(files: tf.data.Dataset, num_files: int, seed: int, shuffle_buffer:
 
 
 def train_records(
-    data_dir: str,
-    meta: metadata.Metadata,
+    records: Records,
     seed: int,
     context: tf.distribute.InputContext | None = None,
     shuffle_buffer: int = 10_000,
@@ -66,12 +65,12 @@ def train_records(
     shards): the k-th record is the same in every run, which is what lets a
     resumed run skip exactly the records it has already trained on.
     """
-    files = _files(data_dir, meta, "train", context)
-    num_files = len(folder.shard_paths(data_dir, meta, "train"))
+    files = _files(records, "train", context)
+    num_files = len(records.shard_paths("train"))
     return _one_pass(files, num_files, seed, shuffle_buffer, deterministic).repeat()
 
 
-def epoch_records(data_dir: str, meta: metadata.Metadata, seed: int, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+def epoch_records(records: Records, seed: int, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
     """One epoch of serialized training records, each once, for the tf.data service.
 
     The same reading as `train_records`' passes, over all shards and without
@@ -80,7 +79,7 @@ def epoch_records(data_dir: str, meta: metadata.Metadata, seed: int, shuffle_buf
     worker reads and shuffles what it was given, and the job ends when every
     shard has been handed out and read.
     """
-    files = folder.shard_paths(data_dir, meta, "train")
+    files = records.shard_paths("train")
     return _one_pass(tf.data.Dataset.from_tensor_slices(files), len(files), seed, shuffle_buffer, False)
 
 
@@ -102,8 +101,7 @@ def distribute_epoch(dataset: tf.data.Dataset, service: str, job_name: str) -> t
 
 
 def service_train_dataset(
-    data_dir: str,
-    meta: metadata.Metadata,
+    records: Records,
     stats: preprocessing.ColorStats,
     global_batch_size: int,
     service: str,
@@ -137,15 +135,14 @@ def service_train_dataset(
         own_seed = record_seed(seed, record_fingerprint(serialized))
         return preprocessing.crop_for_train(image, stats, crop, own_seed), label
 
-    ds = epoch_records(data_dir, meta, seed, shuffle_buffer).repeat(passes)
+    ds = epoch_records(records, seed, shuffle_buffer).repeat(passes)
     ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.batch(batch, drop_remainder=True)
     return distribute_epoch(ds, service, job_name).prefetch(tf.data.AUTOTUNE)
 
 
 def train_dataset(
-    data_dir: str,
-    meta: metadata.Metadata,
+    records: Records,
     stats: preprocessing.ColorStats,
     global_batch_size: int,
     context: tf.distribute.InputContext | None = None,
@@ -181,7 +178,7 @@ def train_dataset(
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
-    ds = train_records(data_dir, meta, seed, context, shuffle_buffer, deterministic)
+    ds = train_records(records, seed, context, shuffle_buffer, deterministic)
     ds = ds.enumerate().skip(skip)
 
     def crop_record(number, serialized):
@@ -193,10 +190,10 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def preview_images(data_dir: str, meta: metadata.Metadata, count: int):
+def preview_images(records: Records, count: int):
     """A small fixed set of training images for TensorBoard: the first `count` records
     of the first training shard, as JPEG bytes (count,)."""
-    first = folder.shard_paths(data_dir, meta, "train")[0]
+    first = records.shard_paths("train")[0]
     ds = tf.data.TFRecordDataset(first).take(count).map(lambda s: preprocessing.parse_record(s)[0])
     return tf.stack(list(ds))
 
@@ -212,8 +209,7 @@ def augment_preview(jpegs, stats: preprocessing.ColorStats, seed: int, crop: int
 
 
 def eval_dataset(
-    data_dir: str,
-    meta: metadata.Metadata,
+    records: Records,
     stats: preprocessing.ColorStats,
     batch_size: int,
     split: str = "validation",
@@ -230,11 +226,11 @@ def eval_dataset(
     """
     batch = context.get_per_replica_batch_size(batch_size) if context else batch_size
     fn = preprocessing.ten_crops if ten_crop else preprocessing.preprocess_for_eval
-    files = folder.shard_paths(data_dir, meta, split)
+    files = records.shard_paths(split)
     if context and len(files) < context.num_input_pipelines:
         ds = tf.data.TFRecordDataset(files).shard(context.num_input_pipelines, context.input_pipeline_id)
     else:
-        ds = _files(data_dir, meta, split, context).interleave(tf.data.TFRecordDataset, cycle_length=1)
+        ds = _files(records, split, context).interleave(tf.data.TFRecordDataset, cycle_length=1)
 
     def patches(serialized):
         image, label = preprocessing.parse_record(serialized)

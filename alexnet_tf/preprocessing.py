@@ -24,7 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tfrecords import folder, metadata, schema
+from tfrecords import schema
+from tfrecords.folder import Records
+from tfrecords.metadata import MetadataError
 
 CROP = schema.CROP  # 227: the network's input patches.
 SQUARE = schema.SQUARE  # §2: images are stored and evaluated as 256x256.
@@ -60,27 +62,24 @@ class ColorStats:
                    record_size=record_size)
 
     @classmethod
-    def from_metadata(cls, data_dir: str, meta: metadata.Metadata, mean: str = "image") -> "ColorStats":
-        """Reads the statistics of a built dataset.
+    def from_records(cls, records: Records, mean: str = "image") -> "ColorStats":
+        """The statistics of a built dataset.
 
         Args:
-          data_dir: The records folder.
-          meta: Its metadata.json.
+          records: The records folder, opened (`tfrecords.folder.Records`).
           mean: "image" (the paper: the mean image, cropped where the patch is)
             or "rgb" (one mean colour for every pixel).
         """
-        stats = meta.color_stats
+        stats = records.color_stats
         if stats is None:
-            raise metadata.MetadataError(
-                f"{metadata.metadata_path(data_dir)} has no training colour statistics "
-                "(was the training split built?)"
-            )
-        size = meta.image.square
+            raise MetadataError(f"{records.metadata_path} has no training colour statistics (was the training "
+                                "split built?)")
+        size = records.meta.image.square
         if mean == "image":
             if size is None:
                 raise ValueError("mean='image' needs records of one size; these were built with --noresize: "
                                  "use mean='rgb'")
-            m = folder.load_mean_image(data_dir, meta)
+            m = records.mean_image()
         elif mean == "rgb":
             m = np.asarray(stats.mean_rgb, np.float32)
         else:

@@ -95,7 +95,8 @@ def main(argv):
     import tensorflow as tf
 
     from alexnet_tf import data_service, distribute, export, run_dir, trainer
-    from tfrecords import integrity, metadata
+    from tfrecords import metadata
+    from tfrecords.folder import Records
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
@@ -125,8 +126,8 @@ def main(argv):
             raise
         fail(message)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
-        meta = metadata.load_metadata(config.data_dir)
-        print(f"train: error: {integrity.data_loss_message(e, config.data_dir, meta)}", file=sys.stderr)
+        records = Records(config.data_dir, metadata.load_metadata(config.data_dir))
+        print(f"train: error: {records.data_loss_message(e)}", file=sys.stderr)
         sys.exit(1)
     if history and "val_top1_error" in history[-1]:
         last = history[-1]

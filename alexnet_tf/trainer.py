@@ -38,7 +38,9 @@ import tensorflow as tf
 from alexnet_tf import (distribute, evaluation, export, figures, input_pipeline, model as model_lib, preprocessing,
                         recipes, run_dir)
 from alexnet_tf.config import ConfigError, TrainConfig
-from tfrecords import classes, fileio, integrity, metadata
+from tfrecords import fileio
+from tfrecords.classes import ClassMismatch
+from tfrecords.folder import Records
 
 
 def say(chief: bool, message: str) -> None:
@@ -361,12 +363,12 @@ class Summaries:
         root = run_dir.path(model_dir, run_dir.TENSORBOARD)
         self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
         self.val = tf.summary.create_file_writer(os.path.join(root, "validation"))
-        self.preview = (input_pipeline.preview_images(config.data_dir, data.meta, config.log_images)
+        self.preview = (input_pipeline.preview_images(data.records, config.log_images)
                         if config.log_images else None)
-        self.fixed = (figures.FixedImages(config.data_dir, data.meta, data.stats, config.figure_pool)
+        self.fixed = (figures.FixedImages(data.records, data.stats, config.figure_pool)
                       if config.figures and data.has_validation else None)
         self.forward = figures.keras_forward(model) if self.fixed else None
-        self.names = [c.name for c in data.meta.classes]
+        self.names = [c.name for c in data.records.meta.classes]
 
     def epoch(self, epoch: int, result: dict, per_class: dict | None = None) -> None:
         if not self.chief:
@@ -396,7 +398,7 @@ class Summaries:
                     seen = np.asarray(per_class["count"]) > 0
                     write_histogram("per_class_top1_error", np.asarray(per_class["top1_error"])[seen])
                     write_histogram("per_class_top5_error", np.asarray(per_class["top5_error"])[seen])
-                    worst = figures.per_class_table(per_class, self.data.meta.classes, worst=20)
+                    worst = figures.per_class_table(per_class, self.data.records.meta.classes, worst=20)
                     tf.summary.text("worst_classes", figures.markdown_table(worst))
                 if self.fixed is not None:
                     drawn = self.fixed.draw(self.forward, self.names)
@@ -436,7 +438,7 @@ class TrainResult:
 class Data:
     """What the run takes from the records folder."""
 
-    meta: metadata.Metadata
+    records: Records  # The records folder, opened and checked once.
     stats: preprocessing.ColorStats
     num_classes: int
     steps_per_epoch: int
@@ -445,10 +447,10 @@ class Data:
 
 def read_data(config: TrainConfig, strategy) -> Data:
     """The records' metadata, checked against the batch size and the replicas."""
-    meta = metadata.load_metadata(config.data_dir)
-    integrity.check_shards(config.data_dir, meta)
+    records = Records.open(config.data_dir)
+    meta = records.meta
     try:
-        stats = preprocessing.ColorStats.from_metadata(config.data_dir, meta, config.mean)
+        stats = preprocessing.ColorStats.from_records(records, config.mean)
     except ValueError as e:  # --mean=image on records of many sizes.
         raise ConfigError(str(e)) from None
     num_train = meta.split("train").num_examples
@@ -464,8 +466,7 @@ def read_data(config: TrainConfig, strategy) -> Data:
         raise ConfigError(f"{config.data_dir} holds {meta.image.square}x{meta.image.square} images, smaller than "
                           f"the network's {preprocessing.CROP}x{preprocessing.CROP} input patches; rebuild the "
                           f"records with --image_size of at least {preprocessing.CROP} (the paper's 256)")
-    has_val = "validation" in meta.splits and meta.splits["validation"].num_examples > 0
-    return Data(meta, stats, meta.num_classes, steps_per_epoch, has_val)
+    return Data(records, stats, records.num_classes, steps_per_epoch, records.has_examples("validation"))
 
 
 class Diverged(RuntimeError):
@@ -576,7 +577,7 @@ def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | N
     facts = {f"--{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)
              if f.name not in ("data_dir", "verbose")}
     facts["records (metadata.json classes and split sizes)"] = (
-        data.meta.classes, {k: v.num_examples for k, v in sorted(data.meta.splits.items())})
+        data.records.meta.classes, {k: v.num_examples for k, v in sorted(data.records.meta.splits.items())})
     facts["restored checkpoint"] = os.path.basename(latest) if latest else None
     facts["global step"] = int(state.global_step)
     facts["epoch"] = int(state.epoch)
@@ -815,9 +816,8 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
     if tf.io.gfile.exists(run_dir.path(model_dir, run_dir.MODEL_INFO)):
         info, mean = run_dir.read_model_info(model_dir)
         try:
-            classes.check_same_classes([c["synset"] for c in info["classes"]], [c.synset for c in data.meta.classes],
-                                       f"the run in {model_dir}", config.data_dir)
-        except classes.ClassMismatch as e:
+            data.records.check_classes([c["synset"] for c in info["classes"]], f"the run in {model_dir}")
+        except ClassMismatch as e:
             raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
         if run_dir.latest_checkpoint(model_dir):
             check_same_run(info, mean, config, data, model_dir)
@@ -830,7 +830,7 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
     if chief:  # What an export needs besides the weights, beside the checkpoints.
         run_dir.write_model_info(model_dir, num_classes=data.num_classes, grouped=config.grouped,
                                  dropout=config.dropout, recipe=config.recipe,
-                                 classes=[c.to_json() for c in data.meta.classes],
+                                 classes=[c.to_json() for c in data.records.meta.classes],
                                  mean=data.stats.mean, mean_kind=config.mean, square_size=data.stats.square_size)
     distribute.check_workers_agree(strategy, run_facts(config, data, state, checkpoints.latest))
     stream_seed = settle_stream(config, state, strategy, resumed)
@@ -858,13 +858,13 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
             # on from where the job is (the dispatcher keeps it for its
             # --job_gc_timeout), records already handed out are not produced again.
             return input_pipeline.service_train_dataset(
-                config.data_dir, data.meta, data.stats, config.batch_size, config.data_service,
+                data.records, data.stats, config.batch_size, config.data_service,
                 service_job_name(state), seed=stream_seed + int(state.epoch) * 1000, context=context,
                 shuffle_buffer=config.shuffle_buffer)
         # Each epoch's stream, from where this epoch's trained steps end.
         per_step = config.batch_size // context.num_input_pipelines
         seed = stream_seed + int(state.epoch) * 1000 + context.input_pipeline_id
-        return input_pipeline.train_dataset(config.data_dir, data.meta, data.stats, config.batch_size, context,
+        return input_pipeline.train_dataset(data.records, data.stats, config.batch_size, context,
                                             shuffle_buffer=config.shuffle_buffer, seed=seed,
                                             skip=int(state.step_in_epoch) * per_step)
 
@@ -875,7 +875,7 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
         summaries.warning(message, step)
 
     watch = StallWatch(config, data.num_classes, stall_warning)
-    evaluator = evaluation.Evaluator(model, strategy, config.data_dir, data.meta, data.stats,
+    evaluator = evaluation.Evaluator(model, strategy, data.records, data.stats,
                                      config.eval_batch_size or config.batch_size, per_class=config.figures)
     profile_dir = (run_dir.path(model_dir, os.path.join(run_dir.TENSORBOARD, "profile"))
                    if config.profile_steps and chief else None)
@@ -912,7 +912,7 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
         result = epoch_result(state)
         if config.data_service:
             say(chief, f"epoch {result['epoch']}: the service's epoch gave {result['steps']} steps, "
-                       f"{result['train_images']} of {data.meta.split('train').num_examples} training images "
+                       f"{result['train_images']} of {data.records.meta.split('train').num_examples} training images "
                        "(each service worker's last partial batch is dropped, a lost worker's shards skipped)")
         per_class = None
         if data.has_validation:

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 from benchmarks.measure import REPO
+from tfrecords.folder import Records
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
@@ -86,13 +87,13 @@ def bench(data_dir: str, work: str, batch: int, args) -> dict:
     from tfrecords import metadata
 
     meta = metadata.load_metadata(data_dir)
-    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
+    stats = preprocessing.ColorStats.from_records(Records(data_dir, meta))
     result = {"batch": batch, "train_records": meta.split("train").num_examples,
-              "local": _measure(lambda: iter(ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)),
+              "local": _measure(lambda: iter(ip.train_dataset(Records(data_dir, meta), stats, batch, shuffle_buffer=1000)),
                                 batch, args)}
 
     def service_stream(address: str, job: str):
-        return iter(ip.service_train_dataset(data_dir, meta, stats, batch, address, job, seed=1,
+        return iter(ip.service_train_dataset(Records(data_dir, meta), stats, batch, address, job, seed=1,
                                              shuffle_buffer=1000, passes=args.passes))
 
     for n in (1, 2):

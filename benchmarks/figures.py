@@ -67,7 +67,7 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     train_s = data.steps_per_epoch * config.batch_size / last["images_per_second"]
 
     def evaluator(per_class):
-        return evaluation.Evaluator(result.model, strategy, data_dir, data.meta, data.stats, config.batch_size,
+        return evaluation.Evaluator(result.model, strategy, data.records, data.stats, config.batch_size,
                                     per_class=per_class)
 
     plain, per_class = evaluator(False), evaluator(True)
@@ -92,9 +92,9 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     epoch_s = train_s + eval_s
     return {
         "train_images_per_epoch": data.steps_per_epoch * config.batch_size,
-        "validation_images": data.meta.split("validation").num_examples,
+        "validation_images": data.records.meta.split("validation").num_examples,
         "figure_pool": len(summaries.fixed.labels) if summaries.fixed else min(
-            figure_pool, data.meta.split("validation").num_examples),
+            figure_pool, data.records.meta.split("validation").num_examples),
         "train_epoch_seconds": train_s,
         "validation_seconds": eval_s,
         "validation_with_per_class_seconds": eval_per_class_s,

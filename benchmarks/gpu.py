@@ -38,6 +38,7 @@ import tempfile
 import time
 
 import numpy as np
+from tfrecords.folder import Records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -207,7 +208,7 @@ def stream_rate(args, data_dir: str, meta, stats, global_batch: int) -> float:
     """Median images/s of `input_pipeline.train_dataset` iterated on the host without a model."""
     from alexnet_tf import input_pipeline
 
-    iterator = iter(input_pipeline.train_dataset(data_dir, meta, stats, global_batch,
+    iterator = iter(input_pipeline.train_dataset(Records(data_dir, meta), stats, global_batch,
                                                  shuffle_buffer=args.shuffle_buffer))
 
     def run():
@@ -239,7 +240,7 @@ def serving_rates(args, data_dir: str, meta, stats, work: str) -> dict:
     import tensorflow as tf
 
     from alexnet_tf import export
-    from tfrecords import folder, schema
+    from tfrecords import schema
 
     info = {"num_classes": args.num_classes, "classes": [c.to_json() for c in meta.classes],
             "square_size": stats.square_size}
@@ -249,7 +250,7 @@ def serving_rates(args, data_dir: str, meta, stats, work: str) -> dict:
     serve = tf.saved_model.load(path).signatures["serving_default"]
     most = max(args.serving_batches)
     jpegs = [schema.parse_example(r)[schema.ENCODED].numpy()
-             for r in tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, "train")).take(most)]
+             for r in tf.data.TFRecordDataset(Records(data_dir, meta).shard_paths("train")).take(most)]
     rows = {}
     for batch in args.serving_batches:
         images = tf.constant([jpegs[i % len(jpegs)] for i in range(batch)])
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
         meta = metadata.load_metadata(data_dir)
         if meta.num_classes > args.num_classes:
             parser.error(f"{data_dir} has {meta.num_classes} classes, more than --num_classes={args.num_classes}")
-        stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
+        stats = preprocessing.ColorStats.from_records(Records(data_dir, meta))
         result = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "device": {"kind": "GPU" if gpus else "CPU", "name": name, "count": len(gpus)},
@@ -377,8 +378,7 @@ def main(argv=None) -> int:
         }
 
         def records_fn(global_batch):
-            return lambda context: input_pipeline.train_dataset(
-                data_dir, meta, stats, global_batch, context, shuffle_buffer=args.shuffle_buffer)
+            return lambda context: input_pipeline.train_dataset(Records(data_dir, meta), stats, global_batch, context, shuffle_buffer=args.shuffle_buffer)
 
         def synthetic_fn(global_batch):
             return lambda context: synthetic_dataset(global_batch, context, stats, args.num_classes)

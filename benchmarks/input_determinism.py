@@ -31,12 +31,13 @@ import tensorflow as tf
 from alexnet_tf import input_pipeline, preprocessing
 from tfrecords import metadata
 from benchmarks import gpu
+from tfrecords.folder import Records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stream_rate(data_dir: str, meta: dict, stats, deterministic: bool, batch: int, steps: int) -> float:
-    ds = input_pipeline.train_dataset(data_dir, meta, stats, batch, seed=0, deterministic=deterministic)
+    ds = input_pipeline.train_dataset(Records(data_dir, meta), stats, batch, seed=0, deterministic=deterministic)
     iterator = iter(ds)
     for _ in range(5):  # Fill the buffers.
         next(iterator)
@@ -48,7 +49,7 @@ def stream_rate(data_dir: str, meta: dict, stats, deterministic: bool, batch: in
 
 def first_batch_seconds(data_dir: str, meta: dict, stats, batch: int, skip: int) -> float:
     start = time.perf_counter()
-    next(iter(input_pipeline.train_dataset(data_dir, meta, stats, batch, seed=0, skip=skip)))
+    next(iter(input_pipeline.train_dataset(Records(data_dir, meta), stats, batch, seed=0, skip=skip)))
     return time.perf_counter() - start
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
         if data_dir is None:
             data_dir = gpu.make_records(work, args.images)
         meta = metadata.load_metadata(data_dir)
-        stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
+        stats = preprocessing.ColorStats.from_records(Records(data_dir, meta))
         runs = {"nondeterministic": [], "deterministic": []}
         for i in range(args.repeats):
             for name in runs:

@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import numpy as np
+from tfrecords.folder import Records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -67,16 +68,16 @@ def bench_input(data_dir: str, work: str, batch: int = 64) -> dict:
 
     from alexnet_tf import input_pipeline as ip
     from alexnet_tf import preprocessing
-    from tfrecords import folder, metadata, schema
+    from tfrecords import metadata, schema
 
     meta = metadata.load_metadata(data_dir)
-    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
-    stream = ip.train_dataset(data_dir, meta, stats, batch, shuffle_buffer=1000)
+    stats = preprocessing.ColorStats.from_records(Records(data_dir, meta))
+    stream = ip.train_dataset(Records(data_dir, meta), stats, batch, shuffle_buffer=1000)
     ours = _rate(iter(stream), batch)
     # The same with the step's float part (mean, lighting) also on the CPU, as on a CPU-only machine.
     whole = stream.map(lambda x, y: (preprocessing.finish_batch(*x, stats), y), num_parallel_calls=tf.data.AUTOTUNE)
     ours_whole = _rate(iter(whole), batch)
-    files = folder.shard_paths(data_dir, meta, "train")
+    files = Records(data_dir, meta).shard_paths("train")
     bare = (tf.data.Dataset.from_tensor_slices(files).repeat()
             .interleave(tf.data.TFRecordDataset, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=False)
@@ -258,10 +259,10 @@ def bench_export(data_dir: str, work: str) -> dict:
     import tensorflow as tf
 
     from alexnet_tf import export, model as model_lib, preprocessing
-    from tfrecords import folder, metadata, schema
+    from tfrecords import metadata, schema
 
     meta = metadata.load_metadata(data_dir)
-    stats = preprocessing.ColorStats.from_metadata(data_dir, meta)
+    stats = preprocessing.ColorStats.from_records(Records(data_dir, meta))
     info = {"num_classes": meta.num_classes, "grouped": True, "dropout": 0.5,
             "classes": [c.to_json() for c in meta.classes],
             "mean": "image", "square_size": 256}
@@ -269,7 +270,7 @@ def bench_export(data_dir: str, work: str) -> dict:
                          os.path.join(work, "saved_model"))
     serve = tf.saved_model.load(path).signatures["serving_default"]
     jpegs = [schema.parse_example(r)[schema.ENCODED].numpy()
-             for r in tf.data.TFRecordDataset(folder.shard_paths(data_dir, meta, "validation")).take(32)]
+             for r in tf.data.TFRecordDataset(Records(data_dir, meta).shard_paths("validation")).take(32)]
     one = tf.constant(jpegs[:1])
     many = tf.constant(jpegs)
     for _ in range(3):

@@ -22,7 +22,9 @@ import os
 import sys
 import time
 
-from tfrecords import fileio, folder, framing, integrity, metadata, schema
+from tfrecords import fileio, framing, integrity, metadata, schema
+
+from tfrecords.folder import Records
 
 # Fields of metadata.json that differ between two builds of the same input.
 UNCOMPARED = (("created",), ("build", "seconds"))
@@ -121,7 +123,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
                 problems.append("metadata.json: color_stats has no mean_image_file")
         else:
             try:
-                mean = folder.load_mean_image(data_dir, meta)
+                mean = Records(data_dir, meta).mean_image()
                 if mean.shape != stats.mean_image_shape:
                     problems.append(f"mean image shape {mean.shape} != {stats.mean_image_shape}")
             except (OSError, ValueError, tf.errors.OpError) as e:

@@ -7,6 +7,7 @@ import os
 import tarfile
 
 import pytest
+from tfrecords.folder import Records
 
 # One in-process worker: fast to start, and the same transforms as multi-processing.
 LOCAL_BEAM = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -40,10 +41,10 @@ def read_split(data_dir, meta, split):
     """All records of a split as dicts of Python values, with their shard file."""
     import tensorflow as tf
 
-    from tfrecords import folder, schema
+    from tfrecords import schema
 
     rows = []
-    for path in folder.shard_paths(data_dir, meta, split):
+    for path in Records(data_dir, meta).shard_paths(split):
         for raw in tf.data.TFRecordDataset(path):
             ex = schema.parse_example(raw)
             rows.append(
@@ -99,7 +100,7 @@ def model_folder(built, tmp_path_factory):
 
     out, meta = built
     model_dir = tmp_path_factory.mktemp("model")
-    stats = preprocessing.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
     model = model_lib.build_alexnet(meta.num_classes, seed=7)
     # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
     fc8 = model.get_layer("fc8")

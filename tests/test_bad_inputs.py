@@ -11,12 +11,13 @@ import sys
 import pytest
 
 import cluster
-from tfrecords import folder, integrity, metadata
+from tfrecords import integrity, metadata
+from tfrecords.folder import Records
 
 
 def _remove_validation_shard(d, meta):
-    os.remove(folder.shard_paths(d, meta, "validation")[0])
-    return f"1 shard(s) listed in {metadata.metadata_path(d)} are missing: {folder.shard_paths(d, meta, 'validation')[0]}"
+    os.remove(Records(d, meta).shard_paths("validation")[0])
+    return f"1 shard(s) listed in {metadata.metadata_path(d)} are missing: {Records(d, meta).shard_paths('validation')[0]}"
 
 
 def _empty_mean_image(d, meta):
@@ -40,7 +41,7 @@ def _wrong_mean_image(d, meta):
 
 
 def _damage(d, meta, at):
-    path = folder.shard_paths(d, meta, "validation")[0]
+    path = Records(d, meta).shard_paths("validation")[0]
     data = bytearray(open(path, "rb").read())
     assert len(data) > integrity.HEAD_BYTES + 10_000
     data[at:at + 10] = b"X" * 10
@@ -60,7 +61,7 @@ def _damaged_shard_head(d, meta):  # Within them: found at start, named.
 
 
 def _swapped_train_shards(d, meta):
-    a, b = folder.shard_paths(d, meta, "train")[:2]
+    a, b = Records(d, meta).shard_paths("train")[:2]
     os.rename(a, a + ".x")
     os.rename(b, a)
     os.rename(a + ".x", b)

@@ -19,7 +19,7 @@ import tensorflow as tf
 import cluster
 from alexnet_tf import data_service, input_pipeline, preprocessing
 from alexnet_tf.config import TrainConfig
-from tfrecords import folder
+from tfrecords.folder import Records
 
 
 
@@ -29,7 +29,7 @@ def _cli(*argv, timeout=60):
 
 
 def _fingerprints(data_dir, meta) -> list[int]:
-    files = folder.shard_paths(data_dir, meta, "train")
+    files = Records(data_dir, meta).shard_paths("train")
     return [int(input_pipeline.record_fingerprint(s)) for s in tf.data.TFRecordDataset(files)]
 
 
@@ -194,7 +194,7 @@ def test_a_dispatcher_back_without_its_journal_is_named(built):
     service = f"grpc://127.0.0.1:{port}"
     dispatcher = data_service.start_dispatcher(port=port)
     worker = data_service.start_worker(f"127.0.0.1:{port}", port=0, host="localhost")
-    epoch = input_pipeline.epoch_records(out, meta, seed=2, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
+    epoch = input_pipeline.epoch_records(Records(out, meta), seed=2, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
     error = None
     try:
         for i, _ in enumerate(input_pipeline.distribute_epoch(epoch.batch(1), service, "forgotten")):
@@ -311,8 +311,8 @@ def in_process_service():
 
 def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_process_service):
     out, meta = built
-    assert len(folder.shard_paths(out, meta, "train")) >= 2  # Something to share between the workers.
-    epoch = input_pipeline.epoch_records(out, meta, seed=7, shuffle_buffer=50).map(input_pipeline.record_fingerprint)
+    assert len(Records(out, meta).shard_paths("train")) >= 2  # Something to share between the workers.
+    epoch = input_pipeline.epoch_records(Records(out, meta), seed=7, shuffle_buffer=50).map(input_pipeline.record_fingerprint)
     readers = [[], []]
     threads = [threading.Thread(target=_read, args=(input_pipeline.distribute_epoch(epoch.batch(4),
                                                                                      in_process_service, "e1"), r))
@@ -333,8 +333,8 @@ def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_pr
 
 def test_service_batches_are_training_batches(built, in_process_service):
     out, meta = built
-    stats = preprocessing.ColorStats.from_metadata(out, meta)
-    ds = input_pipeline.service_train_dataset(out, meta, stats, 8, in_process_service, "batches", seed=3,
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
+    ds = input_pipeline.service_train_dataset(Records(out, meta), stats, 8, in_process_service, "batches", seed=3,
                                               shuffle_buffer=50)
     batches = list(ds)
     n = meta.split("train").num_examples
@@ -344,7 +344,7 @@ def test_service_batches_are_training_batches(built, in_process_service):
     assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
     assert aug.alpha.shape == (8, 3) and set(labels.numpy()) <= set(range(meta.num_classes))
     # A record's crop comes from (seed, its fingerprint), not from the worker that made it.
-    first = next(iter(tf.data.TFRecordDataset(folder.shard_paths(out, meta, "train")[0])))
+    first = next(iter(tf.data.TFRecordDataset(Records(out, meta).shard_paths("train")[0])))
     image, _ = preprocessing.parse_record(first)
     seed = input_pipeline.record_seed(3, input_pipeline.record_fingerprint(first))
     a = preprocessing.crop_for_train(image, stats, seed=seed)[1]
@@ -357,7 +357,7 @@ def test_a_killed_worker_loses_only_its_own_shards(built, tmp_path):
     """Killed mid-epoch and restarted at its address (as a supervisor would): the
     epoch goes on, and no record comes twice (the shards it held are skipped)."""
     out, meta = built
-    epoch = input_pipeline.epoch_records(out, meta, seed=1, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
+    epoch = input_pipeline.epoch_records(Records(out, meta), seed=1, shuffle_buffer=10).map(input_pipeline.record_fingerprint)
     got = []
     with data_service.LocalService(str(tmp_path), workers=2) as svc:
         def kill_then_restart(i):

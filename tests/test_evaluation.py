@@ -41,16 +41,16 @@ EVALUATE = textwrap.dedent("""
     strategy = distribute.make_strategy(sys.argv[2], cpu_devices=2)
     import tensorflow as tf
     from alexnet_tf import evaluation, model, preprocessing
-    from tfrecords import metadata
-    meta = metadata.load_metadata(sys.argv[1])
-    stats = preprocessing.ColorStats.from_metadata(sys.argv[1], meta, "image")
+    from tfrecords.folder import Records
+    records = Records.open(sys.argv[1])
+    stats = preprocessing.ColorStats.from_records(records, "image")
     with strategy.scope():
-        net = model.build_alexnet(meta.num_classes, seed=3, dtype=sys.argv[3])
+        net = model.build_alexnet(records.num_classes, seed=3, dtype=sys.argv[3])
         fc8 = net.get_layer("fc8")
         fc8.kernel.assign(fc8.kernel * 0.05)  # Softmax outputs that are not all 0 or 1.
     results = {}
     for batch in (100, 64, 16, 7, 40):
-        ev = evaluation.Evaluator(net, strategy, sys.argv[1], meta, stats, batch)
+        ev = evaluation.Evaluator(net, strategy, records, stats, batch)
         results[batch] = {"central": ev.evaluate("validation")}
         if batch in (64, 40):  # Ten patches a batch of batch // 10 images: 6 (a partial last batch) and 4.
             results[batch]["ten"] = ev.evaluate("validation", ten_crop=True)

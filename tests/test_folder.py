@@ -40,6 +40,5 @@ def test_check_classes_names_the_first_label_that_differs(built):
     data.check_classes(meta.synsets, "the model")
     other = list(meta.synsets)
     other[2] = "n99999999"
-    with pytest.raises(classes.ClassMismatch, match=f"label 2 is n99999999 in the model, {meta.synsets[2]} in the "
-                                                    f"records in {out}$"):
+    with pytest.raises(classes.ClassMismatch, match=f"label 2 is n99999999 in the model, {meta.synsets[2]} in {out}$"):
         data.check_classes(other, "the model")

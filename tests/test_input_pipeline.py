@@ -13,21 +13,21 @@ import tensorflow as tf
 
 from alexnet_tf import input_pipeline as ip
 from alexnet_tf import preprocessing as pp
-from tfrecords import folder
 from conftest import read_split
+from tfrecords.folder import Records
 
 
 @pytest.fixture(scope="module")
 def data(built):
     out, meta = built
-    stats = pp.ColorStats.from_metadata(out, meta)
+    stats = pp.ColorStats.from_records(Records(out, meta))
     rows = read_split(out, meta, "validation")[:3]
     return out, meta, stats, rows
 
 
 def test_train_dataset_batches(data):
     out, meta, stats, _ = data
-    ds = ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50)
+    ds = ip.train_dataset(Records(out, meta), stats, 8, shuffle_buffer=50)
     (patches, params), labels = next(iter(ds))
     assert patches.shape == (8, 227, 227, 3) and patches.dtype == tf.uint8
     assert params.alpha.shape == (8, 3) and params.flip.dtype == tf.bool
@@ -45,7 +45,7 @@ def _batches(ds, n):
 
 def test_seeded_deterministic_stream_repeats_itself_exactly(data):
     out, meta, stats, _ = data
-    make = lambda seed: ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50, seed=seed, deterministic=True)  # noqa: E731
+    make = lambda seed: ip.train_dataset(Records(out, meta), stats, 8, shuffle_buffer=50, seed=seed, deterministic=True)  # noqa: E731
     first, again, other = _batches(make(3), 6), _batches(make(3), 6), _batches(make(4), 6)
     for a, b in zip(tf.nest.flatten(first), tf.nest.flatten(again)):
         np.testing.assert_array_equal(a, b)
@@ -57,7 +57,7 @@ def test_seeded_deterministic_stream_repeats_itself_exactly(data):
 
 def test_a_resumed_stream_continues_exactly_where_the_trained_steps_end(data):
     out, meta, stats, _ = data
-    make = lambda skip: ip.train_dataset(out, meta, stats, 8, shuffle_buffer=50, seed=5, skip=skip)  # noqa: E731
+    make = lambda skip: ip.train_dataset(Records(out, meta), stats, 8, shuffle_buffer=50, seed=5, skip=skip)  # noqa: E731
     straight = _batches(make(0), 7)
     resumed = _batches(make(3 * 8), 4)  # Killed after 3 trained steps of 8 records.
     for a, b in zip(tf.nest.flatten(straight[3:]), tf.nest.flatten(resumed)):
@@ -67,7 +67,7 @@ def test_a_resumed_stream_continues_exactly_where_the_trained_steps_end(data):
 def test_each_pass_reads_every_record_once(data):
     out, meta, _, _ = data
     n = meta.splits["train"].num_examples
-    stream = [r.numpy() for r in ip.train_records(out, meta, seed=2, shuffle_buffer=50).take(2 * n)]
+    stream = [r.numpy() for r in ip.train_records(Records(out, meta), seed=2, shuffle_buffer=50).take(2 * n)]
     first, second = stream[:n], stream[n:]
     assert len(set(first)) == n and set(first) == set(second)
     assert first != second  # Each pass in its own order.
@@ -78,9 +78,9 @@ def test_each_pass_reads_every_record_once(data):
 def test_each_record_is_augmented_from_its_own_seed(data):
     out, meta, stats, rows = data
     # A stream of one shard read in order (no shuffle to speak of): record i is augmented with record_seed(seed, i).
-    ds = ip.train_dataset(out, meta, stats, 4, shuffle_buffer=1, seed=9, deterministic=True)
+    ds = ip.train_dataset(Records(out, meta), stats, 4, shuffle_buffer=1, seed=9, deterministic=True)
     (patches, aug), labels = next(iter(ds))
-    first_shard = folder.shard_paths(out, meta, "train")
+    first_shard = Records(out, meta).shard_paths("train")
     order = tf.data.Dataset.from_tensor_slices(first_shard).shuffle(len(first_shard), seed=9)
     jpeg = next(iter(tf.data.TFRecordDataset(next(iter(order))).map(lambda s: pp.parse_record(s)[0])))
     patch, expected = pp.crop_for_train(jpeg, stats, seed=ip.record_seed(9, 0))
@@ -90,10 +90,10 @@ def test_each_record_is_augmented_from_its_own_seed(data):
 
 def test_eval_dataset_reads_every_example_once(data):
     out, meta, stats, _ = data
-    labels = np.concatenate([y.numpy() for _, y in ip.eval_dataset(out, meta, stats, 7, split="train")])
+    labels = np.concatenate([y.numpy() for _, y in ip.eval_dataset(Records(out, meta), stats, 7, split="train")])
     expected = [r["label"] for r in read_split(out, meta, "train")]
     assert list(labels) == expected
-    shapes = {tuple(x.shape[1:]) for x, _ in ip.eval_dataset(out, meta, stats, 4, ten_crop=True)}
+    shapes = {tuple(x.shape[1:]) for x, _ in ip.eval_dataset(Records(out, meta), stats, 4, ten_crop=True)}
     assert shapes == {(10, 227, 227, 3)}
 
 
@@ -102,17 +102,17 @@ def test_input_context_splits_shards_between_workers(data):
     seen = []
     for worker in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
-        files = [f.numpy().decode() for f in ip._files(out, meta, "train", ctx)]
+        files = [f.numpy().decode() for f in ip._files(Records(out, meta), "train", ctx)]
         seen.append(set(files))
-        assert ip.train_dataset(out, meta, stats, 8, ctx).element_spec[0][0].shape == (4, 227, 227, 3)
+        assert ip.train_dataset(Records(out, meta), stats, 8, ctx).element_spec[0][0].shape == (4, 227, 227, 3)
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(folder.shard_paths(out, meta, "train"))
+    assert seen[0] | seen[1] == set(Records(out, meta).shard_paths("train"))
 
 
 def test_preview_is_the_first_training_records_augmented_as_training_does(data):
     out, meta, stats, _ = data
-    jpegs = ip.preview_images(out, meta, 3)
-    first = os.path.basename(folder.shard_paths(out, meta, "train")[0])
+    jpegs = ip.preview_images(Records(out, meta), 3)
+    first = os.path.basename(Records(out, meta).shard_paths("train")[0])
     assert list(jpegs.numpy()) == [r["jpeg"] for r in read_split(out, meta, "train") if r["shard"] == first][:3]
     images = ip.augment_preview(jpegs, stats, seed=4).numpy()
     assert images.shape == (3, 227, 227, 3)

@@ -10,7 +10,9 @@ import re
 
 import pytest
 
-from tfrecords import classes, folder, metadata, schema
+from tfrecords import classes, metadata, schema
+
+from tfrecords.folder import Records
 
 PATH = "some/where/metadata.json"
 
@@ -71,7 +73,7 @@ def test_unknown_split(built):
     with pytest.raises(metadata.MetadataError, match=r"split 'test' not in metadata.json; it has \['train', "):
         meta.split("test")
     with pytest.raises(metadata.MetadataError, match=r"split 'test' not in .*metadata.json; it has \['train', "):
-        folder.shard_paths(out, meta, "test")
+        Records(out, meta).shard_paths("test")
 
 
 def test_color_stats_are_none_without_training_images(raw):
@@ -82,7 +84,7 @@ def test_color_stats_are_none_without_training_images(raw):
     del raw["color_stats"]
     assert metadata.Metadata.from_json(raw).color_stats is None
     with pytest.raises(metadata.MetadataError, match="names no mean image"):
-        folder.load_mean_image("anywhere", meta)
+        Records("anywhere", meta).mean_image()
 
 
 def test_color_stats_without_a_mean_image(raw):
@@ -91,7 +93,7 @@ def test_color_stats_without_a_mean_image(raw):
     assert meta.color_stats.mean_image_file is None and meta.color_stats.mean_image_shape is None
     assert meta.to_json() == raw  # The keys stay absent.
     with pytest.raises(metadata.MetadataError, match="names no mean image"):
-        folder.load_mean_image("anywhere", meta)
+        Records("anywhere", meta).mean_image()
 
 
 def test_unknown_build_keys_survive_a_round_trip(raw):

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 from alexnet_tf import preprocessing as pp
-from tfrecords import folder
 from conftest import read_split
+from tfrecords.folder import Records
 
 
 def eager_and_mapped(fn, *columns):
@@ -40,7 +40,7 @@ def eager_and_mapped(fn, *columns):
 @pytest.fixture(scope="module")
 def data(built):
     out, meta = built
-    stats = pp.ColorStats.from_metadata(out, meta)
+    stats = pp.ColorStats.from_records(Records(out, meta))
     rows = read_split(out, meta, "validation")[:3]
     return out, meta, stats, rows
 
@@ -71,15 +71,15 @@ def test_color_stats_come_from_metadata(data):
     out, meta, stats, _ = data
     assert stats.mean.shape == (256, 256, 3) and stats.record_size == 256
     np.testing.assert_allclose(stats.eigenvalues, meta.color_stats.eigenvalues, rtol=1e-6)
-    rgb = pp.ColorStats.from_metadata(out, meta, mean="rgb")
+    rgb = pp.ColorStats.from_records(Records(out, meta), mean="rgb")
     np.testing.assert_allclose(rgb.mean, meta.color_stats.mean_rgb, rtol=1e-6)
     with pytest.raises(ValueError, match="mean must be"):
-        pp.ColorStats.from_metadata(out, meta, mean="median")
+        pp.ColorStats.from_records(Records(out, meta), mean="median")
 
 
 def test_parse_record_gives_the_records_image_and_label(data):
     out, meta, _, _ = data
-    serialized = [s.numpy() for s in tf.data.TFRecordDataset(folder.shard_paths(out, meta, "validation")[0]).take(5)]
+    serialized = [s.numpy() for s in tf.data.TFRecordDataset(Records(out, meta).shard_paths("validation")[0]).take(5)]
     expected = [(r["jpeg"], r["label"]) for r in read_split(out, meta, "validation")[:5]]
     for got in eager_and_mapped(pp.parse_record, serialized):
         assert [(image, int(label)) for image, label in got] == expected

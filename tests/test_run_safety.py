@@ -18,7 +18,8 @@ import tensorflow as tf
 import cluster
 from alexnet_tf import run_dir, trainer
 from alexnet_tf.config import ConfigError, TrainConfig
-from tfrecords import folder, integrity, metadata
+from tfrecords import integrity
+from tfrecords.folder import Records
 
 TINY = ["--preset=sample", "--strategy=one_device", "--batch_size=8", "--eval_batch_size=16", "--log_images=0",
         "--nohistograms", "--nofigures", "--seed=0"]
@@ -46,9 +47,8 @@ def test_read_data_refuses_a_batch_the_records_or_replicas_cannot_take(built, mo
     with pytest.raises(ConfigError, match="--batch_size=8 does not divide over the 3 replicas; use a multiple of 3"):
         trainer.read_data(TrainConfig(data_dir=out, batch_size=8), types.SimpleNamespace(num_replicas_in_sync=3))
     small = dataclasses.replace(meta, image=dataclasses.replace(meta.image, size=100))
-    monkeypatch.setattr(metadata, "load_metadata", lambda d: small)
-    monkeypatch.setattr(integrity, "check_shards", lambda d, m: None)
-    monkeypatch.setattr(trainer.preprocessing.ColorStats, "from_metadata", lambda *a: types.SimpleNamespace())
+    monkeypatch.setattr(Records, "open", classmethod(lambda cls, d, splits=None: cls(d, small)))
+    monkeypatch.setattr(trainer.preprocessing.ColorStats, "from_records", lambda *a: types.SimpleNamespace())
     with pytest.raises(ConfigError, match="holds 100x100 images, smaller than the network's 227x227 input patches"):
         trainer.read_data(TrainConfig(data_dir=out, batch_size=8), one)
 
@@ -222,7 +222,7 @@ def test_a_shard_damaged_past_its_checked_head_is_named_when_training_meets_it(b
     out, meta = built
     data = tmp_path / "records"
     shutil.copytree(out, data)
-    shard = folder.shard_paths(str(data), meta, "train")[0]
+    shard = Records(str(data), meta).shard_paths("train")[0]
     damaged = bytearray(open(shard, "rb").read())
     damaged[integrity.HEAD_BYTES + 5000:integrity.HEAD_BYTES + 5010] = b"X" * 10  # Past what is checked at start.
     open(shard, "wb").write(bytes(damaged))

@@ -16,6 +16,7 @@ import tensorflow as tf
 import cluster
 from alexnet_tf import evaluation, run_dir, trainer
 from alexnet_tf.config import TrainConfig
+from tfrecords.folder import Records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistograms", "--nofigures", "--noexport",
@@ -64,10 +65,10 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
     from conftest import read_split
 
     out, meta = built
-    stats = preprocessing.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
     model = model_lib.build_alexnet(meta.num_classes, seed=3)
     strategy = tf.distribute.get_strategy()
-    got = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation", ten_crop=True)
+    got = evaluation.Evaluator(model, strategy, Records(out, meta), stats, 16).evaluate("validation", ten_crop=True)
     top1 = top5 = loss = 0.0
     rows = read_split(out, meta, "validation")
     for r in rows:
@@ -81,7 +82,7 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
     assert got["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9)
     assert got["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9)
     assert got["loss"] == pytest.approx(loss / n, rel=1e-4)
-    central = evaluation.Evaluator(model, strategy, out, meta, stats, 16).evaluate("validation")
+    central = evaluation.Evaluator(model, strategy, Records(out, meta), stats, 16).evaluate("validation")
     assert set(central) == {"loss", "top1_error", "top5_error"}
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 import cluster
 from alexnet_tf import distribute, export, preprocessing, run_dir, trainer
 from alexnet_tf.config import TrainConfig
+from tfrecords.folder import Records
 
 REPO = cluster.REPO
 CHECKS = os.path.join(REPO, "tests", "train_checks.py")
@@ -148,7 +149,7 @@ def test_export_is_float32_whatever_precision_trained(precision, built, tmp_path
     config = TrainConfig(data_dir=out, mixed_precision=precision, dropout=0.0, seed=1)
     model, _ = trainer.build_model_and_optimizer(config, meta.num_classes, strategy, precision)
     assert model.get_layer("conv1").compute_dtype == precision
-    stats = preprocessing.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
     run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.0,
                              classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
                              square_size=stats.square_size)

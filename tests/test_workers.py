@@ -13,19 +13,19 @@ import tensorflow as tf
 import cluster
 from alexnet_tf import distribute, evaluation, input_pipeline, model as model_lib, preprocessing, trainer
 from alexnet_tf.config import TrainConfig
-from tfrecords import folder
+from tfrecords.folder import Records
 
 EVALUATE = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
     from alexnet_tf import distribute, evaluation, model, preprocessing
-    from tfrecords import metadata
+    from tfrecords.folder import Records
     strategy = distribute.make_strategy(sys.argv[2])
-    meta = metadata.load_metadata(sys.argv[1])
-    stats = preprocessing.ColorStats.from_metadata(sys.argv[1], meta, "image")
+    records = Records.open(sys.argv[1])
+    stats = preprocessing.ColorStats.from_records(records, "image")
     with strategy.scope():
-        net = model.build_alexnet(meta.num_classes, seed=3, dtype="float32")
-    result = evaluation.Evaluator(net, strategy, sys.argv[1], meta, stats, 16).evaluate("validation")
+        net = model.build_alexnet(records.num_classes, seed=3, dtype="float32")
+    result = evaluation.Evaluator(net, strategy, records, stats, 16).evaluate("validation")
     print("RESULT", json.dumps(result))
 """)
 
@@ -38,13 +38,13 @@ def _result(stdout: str) -> dict:
 @pytest.mark.slow  # Two worker processes; the default suite keeps the two-worker training test.
 def test_sharded_evaluation_equals_one_worker_exactly(built):
     out, meta = built
-    assert len(folder.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
+    assert len(Records(out, meta).shard_paths("validation")) == 1  # Split by record between the workers.
     outputs = cluster.run_workers(lambda i: ["-c", EVALUATE, out, "multi_worker"])
     sharded = [_result(stdout) for stdout, _ in outputs]
     # One worker, the same weights (seeded), the same batch size: the whole split.
-    stats = preprocessing.ColorStats.from_metadata(out, meta, "image")
+    stats = preprocessing.ColorStats.from_records(Records(out, meta), "image")
     net = model_lib.build_alexnet(meta.num_classes, seed=3, dtype="float32")
-    whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), Records(out, meta), stats, 16).evaluate("validation")
     assert sharded[0] == sharded[1]  # Integer sums: the workers agree bit for bit.
     # Hit counts exactly; the loss to float32 precision (a multi-worker process's
     # float32 per-image losses can be one bit away from this process's).
@@ -55,19 +55,19 @@ def test_sharded_evaluation_equals_one_worker_exactly(built):
 
 def test_a_diverged_network_evaluates_to_a_nan_loss_not_a_number(built):
     out, meta = built
-    stats = preprocessing.ColorStats.from_metadata(out, meta, "image")
+    stats = preprocessing.ColorStats.from_records(Records(out, meta), "image")
     nan = lambda images, training: tf.fill([tf.shape(images)[0], 10], float("nan"))  # noqa: E731
-    result = evaluation.Evaluator(nan, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    result = evaluation.Evaluator(nan, tf.distribute.get_strategy(), Records(out, meta), stats, 16).evaluate("validation")
     assert math.isnan(result["loss"]) and result["top1_error"] == 1.0
 
 
 def test_each_worker_evaluates_only_its_share(built):
     out, meta = built
-    stats = preprocessing.ColorStats.from_metadata(out, meta, "image")
+    stats = preprocessing.ColorStats.from_records(Records(out, meta), "image")
     counts = []
     for worker in range(2):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=1)
-        counts.append(sum(int(y.shape[0]) for _, y in input_pipeline.eval_dataset(out, meta, stats, 16,
+        counts.append(sum(int(y.shape[0]) for _, y in input_pipeline.eval_dataset(Records(out, meta), stats, 16,
                                                                                     context=context)))
     assert counts == [20, 20] and sum(counts) == meta.splits["validation"].num_examples
 
@@ -125,7 +125,7 @@ def test_a_resumed_run_keeps_its_settings_and_writes_nothing_before_it_knows(bui
 
     out, meta = built
     _checkpoint_at_step(out, tmp_path, 5)
-    stats = preprocessing.ColorStats.from_metadata(out, meta)
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
     run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.5,
                              classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
                              square_size=stats.square_size, recipe="paper")

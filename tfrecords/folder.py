@@ -17,39 +17,6 @@ from tfrecords.classes import ClassInfo, check_same_classes
 from tfrecords.metadata import ColorStatsInfo, Metadata, MetadataError, SplitInfo, load_metadata, metadata_path
 
 
-def shard_paths(data_dir: str, meta: Metadata, split: str) -> list[str]:
-    """Full paths of a split's shards, in shard order, as listed in metadata."""
-    if split not in meta.splits:
-        raise MetadataError(f"split {split!r} not in {metadata_path(data_dir)}; it has {sorted(meta.splits)}")
-    return [os.path.join(data_dir, s.file) for s in meta.splits[split].shards]
-
-
-def load_mean_image(data_dir: str, meta: Metadata) -> np.ndarray:
-    """The training-set mean image (H, W, 3) float32 in 0..255 pixel units.
-
-    Raises:
-      MetadataError: the metadata names no mean image (no training split was
-        built), or the file is missing or not the array metadata.json describes.
-    """
-    import tensorflow as tf
-
-    if meta.color_stats is None or meta.color_stats.mean_image_file is None:
-        raise MetadataError(f"{metadata_path(data_dir)} names no mean image (was the training split built?)")
-    path = os.path.join(data_dir, meta.color_stats.mean_image_file)
-    if not tf.io.gfile.exists(path):
-        raise MetadataError(f"{path} is missing (named by {metadata_path(data_dir)})")
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            mean = np.load(f)
-    except (ValueError, OSError, EOFError) as e:
-        raise MetadataError(f"{path} is not a NumPy array file ({e}): the records folder is damaged") from e
-    size = meta.image.square
-    if mean.dtype.kind != "f" or (size and mean.shape != (size, size, 3)):
-        raise MetadataError(f"{path} holds a {mean.dtype} array of shape {mean.shape}, not the "
-                            f"{size}x{size}x3 float mean image {metadata_path(data_dir)} describes")
-    return mean
-
-
 class Records:
     """One records folder, opened and checked once.
 
@@ -70,9 +37,13 @@ class Records:
           MetadataError: the metadata is missing or malformed, or a shard is
             missing or not the file the build wrote (see `integrity.check_shards`).
         """
-        meta = load_metadata(data_dir)
-        integrity.check_shards(data_dir, meta, splits)
-        return cls(data_dir, meta)
+        records = cls(data_dir, load_metadata(data_dir))
+        records.check_shards(splits)
+        return records
+
+    def check_shards(self, splits=None) -> None:
+        """Raises `MetadataError` naming the shards of `splits` (default all) that are missing or not the build's."""
+        integrity.check_shards(self.data_dir, self.meta, splits)
 
     @property
     def metadata_path(self) -> str:
@@ -99,18 +70,48 @@ class Records:
         return split in self.meta.splits and self.meta.splits[split].num_examples > 0
 
     def shard_paths(self, split: str) -> list[str]:
-        """Full paths of a split's shards, in shard order."""
-        return shard_paths(self.data_dir, self.meta, split)
+        """Full paths of a split's shards, in shard order, as listed in metadata."""
+        if split not in self.meta.splits:
+            raise MetadataError(f"split {split!r} not in {self.metadata_path}; it has {sorted(self.meta.splits)}")
+        return [os.path.join(self.data_dir, s.file) for s in self.meta.splits[split].shards]
 
     def mean_image(self) -> np.ndarray:
-        """The training-set mean image (H, W, 3) float32, read once."""
+        """The training-set mean image (H, W, 3) float32 in 0..255 pixel units, read once.
+
+        Raises:
+          MetadataError: the metadata names no mean image (no training split was
+            built), or the file is missing or not the array metadata.json describes.
+        """
         if self._mean_image is None:
-            self._mean_image = load_mean_image(self.data_dir, self.meta)
+            self._mean_image = self._read_mean_image()
         return self._mean_image
 
+    def _read_mean_image(self) -> np.ndarray:
+        import tensorflow as tf
+
+        meta, named_by = self.meta, self.metadata_path
+        if meta.color_stats is None or meta.color_stats.mean_image_file is None:
+            raise MetadataError(f"{named_by} names no mean image (was the training split built?)")
+        path = os.path.join(self.data_dir, meta.color_stats.mean_image_file)
+        if not tf.io.gfile.exists(path):
+            raise MetadataError(f"{path} is missing (named by {named_by})")
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                mean = np.load(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise MetadataError(f"{path} is not a NumPy array file ({e}): the records folder is damaged") from e
+        size = meta.image.square
+        if mean.dtype.kind != "f" or (size and mean.shape != (size, size, 3)):
+            raise MetadataError(f"{path} holds a {mean.dtype} array of shape {mean.shape}, not the "
+                                f"{size}x{size}x3 float mean image {named_by} describes")
+        return mean
+
     def check_classes(self, model_synsets, model: str) -> None:
-        """Raises `ClassMismatch` unless `model_synsets` are this folder's classes in label order."""
-        check_same_classes(model_synsets, self.meta.synsets, model, f"the records in {self.data_dir}")
+        """Raises `ClassMismatch` unless `model_synsets` are this folder's classes in label order.
+
+        `model` names the other side in the message; this side is named by its folder.
+        """
+        check_same_classes(model_synsets, self.meta.synsets, model, self.data_dir)
 
     def data_loss_message(self, error) -> str:
         """One line naming the damaged shard behind a `tf.errors.DataLossError` met reading this folder."""
