@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import export, input_pipeline, run_dir
+from alexnet_tf import export, export_folder, input_pipeline, run_dir
 from conftest import read_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -613,7 +613,7 @@ def _fake_export(path, tag):
 def _killing_after(n, monkeypatch):
     """Makes the swap's renames, exchanges and deletions die (_Killed) after the first `n` of them."""
     done = []
-    for obj, name in ((tf.io.gfile, "rename"), (tf.io.gfile, "rmtree"), (export, "_exchange")):
+    for obj, name in ((tf.io.gfile, "rename"), (tf.io.gfile, "rmtree"), (export_folder, "_exchange")):
         real = getattr(obj, name)
 
         def step(*args, _real=real, **kwargs):
@@ -629,7 +629,7 @@ def _killing_after(n, monkeypatch):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_a_kill_at_any_point_of_the_swap_leaves_a_whole_export(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(export_folder, "_exchange", lambda a, b: False)
     elif not export._exchange(str(tmp_path), str(tmp_path)):
         pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or filesystem")
     steps = None
@@ -740,7 +740,7 @@ def test_an_export_killed_at_any_step_leaves_an_export_in_place(tmp_path, monkey
     import shutil
 
     if not exchange:
-        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(export_folder, "_exchange", lambda a, b: False)
     target, earlier = tmp_path / "exported", tmp_path / "earlier"
     old_synsets, new_synsets = [f"n2000000{i}" for i in range(3)], [f"n0000000{i}" for i in range(3)]
     _tiny_export(earlier, info=_tiny_info([{"label": i, "synset": s, "name": s} for i, s in enumerate(old_synsets)]))
