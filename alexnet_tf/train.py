@@ -94,7 +94,7 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import data_service, distribute, export, run_dir, trainer
+    from alexnet_tf import distribute, export_folder, run_dir, service_client, trainer
     from tfrecords import metadata
     from tfrecords.folder import Records
 
@@ -102,10 +102,10 @@ def main(argv):
     try:
         metadata.load_metadata(config.data_dir)
         if config.data_service:
-            data_service.check_reachable(config.data_service)
+            service_client.check_reachable(config.data_service)
         if config.export:  # The folder the run ends by exporting into: refused now, not after the training.
-            export.check_export_dir(run_dir.path(FLAGS.model_dir, run_dir.SAVED_MODEL))
-    except (metadata.MetadataError, data_service.ServiceError, ValueError, export.ExportError) as e:
+            export_folder.check_export_dir(run_dir.path(FLAGS.model_dir, run_dir.SAVED_MODEL))
+    except (metadata.MetadataError, service_client.ServiceError, ValueError, export_folder.ExportError) as e:
         fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
     trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
@@ -116,12 +116,12 @@ def main(argv):
         fail(str(e))
     except (run_dir.RunDirError, trainer.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
-    except export.ExportError as e:  # At the end: the checkpoints are written, only the SavedModel is not.
+    except export_folder.ExportError as e:  # At the end: the checkpoints are written, only the SavedModel is not.
         fail(f"{e} (the run's checkpoints in {FLAGS.model_dir} are kept)")
     except trainer.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.NotFoundError as e:  # A dispatcher restarted without its journal; checkpoints stay.
-        message = data_service.forgotten_job_message(e, config.data_service) if config.data_service else None
+        message = service_client.forgotten_job_message(e, config.data_service) if config.data_service else None
         if message is None:
             raise
         fail(message)

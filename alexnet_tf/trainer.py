@@ -890,7 +890,7 @@ def _train_and_evaluate(config: TrainConfig, model_dir: str, strategy, chief: bo
     iterator = None
     # The service's dispatcher, watched while the loop makes or reads its datasets (TensorFlow would wait for a
     # lost one for ever); checkpoint writes are never cut short.
-    from alexnet_tf.data_service import DispatcherWatch
+    from alexnet_tf.service_client import DispatcherWatch
     service = DispatcherWatch(config.data_service, config.data_service_timeout)
     while int(state.epoch) < config.epochs:
         if iterator is None:

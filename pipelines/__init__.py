@@ -1,0 +1,1 @@
+"""pipelines: the Apache Beam build of ImageNet TFRecords, their verification, and the samples."""

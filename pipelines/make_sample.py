@@ -1,6 +1,8 @@
-"""python -m pipelines.make_sample --output_dir /tmp/alexnet_sample
+"""Makes the synthetic samples that stand in for ImageNet: small, deterministic, in the raw ILSVRC2012 layout.
 
-Writes a small, deterministic, synthetic dataset in the raw ILSVRC2012 layout:
+    python -m pipelines.make_sample --output_dir /tmp/alexnet_sample
+
+It writes:
 
     DIR/ILSVRC2012_img_train.tar   one ``nXXXXXXXX.tar`` per class, each holding
                                    ``nXXXXXXXX_N.JPEG`` images

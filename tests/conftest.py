@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
+
 from tfrecords.folder import Records
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
 # One in-process worker: fast to start, and the same transforms as multi-processing.
 LOCAL_BEAM = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+def cli(module, *args):
+    """Runs `python -m module args` from the repository; the finished process."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -168,3 +179,14 @@ def blocky_image(h: int, w: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
     return np.kron(base, np.ones((8, 8, 1), np.uint8))[:h, :w]
+
+
+@pytest.fixture(scope="session")
+def exported(built, model_folder):
+    """The shared model folder and its export via the CLI: (export_dir, model, stats, records dir, metadata)."""
+    out, meta = built
+    model_dir, model, stats = model_folder
+    export_dir = os.path.join(model_dir, "exported")
+    proc = cli("alexnet_tf.export", "--model_dir", model_dir, "--export_dir", export_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return export_dir, model, stats, out, meta
