@@ -55,7 +55,7 @@ def _median_seconds(fn, runs: int) -> float:
 def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     import tensorflow as tf
 
-    from alexnet_tf import config as config_lib, evaluation, trainer
+    from alexnet_tf import config as config_lib, evaluation, summaries as summaries_lib, trainer
 
     config = config_lib.TrainConfig(**{**config_lib.PRESETS["sample"], "data_dir": data_dir, "epochs": 2,
                                        "figures": False, "export": False, "histograms": False, "log_images": 0,
@@ -75,8 +75,8 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     eval_per_class_s = _median_seconds(lambda: per_class.evaluate("validation"), runs)
 
     t0 = time.perf_counter()
-    summaries = trainer.Summaries(os.path.join(work, "figures"), True, result.model,
-                                  config_lib.TrainConfig(**{**vars(config), "figures": True}), data)
+    summaries = summaries_lib.Summaries(os.path.join(work, "figures"), True, result.model,
+                                        config_lib.TrainConfig(**{**vars(config), "figures": True}), data)
     setup_s = time.perf_counter() - t0
     scores = per_class.evaluate("validation")
     pc = scores.pop("per_class")

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import distribute, evaluation, input_pipeline, model as model_lib, records, trainer
-from alexnet_tf.config import TrainConfig
+from alexnet_tf import evaluation, input_pipeline, model as model_lib, records
+from conftest import checkpoint_at_step
 
 EVALUATE = textwrap.dedent("""
     import json, sys
@@ -70,21 +70,10 @@ def test_each_worker_evaluates_only_its_share(built):
     assert counts == [20, 20] and sum(counts) == meta.splits["validation"].num_examples
 
 
-def _checkpoint_at_step(data_dir: str, model_dir, step: int) -> None:
-    """A checkpoint of the trainer's own structure, as a run stopped at `step` leaves it."""
-    config = TrainConfig(data_dir=data_dir, batch_size=8, seed=0)
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = trainer.build_model_and_optimizer(config, 10, strategy, "float32")
-    state = trainer.LoopState(config.learning_rate)
-    state.global_step.assign(step)
-    state.step_in_epoch.assign(step)
-    trainer.open_checkpoints(str(model_dir), strategy, True, model, optimizer, state).save(step)
-
-
 def test_workers_that_see_different_runs_stop_naming_the_difference(built, tmp_path):
     out, _ = built
     chief_dir, other_dir = tmp_path / "shared", tmp_path / "elsewhere"
-    _checkpoint_at_step(out, chief_dir, 5)
+    checkpoint_at_step(out, chief_dir, 5)
     # Worker 1 is given another (empty) model folder and another learning rate.
     args = [["--model_dir", str(chief_dir), "--learning_rate=0.01"],
             ["--model_dir", str(other_dir), "--learning_rate=0.02"]]
@@ -101,52 +90,3 @@ def test_workers_that_see_different_runs_stop_naming_the_difference(built, tmp_p
         assert "Traceback" not in stderr
     assert "worker 1 has 0.02" in results[1][2] and "worker 0 has 'ckpt-5'" in results[0][2]
     assert not (other_dir / "checkpoints").exists() or not tf.train.latest_checkpoint(str(other_dir / "checkpoints"))
-
-
-def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
-    strategy = tf.distribute.get_strategy()
-    state = trainer.LoopState(0.01)
-    config = TrainConfig(batch_size=8, seed=None)
-    seed = trainer.settle_stream(config, state, strategy, resumed=False)
-    assert 0 <= seed == int(state.stream_seed) and int(state.global_batch) == 8 and int(state.input_pipelines) == 1
-    # Resumed without --seed: the recorded one.
-    assert trainer.settle_stream(config, state, strategy, resumed=True) == seed
-    with pytest.raises(distribute.RunConflict, match="the checkpoint's run has --batch_size 8, this one 16"):
-        trainer.settle_stream(TrainConfig(batch_size=16), state, strategy, resumed=True)
-    with pytest.raises(distribute.RunConflict, match=f"has --seed {seed}, this one {seed + 1}"):
-        trainer.settle_stream(TrainConfig(batch_size=8, seed=seed + 1), state, strategy, resumed=True)
-
-
-
-def test_a_resumed_run_keeps_its_settings_and_writes_nothing_before_it_knows(built, tmp_path):
-    from alexnet_tf import run_dir
-
-    out, meta = built
-    _checkpoint_at_step(out, tmp_path, 5)
-    stats = input_pipeline.ColorStats.from_metadata(out, meta)
-    run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.5,
-                             classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                             square_size=stats.square_size, recipe="paper")
-    before = {name: (tmp_path / name).read_bytes() for name in (run_dir.MODEL_INFO, run_dir.MEAN_IMAGE)}
-    strategy = tf.distribute.get_strategy()
-    for change, message in (({"recipe": "caffe"}, "has --recipe=paper, this one --recipe=caffe"),
-                            ({"grouped": False}, "has --grouped=True, this one --grouped=False"),
-                            ({"dropout": 0.9}, "has --dropout=0.5, this one --dropout=0.9"),
-                            ({"mean": "rgb"}, "has --mean=image, this one --mean=rgb")):
-        config = TrainConfig(data_dir=out, batch_size=8, steps_per_epoch=1, epochs=1, seed=0, **change)
-        with pytest.raises(distribute.RunConflict, match=f"the run in {tmp_path} {message}: a resumed run keeps"):
-            trainer.train_and_evaluate(config, str(tmp_path), strategy)
-        # Refused before writing: a later export of the run still has its own mean.
-        assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    config = TrainConfig(data_dir=out, batch_size=8, steps_per_epoch=1, epochs=1, seed=0)
-    data = trainer.read_data(config, strategy)
-    info, mean = run_dir.read_model_info(str(tmp_path))
-    trainer.check_same_run(info, mean, config, data, str(tmp_path))  # The same settings: resumes.
-    with pytest.raises(distribute.RunConflict, match="subtracts another mean"):
-        trainer.check_same_run(info, mean + 1, config, data, str(tmp_path))
-    # A folder written before the recipe was recorded: any recipe, but still the same layout.
-    del info["recipe"]
-    trainer.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe"), data, str(tmp_path))
-    with pytest.raises(distribute.RunConflict, match="--grouped"):
-        trainer.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe", grouped=False), data,
-                               str(tmp_path))
