@@ -94,7 +94,7 @@ def main(argv):
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
-    from alexnet_tf import distribute, export_folder, run_dir, service_client, trainer
+    from alexnet_tf import distribute, export_folder, run_dir, service_client, stall_watch, train_loop, trainer
     from tfrecords import metadata
     from tfrecords.folder import Records
 
@@ -114,11 +114,11 @@ def main(argv):
         history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
     except (distribute.RunConflict, metadata.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
         fail(str(e))
-    except (run_dir.RunDirError, trainer.Diverged) as e:  # The checkpoints written so far stay.
+    except (run_dir.RunDirError, train_loop.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
     except export_folder.ExportError as e:  # At the end: the checkpoints are written, only the SavedModel is not.
         fail(f"{e} (the run's checkpoints in {FLAGS.model_dir} are kept)")
-    except trainer.Stalled:  # Already said, on the console and in TensorBoard.
+    except stall_watch.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.NotFoundError as e:  # A dispatcher restarted without its journal; checkpoints stay.
         message = service_client.forgotten_job_message(e, config.data_service) if config.data_service else None

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from benchmarks.measure import REPO, write_result
+from tfrecords.folder import Records
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
@@ -55,7 +56,7 @@ def _median_seconds(fn, runs: int) -> float:
 def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     import tensorflow as tf
 
-    from alexnet_tf import config as config_lib, evaluation, trainer
+    from alexnet_tf import config as config_lib, evaluation, summaries as summaries_lib, trainer
 
     config = config_lib.TrainConfig(**{**config_lib.PRESETS["sample"], "data_dir": data_dir, "epochs": 2,
                                        "figures": False, "export": False, "histograms": False, "log_images": 0,
@@ -67,7 +68,7 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     train_s = data.steps_per_epoch * config.batch_size / last["images_per_second"]
 
     def evaluator(per_class):
-        return evaluation.Evaluator(result.model, strategy, data.records, data.stats, config.batch_size,
+        return evaluation.Evaluator(result.model, strategy, Records(data.records, data.stats), config.batch_size,
                                     per_class=per_class)
 
     plain, per_class = evaluator(False), evaluator(True)
@@ -75,8 +76,8 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     eval_per_class_s = _median_seconds(lambda: per_class.evaluate("validation"), runs)
 
     t0 = time.perf_counter()
-    summaries = trainer.Summaries(os.path.join(work, "figures"), True, result.model,
-                                  config_lib.TrainConfig(**{**vars(config), "figures": True}), data)
+    summaries = summaries_lib.Summaries(os.path.join(work, "figures"), True, result.model,
+                                        config_lib.TrainConfig(**{**vars(config), "figures": True}), data)
     setup_s = time.perf_counter() - t0
     scores = per_class.evaluate("validation")
     pc = scores.pop("per_class")

@@ -16,8 +16,8 @@ Measures, under `make_strategy("mirrored")` over every GPU:
 3. input_stream: images/s of `train_dataset` alone, on every host core.
 4. serving: images/s of the exported SavedModel's `serving_default` on JPEG bytes.
 
-Training uses the project's own `trainer.build_model_and_optimizer` and
-`trainer.TrainLoop`. Each figure is the median of --runs timed calls of
+Training uses the project's own `train_loop.build_model_and_optimizer` and
+`train_loop.TrainLoop`. Each figure is the median of --runs timed calls of
 --steps steps, after one warm-up call (compilation). Writes
 benchmarks/results/gpu-<count>x-<gpu name>.json and prints a Markdown table.
 Without a GPU it says so and exits 0, unless --allow_cpu (then --output is
@@ -82,12 +82,12 @@ def build_net(model: str, num_classes: int, dtype: str | None = None):
 
 
 def build_model_and_optimizer(model: str, num_classes: int, strategy, compute_dtype: str):
-    """`trainer.build_model_and_optimizer` with the paper's config; --model=tiny swaps only the network."""
-    from alexnet_tf import model as model_lib, trainer
+    """`train_loop.build_model_and_optimizer` with the paper's config; --model=tiny swaps only the network."""
+    from alexnet_tf import model as model_lib, train_loop
     from alexnet_tf.config import TrainConfig
 
     build = model_lib.build_alexnet if model == "alexnet" else tiny_net
-    return trainer.build_model_and_optimizer(TrainConfig(), num_classes, strategy, compute_dtype, build=build)
+    return train_loop.build_model_and_optimizer(TrainConfig(), num_classes, strategy, compute_dtype, build=build)
 
 
 def median_rate(run, runs: int) -> float:
@@ -180,7 +180,7 @@ def synthetic_dataset(global_batch: int, context, stats, num_classes: int, seed:
 
 
 def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int, dataset_fn, stats) -> float:
-    """Median training images/s of `trainer.TrainLoop` fed by `dataset_fn(context)`.
+    """Median training images/s of `train_loop.TrainLoop` fed by `dataset_fn(context)`.
 
     Args:
       args: The parsed flags (model, num_classes, warmup_steps, steps, runs).
@@ -191,12 +191,12 @@ def train_rate(args, strategy, compute_dtype: str, jit: bool, global_batch: int,
       dataset_fn: Makes one input pipeline's dataset of ((patches, augment), labels).
       stats: Colour statistics for `finish_batch`, which runs inside the step.
     """
-    from alexnet_tf import preprocessing, trainer
+    from alexnet_tf import preprocessing, train_loop
     from alexnet_tf.config import TrainConfig
 
     model, optimizer = build_model_and_optimizer(args.model, args.num_classes, strategy, compute_dtype)
-    loop = trainer.TrainLoop(model, optimizer, strategy, global_batch, TrainConfig().weight_decay,
-                             finish=lambda inputs, labels: (preprocessing.finish_batch(*inputs, stats), labels),
+    loop = train_loop.TrainLoop(model, optimizer, strategy, global_batch, TrainConfig().weight_decay,
+                                finish=lambda inputs, labels: (preprocessing.finish_batch(*inputs, stats), labels),
                              jit_compile=jit)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     loop.run(iterator, args.warmup_steps)[0].numpy()

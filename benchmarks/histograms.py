@@ -1,5 +1,6 @@
-r"""Weight histograms for TensorBoard: `tf.summary.histogram` against the
-trainer's `write_histogram`, over AlexNet's trainable variables, in one run.
+r"""Weight histograms for TensorBoard: `tf.summary.histogram` against
+training's own `summaries.write_histogram`, over AlexNet's trainable
+variables, in one run.
 
     python -m benchmarks.histograms                    # make bench-histograms; about a minute on 2 cores
     python -m benchmarks.histograms --layers=conv1,fc8  # a part of the network
@@ -9,7 +10,7 @@ initialisation, no data), writes one histogram of every trainable variable
 of the chosen layers to a scratch log once as a warm-up and then --runs
 times, and reports the median seconds and its peak resident memory above
 what it held before the first histogram. Both write the same rows (tested in
-tests/test_figures.py). Writes benchmarks/results/histograms-cpu.json. Not a
+tests/test_summaries.py). Writes benchmarks/results/histograms-cpu.json. Not a
 test: nothing here asserts a speed.
 """
 
@@ -31,7 +32,7 @@ WAYS = ("tensorboard", "numpy")
 CHILD = r"""
 import json, resource, statistics, sys, time
 import tensorflow as tf
-from alexnet_tf import model as model_lib, trainer
+from alexnet_tf import model as model_lib, summaries
 
 way, layers, runs, logdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = model_lib.build_alexnet(1000)
@@ -48,7 +49,7 @@ def once(step):
             if way == "tensorboard":
                 tf.summary.histogram(v.path, v.value)
             else:
-                trainer.write_histogram(v.path, v.numpy())
+                summaries.write_histogram(v.path, v.numpy())
     writer.flush()
 
 
@@ -75,7 +76,7 @@ def measure(way: str, layers: str, runs: int, logdir: str) -> dict:
 
 def table(r: dict) -> str:
     rows = ["| way | seconds per write of all | peak memory added (MB) |", "|---|---:|---:|"]
-    for way, name in (("tensorboard", "`tf.summary.histogram`"), ("numpy", "`trainer.write_histogram`")):
+    for way, name in (("tensorboard", "`tf.summary.histogram`"), ("numpy", "`summaries.write_histogram`")):
         rows.append(f"| {name} | {r[way]['seconds']:.2f} | {r[way]['peak_extra_mb']:.0f} |")
     rows.append(f"| ratio (tf.summary / ours) | {r['speedup']:.1f}x | {r['memory_ratio']:.1f}x |")
     return "\n".join(rows)

@@ -5,12 +5,12 @@ r"""The training loop's own overhead: the project's loop against a bare tf.funct
 
 A tiny model on small synthetic images on the CPU, so that each step costs
 little and whatever the loop adds around the step shows. Both sides run the
-same replicated step (`trainer.TrainLoop.replica_step`: forward, backward, SGD
+same replicated step (`train_loop.TrainLoop.replica_step`: forward, backward, SGD
 update, metric sums) over the same in-memory dataset:
 
 - bare: `@tf.function def step(it): strategy.run(replica_step, next(it))`,
   called once per step from Python, nothing else;
-- ours: `trainer.run_epoch` as training runs it: device loops of
+- ours: `train_loop.run_epoch` as training runs it: device loops of
   `--steps_per_loop` steps with the metric sums kept on the device, the host
   reading them once per loop for the progress bar; also with
   `--steps_per_loop=1` (a host round trip every step, the loop before).
@@ -33,8 +33,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import trainer
+from alexnet_tf import train_loop
 from alexnet_tf.config import TrainConfig
+from alexnet_tf.run_state import LoopState
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,7 +58,7 @@ def _setup(strategy, batch: int, state=None):
         rng.normal(size=(64 * batch, 32, 32, 3)).astype(np.float32),
         rng.integers(0, 10, 64 * batch).astype(np.int32))).repeat().batch(batch, drop_remainder=True)
     iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: data.prefetch(tf.data.AUTOTUNE)))
-    loop = trainer.TrainLoop(model, optimizer, strategy, batch, weight_decay=5e-4, state=state)
+    loop = train_loop.TrainLoop(model, optimizer, strategy, batch, weight_decay=5e-4, state=state)
     return model, loop, iterator
 
 
@@ -79,15 +80,15 @@ def bare_rate(strategy, batch: int, steps: int) -> float:
 
 
 def ours_rate(strategy, batch: int, steps: int, steps_per_loop: int) -> float:
-    state = trainer.LoopState(0.01)
+    state = LoopState(0.01)
     model, loop, iterator = _setup(strategy, batch, state)
     config = TrainConfig(steps_per_loop=steps_per_loop, checkpoint_every_steps=0)
     bar = keras.utils.Progbar(steps, verbose=0, stateful_metrics=["loss", "top1_err", "top5_err"])
-    trainer.run_epoch(loop, iterator, state, config, 20)  # Trace and warm up.
+    train_loop.run_epoch(loop, iterator, state, config, 20)  # Trace and warm up.
     state.step_in_epoch.assign(0)
     state.global_step.assign(0)
     start = time.perf_counter()
-    trainer.run_epoch(loop, iterator, state, config, steps, bar=bar)
+    train_loop.run_epoch(loop, iterator, state, config, steps, bar=bar)
     model.trainable_variables[0].numpy()
     return steps * batch / (time.perf_counter() - start)
 

@@ -123,6 +123,22 @@ def model_folder(built, tmp_path_factory):
     return str(model_dir), model, stats
 
 
+def checkpoint_at_step(data_dir: str, model_dir, step: int) -> None:
+    """A checkpoint of the trainer's own structure, as a run stopped at `step` leaves it."""
+    import tensorflow as tf
+
+    from alexnet_tf import run_state, train_loop
+    from alexnet_tf.config import TrainConfig
+
+    config = TrainConfig(data_dir=data_dir, batch_size=8, seed=0)
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32")
+    state = run_state.LoopState(config.learning_rate)
+    state.global_step.assign(step)
+    state.step_in_epoch.assign(step)
+    run_state.open_checkpoints(str(model_dir), strategy, True, model, optimizer, state).save(step)
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb's shape)."""
     import struct

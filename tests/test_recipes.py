@@ -1,4 +1,5 @@
-"""The recorded recipes (--recipe), their schedules and multipliers, and the stall warning."""
+"""The recorded recipes (--recipe), their schedules and multipliers, and the stall warning in a run
+(the bias learning rate in the loop: test_train_loop.py; the watch itself: test_stall_watch.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -75,52 +75,7 @@ def test_recipe_then_preset_then_flags():
         TrainConfig(recipe="alex")
 
 
-def test_bias_learning_rate_multiplier_scales_only_the_biases_step():
-    def one_step(bias_lr):
-        keras.utils.set_random_seed(0)
-        x = keras.Input((4,))
-        model = keras.Model(x, keras.layers.Dense(3, name="fc")(x))
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-        optimizer.build(model.trainable_variables)
-        before = [v.numpy() for v in model.trainable_variables]
-        loop = trainer.TrainLoop(model, optimizer, tf.distribute.get_strategy(), 8, weight_decay=0.0,
-                                 bias_lr=bias_lr)
-        data = tf.data.Dataset.from_tensors((tf.ones((8, 4)), tf.constant([0, 1, 2, 0, 1, 2, 0, 1]))).repeat()
-        loop.run(iter(data), 1)
-        return [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
-
-    (k1, b1), (k2, b2) = one_step(None), one_step(tf.Variable(2.0))
-    np.testing.assert_allclose(k2, k1, rtol=1e-6)
-    np.testing.assert_allclose(b2, 2 * b1, rtol=1e-6)
-    assert np.abs(b1).max() > 0
-
-
 # -- the stall warning -------------------------------------------------------------
-
-
-def _sums(loss, count=32):
-    return np.array([loss * count, 0, 0, count])
-
-
-def test_stall_watch_warns_once_at_chance_level_after_the_set_steps():
-    said = []
-    watch = trainer.StallWatch(TrainConfig(stall_steps=100), 1000, lambda m, s: said.append((m, s)))
-    chance = np.log(1000)
-    assert watch.check(_sums(chance), 99) is None  # Too early.
-    assert watch.check(_sums(0.94 * chance), 100) is None  # Learning.
-    message = watch.check(_sums(chance - 0.01), 200)
-    assert "after 200 steps" in message and "ln 1000 = 6.908" in message and "--recipe=caffe" in message
-    assert said == [(message, 200)] and watch.check(_sums(chance), 300) is None  # Once.
-    assert "other recipes: --recipe=paper" in trainer.StallWatch(TrainConfig(recipe="caffe", stall_steps=1), 10).check(
-        _sums(3.0), 5)
-
-
-def test_a_non_finite_loss_warns_at_once_and_stop_if_stalled_raises():
-    watch = trainer.StallWatch(TrainConfig(stall_steps=0), 10)
-    assert "became nan by step 3: the run diverged" in watch.check(_sums(np.nan), 3)
-    stop = trainer.StallWatch(TrainConfig(stop_if_stalled=True), 10)
-    with pytest.raises(trainer.Stalled, match="Stopped \\(--stop_if_stalled\\)"):
-        stop.check(_sums(np.inf), 1)
 
 
 def _train(*args):
@@ -144,7 +99,7 @@ def test_a_forced_stall_warns_in_the_console_and_tensorboard(built, tmp_path):
     assert len(json.loads((tmp_path / "history.json").read_text())) == 2  # Only a warning: the run went on.
 
 
-@pytest.mark.slow  # A second training process; the watch's raising is tested above.
+@pytest.mark.slow  # A second training process; the watch's raising is tested in test_stall_watch.py.
 def test_stop_if_stalled_ends_the_run_with_status_3(built, tmp_path):
     r = _train(f"--data_dir={built[0]}", f"--model_dir={tmp_path}", "--learning_rate=0", "--stall_steps=2",
                "--steps_per_epoch=2", "--epochs=3", "--stop_if_stalled", "--steps_per_loop=1")

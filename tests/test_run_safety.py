@@ -1,6 +1,7 @@
-"""The model folder keeps what a run wrote: one run at a time, checkpoints found
-when their list is lost, a damaged or unwritable checkpoint named in one line,
-and a diverged run stopped before it saves or exports non-finite weights."""
+"""The model folder keeps what a run wrote: settings the records cannot take
+refused before it starts, one run at a time, a diverged run stopped before it
+saves or exports non-finite weights, and a damaged shard named in one line
+(the checkpoints themselves: test_run_state.py)."""
 
 from __future__ import annotations
 
@@ -106,93 +107,6 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
         proc.wait()
     with run_dir.run_lock(str(tmp_path)):
         pass
-
-
-# -- checkpoints ----------------------------------------------------------------------
-
-
-def _checkpoints(model_dir, state=None, **extra):
-    state = state or trainer.LoopState(0.01)
-    return state, trainer._Checkpoints(str(model_dir), tf.distribute.get_strategy(), True, **state.trackables(),
-                                       **extra)
-
-
-def _saved_steps(model_dir):
-    state, checkpoints = _checkpoints(model_dir)
-    for step in (1, 2, 3):
-        state.global_step.assign(step)
-        checkpoints.save(step)
-    return model_dir / run_dir.CHECKPOINTS
-
-
-@pytest.mark.parametrize("state_file", ["missing", "garbled", "names a checkpoint that is gone"])
-def test_a_lost_checkpoint_list_resumes_from_the_newest_readable_checkpoint(tmp_path, capsys, state_file):
-    ckpt_dir = _saved_steps(tmp_path)
-    listing = ckpt_dir / run_dir.CHECKPOINT_STATE
-    if state_file == "missing":
-        listing.unlink()
-    elif state_file == "garbled":
-        listing.write_bytes(b"\x00\xffnot { a checkpoint state")
-    else:
-        listing.write_text('model_checkpoint_path: "ckpt-9"\n')
-    # ckpt-3's index damaged: the newest readable one is ckpt-2.
-    (ckpt_dir / "ckpt-3.index").write_bytes(b"garbage")
-    state, checkpoints = _checkpoints(tmp_path)
-    assert checkpoints.restore() == str(ckpt_dir / "ckpt-2") and int(state.global_step) == 2
-    assert "resuming from ckpt-2, the newest readable checkpoint" in capsys.readouterr().out
-    assert tf.train.latest_checkpoint(str(ckpt_dir)) == str(ckpt_dir / "ckpt-2")  # The list written again.
-    # The run goes on from there and its manager keeps the earlier ones in its count.
-    checkpoints.save(4)
-    assert tf.train.get_checkpoint_state(str(ckpt_dir)).all_model_checkpoint_paths == [
-        str(ckpt_dir / f"ckpt-{step}") for step in (1, 2, 4)]
-
-
-def test_checkpoint_files_none_of_which_is_readable_stop_the_run(tmp_path):
-    ckpt_dir = _saved_steps(tmp_path)
-    (ckpt_dir / run_dir.CHECKPOINT_STATE).unlink()
-    for step in (1, 2, 3):
-        (ckpt_dir / f"ckpt-{step}.index").write_bytes(b"garbage")
-    with pytest.raises(run_dir.RunDirError, match=r"holds checkpoints \(ckpt-1, ckpt-2, ckpt-3\) but none is readable"):
-        _checkpoints(tmp_path)
-
-
-def test_a_damaged_checkpoint_is_named_not_taken_for_a_records_shard(tmp_path):
-    ckpt_dir = _saved_steps(tmp_path)
-    (data,) = [p for p in ckpt_dir.iterdir() if p.name.startswith("ckpt-3.data")]
-    damaged = bytearray(data.read_bytes())
-    damaged[0] ^= 0xFF
-    data.write_bytes(bytes(damaged))
-    _, checkpoints = _checkpoints(tmp_path)
-    with pytest.raises(run_dir.RunDirError, match=rf"checkpoint {ckpt_dir / 'ckpt-3'} cannot be read \(.*Checksum "
-                                                  r"does not match.*\): it is damaged. Move its files \(ckpt-3\.\*\) "
-                                                  "aside to resume from ckpt-2"):
-        checkpoints.restore()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs the right to mount, as root has)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(small_disk):
-    weights = tf.Variable(tf.zeros([64 * 1024]))  # 256 KiB a checkpoint.
-    state, checkpoints = _checkpoints(small_disk, weights=weights)
-    checkpoints.save(1)
-    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 400 * 1024))  # Room for one more, not two.
-    with pytest.raises(run_dir.RunDirError, match=r"cannot write checkpoint ckpt-\d into .*No space left on device.*"
-                                                  "its partial files are removed and the earlier checkpoints kept"):
-        checkpoints.save(2)
-        checkpoints.save(3)
-    ckpt_dir = small_disk / run_dir.CHECKPOINTS
-    assert not [p for p in ckpt_dir.iterdir() if "_temp" in p.name]
-    latest = tf.train.latest_checkpoint(str(ckpt_dir))
-    np.testing.assert_array_equal(tf.train.load_variable(latest, "weights/.ATTRIBUTES/VARIABLE_VALUE"), weights)
 
 
 # -- divergence ---------------------------------------------------------------------------

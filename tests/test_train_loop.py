@@ -8,13 +8,15 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import distribute, export, preprocessing, run_dir, trainer
+from alexnet_tf import distribute, export, preprocessing, run_dir, train_loop
 from alexnet_tf.config import TrainConfig
+from alexnet_tf.run_state import LoopState
 from tfrecords.folder import Records
 
 REPO = cluster.REPO
@@ -36,23 +38,23 @@ def _check(*args, env=None) -> dict:
 
 def test_loops_are_cut_at_epoch_ends_checkpoints_and_profiler_steps():
     # 100 steps a loop, 250 an epoch: 100, 100, 50.
-    assert [trainer.loop_length(g, g, 250, 100) for g in (0, 100, 200)] == [100, 100, 50]
+    assert [train_loop.loop_length(g, g, 250, 100) for g in (0, 100, 200)] == [100, 100, 50]
     # Checkpoints every 30 steps: no loop runs past a multiple of 30.
-    assert trainer.loop_length(0, 0, 250, 100, checkpoint_every=30) == 30
-    assert trainer.loop_length(45, 45, 250, 100, checkpoint_every=30) == 15
+    assert train_loop.loop_length(0, 0, 250, 100, checkpoint_every=30) == 30
+    assert train_loop.loop_length(45, 45, 250, 100, checkpoint_every=30) == 15
     # The profiler traces steps 10..12: one loop ends before 10, one starts at 10 and ends after 12.
-    assert trainer.loop_length(0, 0, 250, 100, profile_steps=(10, 12)) == 10
-    assert trainer.loop_length(10, 10, 250, 100, profile_steps=(10, 12)) == 3
-    assert trainer.loop_length(13, 13, 250, 100, profile_steps=(10, 12)) == 100
+    assert train_loop.loop_length(0, 0, 250, 100, profile_steps=(10, 12)) == 10
+    assert train_loop.loop_length(10, 10, 250, 100, profile_steps=(10, 12)) == 3
+    assert train_loop.loop_length(13, 13, 250, 100, profile_steps=(10, 12)) == 100
     # Resumed in the middle of an epoch (global step 1010, step 10 of the epoch).
-    assert trainer.loop_length(1010, 10, 250, 500, checkpoint_every=1000) == 240
+    assert train_loop.loop_length(1010, 10, 250, 500, checkpoint_every=1000) == 240
 
 
 def _alexnet_loop(state):
     strategy = tf.distribute.get_strategy()
     config = TrainConfig(dropout=0.0, seed=5, mixed_precision="off")
-    model, optimizer = trainer.build_model_and_optimizer(config, 10, strategy, "float32")
-    return model, trainer.TrainLoop(model, optimizer, strategy, 4, config.weight_decay, state=state)
+    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32")
+    return model, train_loop.TrainLoop(model, optimizer, strategy, 4, config.weight_decay, state=state)
 
 
 def test_one_loop_of_four_steps_trains_as_four_loops_of_one():
@@ -62,7 +64,7 @@ def test_one_loop_of_four_steps_trains_as_four_loops_of_one():
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
     results = []
     for lengths in ([4], [1, 1, 1, 1]):
-        state = trainer.LoopState(0.01)
+        state = LoopState(0.01)
         model, loop = _alexnet_loop(state)
         iterator = iter(data)
         sums = [loop.run(iterator, n)[0].numpy() for n in lengths]
@@ -75,6 +77,26 @@ def test_one_loop_of_four_steps_trains_as_four_loops_of_one():
     for state in (state_one, state_four):
         assert int(state.global_step) == 4 and int(state.step_in_epoch) == 4
         np.testing.assert_allclose(state.sums.numpy(), sums_one, rtol=1e-5)
+
+
+def test_bias_learning_rate_multiplier_scales_only_the_biases_step():
+    def one_step(bias_lr):
+        keras.utils.set_random_seed(0)
+        x = keras.Input((4,))
+        model = keras.Model(x, keras.layers.Dense(3, name="fc")(x))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+        before = [v.numpy() for v in model.trainable_variables]
+        loop = train_loop.TrainLoop(model, optimizer, tf.distribute.get_strategy(), 8, weight_decay=0.0,
+                                    bias_lr=bias_lr)
+        data = tf.data.Dataset.from_tensors((tf.ones((8, 4)), tf.constant([0, 1, 2, 0, 1, 2, 0, 1]))).repeat()
+        loop.run(iter(data), 1)
+        return [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+
+    (k1, b1), (k2, b2) = one_step(None), one_step(tf.Variable(2.0))
+    np.testing.assert_allclose(k2, k1, rtol=1e-6)
+    np.testing.assert_allclose(b2, 2 * b1, rtol=1e-6)
+    assert np.abs(b1).max() > 0
 
 
 # -- XLA under every strategy ---------------------------------------------------
@@ -147,7 +169,7 @@ def test_export_is_float32_whatever_precision_trained(precision, built, tmp_path
     out, meta = built
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     config = TrainConfig(data_dir=out, mixed_precision=precision, dropout=0.0, seed=1)
-    model, _ = trainer.build_model_and_optimizer(config, meta.num_classes, strategy, precision)
+    model, _ = train_loop.build_model_and_optimizer(config, meta.num_classes, strategy, precision)
     assert model.get_layer("conv1").compute_dtype == precision
     stats = preprocessing.ColorStats.from_records(Records(out, meta))
     run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.0,
@@ -221,32 +243,14 @@ def test_every_hyperparameter_is_a_flag_and_bad_values_are_clear_errors(tmp_path
         assert "Traceback" not in proc.stderr
 
 
-def test_a_checkpoint_without_the_run_id_still_restores(tmp_path):
-    """Checkpoints written before the loop state had `run_id` resume; it is drawn afresh."""
-    state = trainer.LoopState(0.01)
-    state.global_step.assign(7)
-    older = {k: v for k, v in state.trackables().items() if k != "run_id"}
-    tf.train.Checkpoint(**older).save(str(tmp_path / "checkpoints" / "ckpt"))
-    fresh = trainer.LoopState(0.01)
-    checkpoints = trainer._Checkpoints(str(tmp_path), tf.distribute.get_strategy(), True, **fresh.trackables())
-    assert checkpoints.restore() and int(fresh.global_step) == 7 and int(fresh.run_id) == -1
-    # Anything else missing still fails.
-    del older["global_step"]
-    tf.train.Checkpoint(**older).save(str(tmp_path / "other" / "checkpoints" / "ckpt"))
-    broken = trainer._Checkpoints(str(tmp_path / "other"), tf.distribute.get_strategy(), True,
-                                  **trainer.LoopState(0.01).trackables())
-    with pytest.raises(AssertionError, match="not bound to checkpointed values"):
-        broken.restore()
-
-
 EMPTY_BATCH = textwrap.dedent("""
     import json
     import keras, numpy as np, tensorflow as tf
-    from alexnet_tf import model, trainer
+    from alexnet_tf import model, train_loop
     net = model.build_alexnet(10, seed=1, dtype="float32")
     opt = keras.optimizers.SGD(0.01, momentum=0.9)
     opt.build(net.trainable_variables)
-    loop = trainer.TrainLoop(net, opt, tf.distribute.get_strategy(), 8, finite=True)
+    loop = train_loop.TrainLoop(net, opt, tf.distribute.get_strategy(), 8, finite=True)
     step = tf.function(loop.replica_step, input_signature=[tf.TensorSpec([None, 227, 227, 3]),
                                                            tf.TensorSpec([None], tf.int64)])
     before = [v.numpy() for v in net.trainable_variables]

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, trainer
+from alexnet_tf import distribute, train_loop
 from alexnet_tf.config import TrainConfig
 
 GLOBAL_BATCH = 8
@@ -57,9 +57,9 @@ def _synthetic(strategy):
 
 def _train(strategy, jit: bool):
     config = TrainConfig(dropout=0.0, seed=0, mixed_precision="off")
-    model, optimizer = trainer.build_model_and_optimizer(config, CLASSES, strategy, "float32")
+    model, optimizer = train_loop.build_model_and_optimizer(config, CLASSES, strategy, "float32")
     before = model.get_weights()
-    loop = trainer.TrainLoop(model, optimizer, strategy, GLOBAL_BATCH, config.weight_decay, jit_compile=jit)
+    loop = train_loop.TrainLoop(model, optimizer, strategy, GLOBAL_BATCH, config.weight_decay, jit_compile=jit)
     sums = loop.run(_synthetic(strategy), STEPS)[0].numpy()
     replicas_agree = all(
         all(np.array_equal(r.numpy(), strategy.experimental_local_results(v)[0].numpy())
@@ -114,7 +114,7 @@ def check_overflow() -> dict:
 
     out = {}
     model, optimizer = _tiny_float16_model(strategy)
-    loop = trainer.TrainLoop(model, optimizer, strategy, global_batch=4)
+    loop = train_loop.TrainLoop(model, optimizer, strategy, global_batch=4)
     w0 = _replica_values(strategy, model)
     scale0 = float(optimizer.dynamic_scale.numpy())
     loop.run(batches(bad), 1)
