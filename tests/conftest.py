@@ -206,3 +206,13 @@ def exported(built, model_folder):
     proc = cli("alexnet_tf.export", "--model_dir", model_dir, "--export_dir", export_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return export_dir, model, stats, out, meta
+
+
+@pytest.fixture(scope="session")
+def data(built):
+    """(records dir, metadata, colour statistics, the first 3 validation rows) for the stream's tests."""
+    from alexnet_tf import preprocessing
+
+    out, meta = built
+    stats = preprocessing.ColorStats.from_records(Records(out, meta))
+    return out, meta, stats, read_split(out, meta, "validation")[:3]

@@ -8,21 +8,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from alexnet_tf import input_pipeline as ip
 from alexnet_tf import preprocessing as pp
 from conftest import read_split
 from tfrecords.folder import Records
-
-
-@pytest.fixture(scope="module")
-def data(built):
-    out, meta = built
-    stats = pp.ColorStats.from_records(Records(out, meta))
-    rows = read_split(out, meta, "validation")[:3]
-    return out, meta, stats, rows
 
 
 def test_train_dataset_batches(data):

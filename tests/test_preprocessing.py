@@ -37,14 +37,6 @@ def eager_and_mapped(fn, *columns):
     yield [numpy(r) for r in tf.data.Dataset.from_tensor_slices(columns).map(fn)]
 
 
-@pytest.fixture(scope="module")
-def data(built):
-    out, meta = built
-    stats = pp.ColorStats.from_records(Records(out, meta))
-    rows = read_split(out, meta, "validation")[:3]
-    return out, meta, stats, rows
-
-
 def _decoded(jpeg):
     return tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(np.float32)
 
