@@ -1,4 +1,5 @@
-"""The device loop, XLA under every strategy, mixed precision over replicas, logical GPUs, the flags."""
+"""The step and device loop (alexnet_tf.train_loop): loop lengths, the biases' learning rate, XLA under every
+strategy, mixed precision over replicas, an empty batch from the service; also logical GPUs and the flags."""
 
 from __future__ import annotations
 
