@@ -160,7 +160,9 @@ def test_training_ends_with_one_line_when_the_dispatcher_is_gone(built, tmp_path
     with data_service.LocalService(str(tmp_path), workers=1,
                                    dispatcher_flags=("--work_dir", str(tmp_path / "journal"))) as svc:
         with open(log_path, "w") as log:
-            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=5")
+            # Two epochs: a worker's buffered batches can finish the first without the dispatcher on a fast
+            # machine; the second's job must come from the dispatcher.
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=5", "--epochs=2")
         try:
             _wait_for_step(proc, log_path, 6, time.monotonic() + 300)
             svc.kill_dispatcher()
