@@ -152,6 +152,12 @@ def _wait_for_step(proc, log_path, step, deadline):
         time.sleep(0.2)
 
 
+def _wait_for_line(proc, log_path, text, deadline):
+    while text not in open(log_path).read():
+        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.2)
+
+
 @pytest.mark.slow  # A dispatcher, a worker and a trainer compiling AlexNet: about a minute on 2 cores.
 def test_training_ends_with_one_line_when_the_dispatcher_is_gone(built, tmp_path):
     out, meta = built
@@ -197,10 +203,13 @@ def test_training_carries_on_when_the_dispatcher_is_back_within_the_wait(built, 
     journal = str(tmp_path / "journal")
     with data_service.LocalService(str(tmp_path), workers=1, dispatcher_flags=("--work_dir", journal)) as svc:
         with open(log_path, "w") as log:
-            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=120")
+            # Two epochs, and the restart only once the trainer has seen the dispatcher gone: on a fast machine
+            # a worker's buffered batches finished the one epoch before the trainer missed the dispatcher.
+            proc = _start_training(out, model_dir, svc.address, log, "--data_service_timeout=120", "--epochs=2")
         try:
             _wait_for_step(proc, log_path, 2, time.monotonic() + 300)
             svc.kill_dispatcher()
+            _wait_for_line(proc, log_path, "does not answer; waiting up to", time.monotonic() + 120)
             svc.dispatcher = svc.start_dispatcher()  # The same --work_dir: its jobs go on.
             code = proc.wait(600)
         finally:
@@ -208,7 +217,7 @@ def test_training_carries_on_when_the_dispatcher_is_back_within_the_wait(built, 
     text = open(log_path).read()
     assert code == 0, text[-3000:]
     assert f"the tf.data service dispatcher at grpc://127.0.0.1:{svc.port} answers again (after" in text
-    _check_epochs(str(model_dir), meta, batch=8, replicas=1, epochs=1, complete=False)
+    _check_epochs(str(model_dir), meta, batch=8, replicas=1, epochs=2, complete=False)
 
 
 # -- at most once ----------------------------------------------------------------
