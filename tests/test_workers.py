@@ -12,21 +12,20 @@ import tensorflow as tf
 
 import cluster
 from alexnet_tf import evaluation, input_pipeline, model as model_lib, preprocessing
-from tfrecords import folder
 from conftest import checkpoint_at_step
 from tfrecords.folder import Records
 
 EVALUATE = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
-    from alexnet_tf import distribute, evaluation, input_pipeline, model
-    from tfrecords import folder, metadata
+    from alexnet_tf import distribute, evaluation, model, preprocessing
+    from tfrecords.folder import Records
     strategy = distribute.make_strategy(sys.argv[2])
-    meta = metadata.load_metadata(sys.argv[1])
-    stats = preprocessing.ColorStats.from_records(Records(sys.argv[1], meta), "image")
+    records = Records.open(sys.argv[1])
+    stats = preprocessing.ColorStats.from_records(records, "image")
     with strategy.scope():
-        net = model.build_alexnet(meta.num_classes, seed=3, dtype="float32")
-    result = evaluation.Evaluator(net, strategy, Records(sys.argv[1], meta), stats, 16).evaluate("validation")
+        net = model.build_alexnet(records.num_classes, seed=3, dtype="float32")
+    result = evaluation.Evaluator(net, strategy, records, stats, 16).evaluate("validation")
     print("RESULT", json.dumps(result))
 """)
 
@@ -39,13 +38,13 @@ def _result(stdout: str) -> dict:
 @pytest.mark.slow  # Two worker processes; the default suite keeps the two-worker training test.
 def test_sharded_evaluation_equals_one_worker_exactly(built):
     out, meta = built
-    assert len(folder.shard_paths(out, meta, "validation")) == 1  # Split by record between the workers.
+    assert len(Records(out, meta).shard_paths("validation")) == 1  # Split by record between the workers.
     outputs = cluster.run_workers(lambda i: ["-c", EVALUATE, out, "multi_worker"])
     sharded = [_result(stdout) for stdout, _ in outputs]
     # One worker, the same weights (seeded), the same batch size: the whole split.
     stats = preprocessing.ColorStats.from_records(Records(out, meta), "image")
     net = model_lib.build_alexnet(meta.num_classes, seed=3, dtype="float32")
-    whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    whole = evaluation.Evaluator(net, tf.distribute.get_strategy(), Records(out, meta), stats, 16).evaluate("validation")
     assert sharded[0] == sharded[1]  # Integer sums: the workers agree bit for bit.
     # Hit counts exactly; the loss to float32 precision (a multi-worker process's
     # float32 per-image losses can be one bit away from this process's).
@@ -58,7 +57,7 @@ def test_a_diverged_network_evaluates_to_a_nan_loss_not_a_number(built):
     out, meta = built
     stats = preprocessing.ColorStats.from_records(Records(out, meta), "image")
     nan = lambda images, training: tf.fill([tf.shape(images)[0], 10], float("nan"))  # noqa: E731
-    result = evaluation.Evaluator(nan, tf.distribute.get_strategy(), out, meta, stats, 16).evaluate("validation")
+    result = evaluation.Evaluator(nan, tf.distribute.get_strategy(), Records(out, meta), stats, 16).evaluate("validation")
     assert math.isnan(result["loss"]) and result["top1_error"] == 1.0
 
 
