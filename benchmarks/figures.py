@@ -28,7 +28,6 @@ import tempfile
 import time
 
 from benchmarks.measure import REPO, write_result
-from tfrecords.folder import Records
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
@@ -68,7 +67,7 @@ def bench(data_dir: str, work: str, runs: int, figure_pool: int) -> dict:
     train_s = data.steps_per_epoch * config.batch_size / last["images_per_second"]
 
     def evaluator(per_class):
-        return evaluation.Evaluator(result.model, strategy, Records(data.records, data.stats), config.batch_size,
+        return evaluation.Evaluator(result.model, strategy, data.records, data.stats, config.batch_size,
                                     per_class=per_class)
 
     plain, per_class = evaluator(False), evaluator(True)

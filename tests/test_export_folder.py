@@ -281,13 +281,13 @@ KILLED_EXPORTER = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, sys.argv[2])
-    from test_export import _tiny_export, _tiny_info
+    from export_checks import tiny_export, tiny_info
     print("ready", flush=True)
     n = 0
     while True:  # Export after export over the same folder, until killed.
         n += 1
-        _tiny_export(sys.argv[1], info=_tiny_info([{"label": i, "synset": f"n{n:08d}", "name": str(i)}
-                                                   for i in range(3)]))
+        tiny_export(sys.argv[1], info=tiny_info([{"label": i, "synset": f"n{n:08d}", "name": str(i)}
+                                                 for i in range(3)]))
 """)
 
 
@@ -302,8 +302,8 @@ def test_kill_9_during_exports_always_leaves_a_whole_saved_model(tmp_path, excha
     target = tmp_path / "exported"
     _tiny_export(target)
     script = KILLED_EXPORTER if exchange else KILLED_EXPORTER.replace(
-        "from test_export import", "from alexnet_tf import export; export_folder._exchange = lambda a, b: False\n"
-                                   "from test_export import")
+        "from export_checks import", "from alexnet_tf import export_folder; export_folder._exchange = lambda a, b: False\n"
+                                     "from export_checks import")
     rng = random.Random(0)
     for _ in range(12):
         proc = subprocess.Popen([sys.executable, "-c", script, str(target), os.path.dirname(__file__)],
