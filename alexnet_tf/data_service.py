@@ -9,7 +9,7 @@ they ask for them (`ShardingPolicy.DYNAMIC`); each worker reads, decodes and
 crops its shards and sends batches to whichever trainer asks next. Every
 trainer process of a run reads the same job, named after the run and the
 epoch, so each training record is produced at most once per epoch however
-many trainers and workers there are (`alexnet_tf.input_pipeline.service_train_dataset`).
+many trainers and workers there are (`alexnet_tf.input_pipeline.train_dataset` with `service`).
 
 A worker that dies loses the shards it was reading (their records are not
 trained on that epoch: at most once, never twice); the trainers wait for it

@@ -1,4 +1,4 @@
-"""Strategies, logical devices, the chief, and the compute precision.
+"""Strategies, logical devices, the chief (and its lines on the console), and the compute precision.
 
 Logical devices (`cpu_devices`, `gpu_split`) can only be made before TensorFlow
 initialises its devices, so `make_strategy` is the first TensorFlow call of a run.
@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +19,25 @@ STRATEGIES = ("mirrored", "one_device", "multi_worker")
 # Of each physical GPU's memory, the share `gpu_split` hands to its logical GPUs;
 # the rest is left for CUDA's own context and libraries.
 GPU_SPLIT_MEMORY_SHARE = 0.9
+
+
+def say(chief: bool, message: str) -> None:
+    """One line about the run on stderr (from the chief only)."""
+    if chief:
+        print(f"train: {message}", file=sys.stderr, flush=True)
+
+
+def use_deterministic_ops() -> None:
+    """Two runs of one config (and seed) add their floats in the same order."""
+    # Deterministic kernels where an op has several (cuDNN's convolutions,
+    # GPU reductions); raises on an op that has no deterministic one.
+    tf.config.experimental.enable_op_determinism()
+    # Grappler's arithmetic optimizer regroups chains of float additions
+    # (the weight-decay and loss gradients, the replicas' all-reduce) in an
+    # order that follows the graph's construction, and the replicas of
+    # MirroredStrategy are traced concurrently, in threads: two runs would
+    # then add in different orders and differ in the last bits.
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
 
 
 def configure_cpu_devices(n: int) -> None:
@@ -121,8 +141,12 @@ def is_chief(strategy) -> bool:
 
 
 def uses_gpus(strategy) -> bool:
-    """True if the strategy's replicas run on GPUs."""
-    return any("GPU" in d.upper() for d in strategy.extended.worker_devices)
+    """True if the strategy's replicas run on GPUs (the default strategy: if this process has one)."""
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # The default strategy has no devices of its own: ops go to the first GPU, if any.
+        return bool(tf.config.list_logical_devices("GPU"))
+    return any("GPU" in d.upper() for d in devices)
 
 
 def cpu_has_bfloat16() -> bool:
@@ -201,22 +225,26 @@ def _fingerprint(value) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
 
 
-def check_workers_agree(strategy, facts: dict) -> None:
-    """Stops every worker of a multi-worker run whose workers do not see the same run.
+def check_workers_agree(strategy, facts: dict, draw=()) -> tuple[int, ...]:
+    """Stops every worker of a multi-worker run whose workers do not see the same run;
+    returns the chief's `draw`.
 
     Args:
       facts: Name -> value (any value with a stable repr): what must be equal
         on every worker. Compared by hash in one collective; nothing to do
         with a single worker.
+      draw: Non-negative integers below 2**52 each worker drew (a seed, a run's
+        identity), of which every worker takes the chief's, in the same collective.
 
     Raises:
       RunConflict: On every worker, naming each fact that differs, the workers
         that differ from the chief, and this worker's value.
     """
     names = list(facts)
-    rows = all_workers(strategy, [_fingerprint(facts[n]) for n in names])
+    rows = all_workers(strategy, [_fingerprint(facts[n]) for n in names] + list(draw))
+    chief_draw = tuple(int(v) for v in rows[0, len(names):])
     if len(rows) == 1:
-        return
+        return chief_draw
     differ = []
     for j, name in enumerate(names):
         others = [i for i in range(1, len(rows)) if rows[i, j] != rows[0, j]]
@@ -228,3 +256,4 @@ def check_workers_agree(strategy, facts: dict) -> None:
             "the workers do not see the same run: " + "; ".join(differ) + ". Every worker must run the same "
             "command with the same --model_dir (shared storage, where the chief's checkpoints are) and the "
             "same records")
+    return chief_draw

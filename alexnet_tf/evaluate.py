@@ -54,8 +54,6 @@ class Loaded:
 
 def load(saved_model: str | None, model_dir: str | None) -> Loaded:
     """A SavedModel or a model folder's latest checkpoint, with what evaluation and the report need."""
-    import tensorflow as tf
-
     from alexnet_tf import export, figures, run_dir
 
     if saved_model:
@@ -66,8 +64,8 @@ def load(saved_model: str | None, model_dir: str | None) -> Loaded:
         return Loaded(adapter, loaded.mean[0].numpy(), export.read_class_synsets(saved_model), adapter.forward,
                       kernel, export.conv1_groups(loaded), None, int(crop))
     model, info, mean = run_dir.load_trained_model(model_dir)
-    return Loaded(model, mean, [c["synset"] for c in info["classes"]], figures.keras_forward(model),
-                  figures.conv1_kernel(model), figures.conv1_groups(info["grouped"]), run_dir.read_history(model_dir),
+    return Loaded(model, mean, list(info.synsets), figures.keras_forward(model),
+                  figures.conv1_kernel(model), figures.conv1_groups(info.grouped), run_dir.read_history(model_dir),
                   int(model.input_shape[1]))
 
 

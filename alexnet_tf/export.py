@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_tf import model as model_lib, preprocessing, run_dir
+from alexnet_tf.model_info import ModelInfo
 from tfrecords import fileio
 from alexnet_tf.export_folder import (CLASSES_ASSET, ExportError, OLD_TAG, SAVED_MODEL_PB, TMP_TAG, check_export_dir,
                                       check_finite, export_leftover, is_export, recover, resolve, siblings, swap_in,
@@ -130,7 +131,7 @@ def conv1_groups(loaded) -> int:
     return int(loaded.conv1_groups[0].numpy()) if hasattr(loaded, "conv1_groups") else 1
 
 
-def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
+def export(model, info: ModelInfo, mean: np.ndarray, export_dir: str) -> str:
     """Writes the SavedModel to `export_dir` (replaced whole, via a temporary folder).
 
     Built with Keras' `ExportArchive`, which saves the variables where
@@ -147,12 +148,12 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     check_finite(model, mean)
     target = resolve(export_dir)
     crop = model.input_shape[1]
-    k = min(5, info["num_classes"])
+    k = min(5, info.num_classes)
     mean_var = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
     layers = {layer.name: layer for layer in model.layers}  # AlexNet's; other networks lack the figures' parts.
     grouped = isinstance(layers.get("conv2"), model_lib.GroupedConv2D)
     groups = tf.Variable(2 if grouped else 1, trainable=False, name="conv1_groups")
-    stats = preprocessing.ColorStats.for_evaluation(mean_var, info["square_size"])
+    stats = preprocessing.ColorStats.for_evaluation(mean_var, info.square_size)
 
     def one(args):
         image_bytes, index = args
@@ -176,7 +177,7 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
             return preprocessing.preprocess_for_eval(tf.identity(image_bytes), stats, crop)
 
     both = keras.Model(model.inputs, [layers["fc7"].output, model.output]) if "fc7" in layers else None
-    num_classes = info["num_classes"]
+    num_classes = info.num_classes
 
     def predict(images):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -246,8 +247,8 @@ def export(model, info: dict, mean: np.ndarray, export_dir: str) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         asset_path = os.path.join(scratch, CLASSES_ASSET)
         with open(asset_path, "w") as f:  # Line i holds label i: "label<TAB>synset<TAB>name".
-            for c in info["classes"]:
-                f.write(f"{c['label']}\t{c['synset']}\t{c['name']}\n")
+            for c in info.classes:
+                f.write(f"{c.label}\t{c.synset}\t{c.name}\n")
         # Tables initialised from the asset: the class list the signature answers
         # with is the one shipped in assets/classes.tsv.
         synsets, names = (

@@ -88,6 +88,12 @@ def record_fingerprint(serialized):
     return tf.bitcast(tf.fingerprint(serialized[None])[0], tf.int64)
 
 
+def _distribution(service: str, job_name: str):
+    """The transformation that makes a dataset's elements on the tf.data service's workers (`distribute_epoch`)."""
+    svc = tf.data.experimental.service
+    return svc.distribute(processing_mode=svc.ShardingPolicy.DYNAMIC, service=service, job_name=job_name)
+
+
 def distribute_epoch(dataset: tf.data.Dataset, service: str, job_name: str) -> tf.data.Dataset:
     """`dataset` (one finite epoch) produced by the tf.data service at `service`.
 
@@ -95,50 +101,7 @@ def distribute_epoch(dataset: tf.data.Dataset, service: str, job_name: str) -> t
     they get each element at most once (`ShardingPolicy.DYNAMIC`), whichever
     worker made it. A job name read again after its end gives nothing.
     """
-    svc = tf.data.experimental.service
-    return dataset.apply(svc.distribute(processing_mode=svc.ShardingPolicy.DYNAMIC, service=service,
-                                        job_name=job_name))
-
-
-def service_train_dataset(
-    records: Records,
-    stats: preprocessing.ColorStats,
-    global_batch_size: int,
-    service: str,
-    job_name: str,
-    seed: int,
-    context: tf.distribute.InputContext | None = None,
-    shuffle_buffer: int = 10_000,
-    crop: int = preprocessing.CROP,
-    passes: int = 1,
-) -> tf.data.Dataset:
-    """One epoch of ((patches, Augment), labels) batches made by the tf.data service's workers.
-
-    The service's counterpart of `train_dataset`: the workers read the shards
-    they are handed (`epoch_records`), crop and reflect each record
-    (`preprocessing.crop_for_train`) and batch per replica with
-    drop_remainder; the trainer only receives batches. Each record's randomness is drawn from (seed, its
-    fingerprint), so it does not depend on which worker took it. The stream
-    ends with the epoch: each worker's last partial batch is dropped, so an
-    epoch trains on slightly fewer records than the split holds (less than a
-    batch per service worker), and never on one twice.
-
-    Every input pipeline of every trainer must pass the same arguments (the
-    job is shared); `context` only sets the per-replica batch size. `passes`
-    makes the job that many passes over the records (for measurements that
-    need a long job; training uses one job per epoch).
-    """
-    batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
-
-    def crop_record(serialized):
-        image, label = preprocessing.parse_record(serialized)
-        own_seed = record_seed(seed, record_fingerprint(serialized))
-        return preprocessing.crop_for_train(image, stats, crop, own_seed), label
-
-    ds = epoch_records(records, seed, shuffle_buffer).repeat(passes)
-    ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.batch(batch, drop_remainder=True)
-    return distribute_epoch(ds, service, job_name).prefetch(tf.data.AUTOTUNE)
+    return dataset.apply(_distribution(service, job_name))
 
 
 def train_dataset(
@@ -151,17 +114,34 @@ def train_dataset(
     crop: int = preprocessing.CROP,
     deterministic: bool = True,
     skip: int = 0,
+    service: str | None = None,
+    job_name: str | None = None,
+    passes: int = 1,
 ) -> tf.data.Dataset:
-    """An endless stream of ((patches, Augment), labels) batches for one input pipeline.
+    """One input pipeline's ((patches, Augment), labels) batches: an endless
+    stream, or one epoch made by the tf.data service's workers (`service`).
 
-    The records come from `train_records` (shuffled shards read in parallel,
-    shuffled records, one pass after another), are numbered, and are decoded
-    into random reflected patches in parallel (`preprocessing.crop_for_train`),
-    each record's randomness drawn statelessly from its own seed
-    (`record_seed(seed, its number)`); then batched with drop_remainder (static
-    shapes for XLA and equal steps on every replica) and prefetched.
+    The records are decoded into random reflected patches in parallel
+    (`preprocessing.crop_for_train`), each record's randomness drawn
+    statelessly from its own seed; then batched per replica with
+    drop_remainder (static shapes for XLA and equal steps on every replica).
     `preprocessing.finish_batch(patches, augment, stats)` turns a batch into
     the network's input inside the training step.
+
+    Here (no `service`) the records come from `train_records` (shuffled
+    shards read in parallel, shuffled records, one pass after another) and
+    are numbered: a record's seed is `record_seed(seed, its number)`.
+
+    Through the tf.data service at `service`, the stream is the job
+    `job_name`: the service's workers read the shards they are handed
+    (`epoch_records`, `passes` passes over them), crop, reflect and batch;
+    the trainer only receives batches. A record's seed comes from (seed, its
+    fingerprint), so it does not depend on which worker took it. The stream
+    ends with the job: each worker's last partial batch is dropped, so an
+    epoch trains on slightly fewer records than the split holds (less than a
+    batch per service worker), and never on one twice. Every input pipeline
+    of every trainer must pass the same arguments (the job is shared);
+    `context` only sets the per-replica batch size.
 
     Args:
       seed: Seed of the shard order, the record shuffle and the augmentation
@@ -170,23 +150,38 @@ def train_dataset(
         order (the work stays parallel), so that the same seed gives the same
         batches. False hands on whatever finishes first; it measures no
         faster here (`benchmarks/input_determinism.py`) and loses the stream
-        position a resumed run needs.
+        position a resumed run needs. The service's workers always hand on
+        what finishes first.
       skip: Records of this stream already trained on: they are read and
         dropped before decoding (a resumed epoch starts where the last one
         stopped; their numbers, and so their augmentation, stay the same).
+        Not with `service`, where a resumed run reads on from where the job is.
+      passes: The service's job makes that many passes over the records (for
+        measurements that need a long job; training uses one job per epoch).
     """
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     batch = context.get_per_replica_batch_size(global_batch_size) if context else global_batch_size
-    ds = train_records(records, seed, context, shuffle_buffer, deterministic)
-    ds = ds.enumerate().skip(skip)
+    if service:
+        if skip:
+            raise ValueError("skip is for the stream read here: a resumed job of the tf.data service reads on "
+                             "from where it is")
+        ds = epoch_records(records, seed, shuffle_buffer).repeat(passes)
+        ds = ds.map(lambda serialized: (record_fingerprint(serialized), serialized))
+        delivery, deterministic = _distribution(service, job_name), False
+    else:
+        ds = train_records(records, seed, context, shuffle_buffer, deterministic).enumerate().skip(skip)
+        delivery = None
 
-    def crop_record(number, serialized):
+    def crop_record(key, serialized):
+        own_seed = record_seed(seed, key)
         image, label = preprocessing.parse_record(serialized)
-        return preprocessing.crop_for_train(image, stats, crop, record_seed(seed, number)), label
+        return preprocessing.crop_for_train(image, stats, crop, own_seed), label
 
     ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch, drop_remainder=True)
+    if delivery is not None:
+        ds = ds.apply(delivery)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

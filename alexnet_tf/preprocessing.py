@@ -79,7 +79,7 @@ class ColorStats:
             if size is None:
                 raise ValueError("mean='image' needs records of one size; these were built with --noresize: "
                                  "use mean='rgb'")
-            m = records.mean_image()
+            m = records.mean_image
         elif mean == "rgb":
             m = np.asarray(stats.mean_rgb, np.float32)
         else:

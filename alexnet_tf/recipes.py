@@ -1,4 +1,4 @@
-"""The three recorded ways AlexNet was trained, as named recipes (`--recipe`).
+"""The three recorded ways AlexNet was trained, as named recipes (`--recipe`), and the learning-rate schedule.
 
 Each recipe fixes what its source records beyond the network itself: every
 layer's initialisation, the biases' learning rate relative to the weights',
@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Callable
+
+if typing.TYPE_CHECKING:
+    from alexnet_tf.config import TrainConfig
+    from alexnet_tf.run_state import LoopState
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -123,3 +128,48 @@ def get(name: str) -> Recipe:
 def chance_loss(num_classes: int) -> float:
     """The cross-entropy of a network that has learned nothing: ln(classes)."""
     return math.log(num_classes)
+
+
+# ---------------------------------------------------------------------------
+# The schedule: the learning rate after each epoch.
+
+
+def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_error: float | None,
+                              best: float, bad_epochs: int, decays: int) -> tuple[float, float, int, int]:
+    """The schedule: returns (lr, best, bad_epochs, decays) for the next epoch.
+
+    Args:
+      epoch: The epoch just finished, 0-based.
+      val_error: Its validation top-1 error, or None without a validation split
+        (the plateau schedule then keeps the rate).
+    """
+    if config.lr_schedule == "dexp":  # Each epoch at the rate its start's share of the run gives.
+        rate = dexp((epoch + 1) / config.epochs, config.learning_rate, config.lr_final_factor, config.lr_steps)
+        return rate, min(best, math.inf if val_error is None else val_error), 0, decays
+    if config.lr_schedule == "step":
+        decays = sum(1 for e in config.lr_decay_epochs if e <= epoch + 1)
+        return config.learning_rate * 0.1**decays, min(best, math.inf if val_error is None else val_error), 0, decays
+    if val_error is None:
+        return lr, best, bad_epochs, decays
+    if val_error < best:
+        return lr, val_error, 0, decays
+    bad_epochs += 1
+    if bad_epochs >= config.lr_patience and decays < config.max_lr_decays:
+        return lr / 10.0, best, 0, decays + 1
+    return lr, best, bad_epochs, decays
+
+
+def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict) -> None:
+    """Applies the schedule after an epoch (`result`) and resets the epoch's counters in `state`."""
+    lr, best, bad, decays = learning_rate_after_epoch(
+        config, int(state.epoch), result["learning_rate"], result.get("val_top1_error"),
+        float(state.best_val_error.numpy()), int(state.bad_epochs), int(state.lr_decays))
+    state.learning_rate.assign(lr)
+    optimizer.learning_rate.assign(lr)
+    state.best_val_error.assign(best)
+    state.bad_epochs.assign(bad)
+    state.lr_decays.assign(decays)
+    state.epoch.assign_add(1)
+    state.step_in_epoch.assign(0)
+    state.sums.assign([0.0, 0.0, 0.0, 0.0])
+    state.train_seconds.assign(0.0)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_tf import model as model_lib
+from alexnet_tf.model_info import ModelInfo, ModelInfoError
 from tfrecords import fileio
 
 CHECKPOINTS = "checkpoints"
@@ -44,34 +45,42 @@ def path(model_dir: str, name: str) -> str:
     return os.path.join(model_dir, name)
 
 
-def write_model_info(model_dir: str, *, num_classes: int, grouped: bool, dropout: float, classes: list,
-                     mean: np.ndarray, mean_kind: str, square_size: int, recipe: str | None = None) -> None:
-    """Saves beside the checkpoints what an export needs besides the weights."""
+def write_model_info(model_dir: str, info: ModelInfo, mean: np.ndarray) -> None:
+    """Saves beside the checkpoints what an export needs besides the weights: `info` and the mean."""
     tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(path(model_dir, MEAN_IMAGE), "wb") as f:
+    with tf.io.gfile.GFile(path(model_dir, info.mean_file), "wb") as f:
         np.save(f, np.asarray(mean, np.float32))
-    fileio.write_json_atomically(path(model_dir, MODEL_INFO), {
-        "num_classes": num_classes, "grouped": grouped, "dropout": dropout, "classes": classes,
-        "mean": mean_kind, "mean_file": MEAN_IMAGE, "square_size": square_size,
-        **({"recipe": recipe} if recipe else {}),
-    })
+    fileio.write_json_atomically(path(model_dir, MODEL_INFO), info.to_json())
 
 
-def read_model_info(model_dir: str) -> tuple[dict, np.ndarray]:
-    """(model_info.json as a dict, the mean image) of a model folder."""
+def read_model_info(model_dir: str) -> tuple[ModelInfo, np.ndarray]:
+    """(model_info.json, the mean it names) of a model folder.
+
+    Raises:
+      FileNotFoundError: The folder has no model_info.json.
+      ModelInfoError: model_info.json is not valid JSON, a field is missing or
+        wrong, or the mean it names is missing.
+    """
     info_path = path(model_dir, MODEL_INFO)
     if not tf.io.gfile.exists(info_path):
         raise FileNotFoundError(f"{info_path} not found: is {model_dir} a model folder written by alexnet_tf.train?")
     with tf.io.gfile.GFile(info_path) as f:
-        info = json.load(f)
-    with tf.io.gfile.GFile(path(model_dir, info["mean_file"]), "rb") as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise ModelInfoError(f"{info_path} is not valid JSON ({e})") from None
+    info = ModelInfo.from_json(obj, info_path)
+    mean_path = path(model_dir, info.mean_file)
+    if not tf.io.gfile.exists(mean_path):
+        raise ModelInfoError(f"{mean_path}, the mean {info_path} names, is missing: the model folder is damaged")
+    with tf.io.gfile.GFile(mean_path, "rb") as f:
         return info, np.load(f)
 
 
-def build_model(info: dict):
+def build_model(info: ModelInfo):
     """A float32 Keras AlexNet of the shape `info` describes, outside any strategy."""
-    return model_lib.build_alexnet(info["num_classes"], grouped=info["grouped"], dropout=info["dropout"],
-                                   dtype="float32")
+    return model_lib.build_alexnet(info.num_classes, grouped=info.grouped, dropout=info.dropout, dtype="float32")
 
 
 @contextlib.contextmanager

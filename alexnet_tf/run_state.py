@@ -1,10 +1,16 @@
-"""The run's state and what keeps it: the loop state, the checkpoints, the
-checks before a run resumes, and the facts every worker of a run must agree on.
+"""A run's state and what keeps it: the loop state, checkpoints, resume checks and the facts workers agree on.
+
+The loop state, the checkpoints, the checks before a run resumes, and the
+facts every worker of a run must agree on.
+
+`start` opens a run: its checkpoints restored, what an export needs written
+beside them, and every worker checked to see the same run.
 
 Killed at any moment, the same call resumes from the last checkpoint:
 weights, optimizer state, epoch, step, schedule state, and the input position
 (the epoch's stream is a pure function of the seed, the epoch and the worker;
-a resumed epoch skips the records already trained on, see `settle_stream`).
+a resumed epoch skips the records already trained on, see
+`epochs.settle_stream`).
 A resumed run keeps the records' classes and the settings its checkpoints
 were trained with (`check_resume`), checked before anything is written.
 """
@@ -21,6 +27,7 @@ import tensorflow as tf
 
 from alexnet_tf import distribute, run_dir
 from alexnet_tf.config import TrainConfig
+from alexnet_tf.model_info import ModelInfo
 from tfrecords import fileio
 from tfrecords.classes import ClassMismatch
 
@@ -149,19 +156,19 @@ def check_resume(config: TrainConfig, data: Data, model_dir: str) -> None:
         return
     info, mean = run_dir.read_model_info(model_dir)
     try:
-        data.records.check_classes([c["synset"] for c in info["classes"]], f"the run in {model_dir}")
+        data.records.check_classes(info.synsets, f"the run in {model_dir}")
     except ClassMismatch as e:
         raise distribute.RunConflict(f"{e}; use another --model_dir to start a new run") from None
     if run_dir.latest_checkpoint(model_dir):
         check_same_run(info, mean, config, data, model_dir)
 
 
-def check_same_run(info: dict, mean: np.ndarray, config: TrainConfig, data: Data, model_dir: str) -> None:
+def check_same_run(info: ModelInfo, mean: np.ndarray, config: TrainConfig, data: Data, model_dir: str) -> None:
     """Refuses to resume a run under settings its checkpoint was not trained
     with: another recipe (other bias learning rates, decay targets and
     schedule from here on), network layout (the checkpoint would not fit),
-    dropout, mean (kind, or the image itself) or records' image size. Keys
-    that folders of earlier versions lack are not checked.
+    dropout, mean (kind, or the image itself) or records' image size. A
+    recipe that folders of earlier versions lack is not checked.
 
     Raises:
       distribute.RunConflict: naming the setting, the run's value and this one's.
@@ -170,7 +177,7 @@ def check_same_run(info: dict, mean: np.ndarray, config: TrainConfig, data: Data
            "square_size": data.stats.square_size}
     flags = {"square_size": "the records' image size (pipelines.build_tfrecords --image_size)"}
     for key, value in now.items():
-        was = info.get(key)
+        was = getattr(info, key)
         if was is not None and was != value:
             what = flags.get(key, f"--{key}")
             raise distribute.RunConflict(
@@ -180,46 +187,6 @@ def check_same_run(info: dict, mean: np.ndarray, config: TrainConfig, data: Data
         raise distribute.RunConflict(
             f"the run in {model_dir} subtracts another mean ({run_dir.MEAN_IMAGE}) than {config.data_dir} gives: "
             "a resumed run keeps its input; use the records it was trained on, or another --model_dir")
-
-
-def settle_stream(config: TrainConfig, state: LoopState, strategy, resumed: bool) -> int:
-    """The training stream's seed, recorded in `state` with the batch size and
-    the number of input pipelines, after checking a resumed run keeps them.
-
-    Without --seed the first start draws one (the chief's, on every worker)
-    and the checkpoints keep it, so a resumed epoch replays the same order.
-
-    Raises:
-      distribute.RunConflict: The checkpoint's run used another seed, batch size or
-        number of workers: its input position would mean other records.
-    """
-    pipelines = distribute.num_workers(strategy)
-    if resumed:
-        for was, now, what in ((int(state.global_batch), config.batch_size, "--batch_size"),
-                               (int(state.input_pipelines), pipelines, "workers (input pipelines)"),
-                               (int(state.stream_seed), config.seed, "--seed")):
-            if was >= 0 and now is not None and was != now:
-                raise distribute.RunConflict(
-                    f"the checkpoint's run has {what} {was}, this one {now}: a resumed run keeps them (the input "
-                    f"position is counted in its records); use another --model_dir to start a new run")
-    seed, run_id = int(state.stream_seed), int(state.run_id)
-    if seed < 0 or run_id < 0:  # A first start (or a checkpoint older than run_id): the chief's, in one collective.
-        rng = np.random.default_rng()
-        if seed < 0:
-            seed = config.seed if config.seed is not None else int(rng.integers(2**31 - 1))
-        if run_id < 0:  # Independent of --seed: two runs with one seed are still two runs.
-            run_id = int(rng.integers(2**62))
-        seed, run_id = (int(v) for v in distribute.all_workers(strategy, [seed, run_id])[0])
-    state.stream_seed.assign(seed)
-    state.run_id.assign(run_id)
-    state.global_batch.assign(config.batch_size)
-    state.input_pipelines.assign(pipelines)
-    return seed
-
-
-def service_job_name(state: LoopState) -> str:
-    """The tf.data service job of the run's current epoch."""
-    return f"alexnet-{int(state.run_id):016x}-epoch{int(state.epoch) + 1}"
 
 
 def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | None) -> dict:
@@ -233,3 +200,86 @@ def run_facts(config: TrainConfig, data: Data, state: LoopState, latest: str | N
     facts["global step"] = int(state.global_step)
     facts["epoch"] = int(state.epoch)
     return facts
+
+
+# ---------------------------------------------------------------------------
+# A run, started or resumed.
+
+
+@dataclasses.dataclass
+class Run:
+    """A started (or resumed) run: its loop state, its checkpoints and its finished epochs.
+
+    A context manager: at its end the scratch checkpoints of a worker other
+    than the chief are removed.
+    """
+
+    state: LoopState
+    checkpoints: _Checkpoints
+    resumed: bool
+    history: list  # One dict of metrics per finished epoch.
+    workers: int  # Worker processes, each one input pipeline.
+    drawn: tuple[int, int]  # The chief's (stream seed, run identity), for a run whose checkpoint has none yet.
+    model_dir: str
+    chief: bool
+
+    def save(self, step: int) -> None:
+        """A checkpoint at `step` (see `_Checkpoints.save`)."""
+        self.checkpoints.save(step)
+
+    def end_epoch(self, result: dict) -> None:
+        """Adds the finished epoch's `result` to the history, checkpoints the state
+        (already set for the next epoch) and writes history.json (the chief)."""
+        self.history.append(result)
+        self.checkpoints.save(int(self.state.global_step))
+        if self.chief:
+            run_dir.write_history(self.model_dir, self.history)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.checkpoints.clean_up()
+
+
+def start(config: TrainConfig, data: Data, model_dir: str, strategy, chief: bool, model, optimizer) -> Run:
+    """Checks that the run in `model_dir` (if any) may go on (`check_resume`),
+    restores its latest checkpoint, writes beside the checkpoints what an
+    export needs (the chief), and checks that every worker sees the same run.
+
+    Nothing in the folder is written before every check of a resumed run.
+
+    Raises:
+      distribute.RunConflict: The run in `model_dir` has other classes or
+        settings, or the workers do not see the same run.
+      run_dir.RunDirError: The latest checkpoint is damaged.
+    """
+    check_resume(config, data, model_dir)
+    state = LoopState(config.learning_rate)
+    checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
+    resumed = checkpoints.restore() is not None
+    facts = run_facts(config, data, state, checkpoints.latest)
+    info = model_info(config, data)
+    # Without --seed the first start draws a seed, and every start a run identity
+    # (independent of --seed: two runs with one seed are still two runs); every
+    # worker takes the chief's, in the collective that compares the facts.
+    rng = np.random.default_rng()
+    fresh = (config.seed if config.seed is not None else int(rng.integers(2**31 - 1)), int(rng.integers(2**52)))
+    history = []
+    if resumed:
+        optimizer.learning_rate.assign(float(state.learning_rate.numpy()))
+        history = [h for h in run_dir.read_history(model_dir) if h["epoch"] <= int(state.epoch)]
+    if chief:
+        run_dir.write_model_info(model_dir, info, data.stats.mean)
+    drawn = distribute.check_workers_agree(strategy, facts, fresh)
+    if resumed:
+        distribute.say(chief, f"resumed from {checkpoints.latest}: epoch {int(state.epoch) + 1}, step "
+                              f"{int(state.step_in_epoch)}")
+    return Run(state, checkpoints, resumed, history, distribute.num_workers(strategy), drawn, model_dir, chief)
+
+
+def model_info(config: TrainConfig, data: Data) -> ModelInfo:
+    """What an export of the run needs besides the weights and the mean."""
+    return ModelInfo(num_classes=data.num_classes, grouped=config.grouped, dropout=config.dropout,
+                     classes=data.records.meta.classes, mean=config.mean, mean_file=run_dir.MEAN_IMAGE,
+                     square_size=data.stats.square_size, recipe=config.recipe)

@@ -1,5 +1,7 @@
-"""TensorBoard's summaries of a run (the chief's): scalars, augmented inputs,
-weight histograms and the paper's figures, once per epoch, and warnings."""
+"""What a run reports each epoch (the chief): TensorBoard's summaries, the console's line, and warnings.
+
+TensorBoard gets scalars, augmented inputs, weight histograms and the paper's
+figures; the console the epoch's line (with --verbose); warnings go to both."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import figures, input_pipeline, preprocessing, run_dir
+from alexnet_tf import distribute, figures, input_pipeline, preprocessing, run_dir
 from alexnet_tf.config import TrainConfig
 
 if typing.TYPE_CHECKING:
@@ -74,9 +76,18 @@ class Summaries:
         self.forward = figures.keras_forward(model) if self.fixed else None
         self.names = [c.name for c in data.records.meta.classes]
 
+    def __enter__(self) -> Summaries:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def epoch(self, epoch: int, result: dict, per_class: dict | None = None) -> None:
+        """The finished epoch's summaries, and its line on the console (with --verbose)."""
         if not self.chief:
             return
+        if self.config.verbose:
+            print(epoch_line(result), flush=True)
         config, stats, model = self.config, self.data.stats, self.model
         with self.train.as_default(step=epoch):
             for k in ("loss", "top1_error", "top5_error"):
@@ -116,7 +127,8 @@ class Summaries:
         self.val.flush()
 
     def warning(self, message: str, step: int) -> None:
-        """A warning, as text in TensorBoard (train/warnings) at the global step."""
+        """A warning on the console and as text in TensorBoard (train/warnings) at the global step."""
+        distribute.say(self.chief, f"WARNING: {message}")
         if self.chief:
             with self.train.as_default(step=step):
                 tf.summary.text("warnings", message)
@@ -126,3 +138,14 @@ class Summaries:
         if self.chief:
             self.train.close()
             self.val.close()
+
+
+def epoch_line(r: dict) -> str:
+    """The finished epoch's line on the console."""
+    line = (f"epoch {r['epoch']}: loss {r['train_loss']:.4f}, top-1 error {r['train_top1_error']:.2%}, "
+            f"top-5 error {r['train_top5_error']:.2%}, {r['images_per_second']:.1f} images/s, "
+            f"lr {r['learning_rate']:g}")
+    if "val_top1_error" in r:
+        line += (f" | validation loss {r['val_loss']:.4f}, top-1 error {r['val_top1_error']:.2%}, "
+                 f"top-5 error {r['val_top5_error']:.2%}")
+    return line

@@ -95,12 +95,13 @@ def main(argv):
     import tensorflow as tf
 
     from alexnet_tf import distribute, export_folder, run_dir, service_client, stall_watch, train_loop, trainer
+    from alexnet_tf.model_info import ModelInfoError
     from tfrecords import metadata
     from tfrecords.folder import Records
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
     try:
-        metadata.load_metadata(config.data_dir)
+        records = Records.open(config.data_dir)  # Opened and checked once, for the whole run.
         if config.data_service:
             service_client.check_reachable(config.data_service)
         if config.export:  # The folder the run ends by exporting into: refused now, not after the training.
@@ -108,11 +109,12 @@ def main(argv):
     except (metadata.MetadataError, service_client.ServiceError, ValueError, export_folder.ExportError) as e:
         fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
-    trainer.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
+    distribute.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
     try:
-        history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy).history
-    except (distribute.RunConflict, metadata.MetadataError, config_lib.ConfigError) as e:  # Before anything is written.
+        history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy, records).history
+    except (distribute.RunConflict, metadata.MetadataError, config_lib.ConfigError,
+            ModelInfoError) as e:  # Before anything is written.
         fail(str(e))
     except (run_dir.RunDirError, train_loop.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
@@ -126,7 +128,6 @@ def main(argv):
             raise
         fail(message)
     except tf.errors.DataLossError as e:  # Checkpoints up to here stay: the run resumes once it is rebuilt.
-        records = Records(config.data_dir, metadata.load_metadata(config.data_dir))
         print(f"train: error: {records.data_loss_message(e)}", file=sys.stderr)
         sys.exit(1)
     if history and "val_top1_error" in history[-1]:

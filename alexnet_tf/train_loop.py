@@ -1,5 +1,8 @@
-"""The step and device loop: `TrainLoop` runs `steps_per_loop` replicated
-training steps per call from the host, and `run_epoch` trains to an epoch's end.
+"""The network and its optimizer, the replicated step, and the device loop that trains an epoch.
+
+`TrainLoop` runs `steps_per_loop` replicated training steps per call from the
+host, and `run_epoch` trains to an epoch's end (with its progress bar) and
+returns the epoch's training metrics.
 
 One custom loop (`strategy.run` over `distribute_datasets_from_function`)
 serves every strategy: `one_device`, `mirrored` (all GPUs, or logical CPU
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 
 import keras
@@ -33,14 +37,15 @@ from alexnet_tf.run_state import LoopState
 from alexnet_tf.stall_watch import StallWatch
 
 
-def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str, build=None):
-    """The network (`build`, default AlexNet initialised as the config's recipe says) and its SGD
-    optimizer under the strategy.
+def build_model_and_optimizer(config: TrainConfig, num_classes: int, strategy, compute_dtype: str,
+                              recipe: recipes.Recipe, build=None):
+    """The network (`build`, default AlexNet initialised as `recipe` says) and its SGD optimizer
+    under the strategy.
 
     float16 wraps the optimizer in dynamic loss scaling.
     """
     policy = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[compute_dtype]
-    build = build or functools.partial(model_lib.build_alexnet, init=recipes.get(config.recipe).init)
+    build = build or functools.partial(model_lib.build_alexnet, init=recipe.init)
     with strategy.scope():
         model = build(num_classes, grouped=config.grouped, dropout=config.dropout, seed=config.seed, dtype=policy)
         optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
@@ -230,14 +235,27 @@ def loop_length(global_step: int, step_in_epoch: int, steps_per_epoch: int, step
 
 
 def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, steps_per_epoch: int,
-              save=None, profile_dir: str | None = None, bar=None, watch: StallWatch | None = None) -> None:
-    """Trains to the end of the current epoch in device loops of up to `steps_per_loop` steps.
+              save=None, profile_dir: str | None = None, watch: StallWatch | None = None,
+              verbose: bool = False) -> dict:
+    """Trains to the end of the current epoch in device loops of up to `steps_per_loop` steps;
+    returns the epoch's training metrics (its number, learning rate, loss, errors, images/s, images, steps).
 
-    The host reads the metric sums once per loop, for the progress bar, and
-    saves a checkpoint (`save(global_step)`) at every `checkpoint_every_steps`
+    The host reads the metric sums once per loop, for the progress bar (on
+    the console with `verbose`, after the epoch's heading), and saves a
+    checkpoint (`save(global_step)`) at every `checkpoint_every_steps`
     boundary. A finite stream (`loop.finite`) may end the epoch before
     `steps_per_epoch`. `watch` looks at each loop's loss.
+
+    Raises:
+      Diverged: The weights became non-finite (checked before each
+        checkpoint and at the epoch's end).
     """
+    if verbose:
+        print(f"Epoch {int(state.epoch) + 1}/{config.epochs} (learning rate "
+              f"{float(state.learning_rate.numpy()):g})", flush=True)
+    bar = keras.utils.Progbar(steps_per_epoch if steps_per_epoch < sys.maxsize else None, verbose=1 if verbose else 0,
+                              stateful_metrics=["loss", "top1_err", "top5_err"])
+    bar.update(int(state.step_in_epoch))
     tick = time.monotonic()
     step_in_epoch, global_step = int(state.step_in_epoch), int(state.global_step)
     while step_in_epoch < steps_per_epoch:
@@ -252,14 +270,14 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
         if watch is not None:
             watch.check(window, global_step)
         saving = save and config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0
-        if saving or not math.isfinite(float(window[0])):
-            ensure_finite(loop, global_step)  # Never a checkpoint of non-finite weights.
+        ended = ran < n or step_in_epoch >= steps_per_epoch  # The stream's epoch, or the epoch's steps.
+        if saving or ended or not math.isfinite(float(window[0])):
+            ensure_finite(loop, global_step)  # Never a checkpoint (or an epoch's end) of non-finite weights.
         if profile_dir and global_step - 1 == config.profile_steps[-1]:
             tf.profiler.experimental.stop()
-        if bar is not None:
-            rates = evaluation.rates(state.sums.numpy())  # The host's one wait for the device per loop.
-            bar.update(step_in_epoch, [("loss", rates["loss"]), ("top1_err", rates["top1_error"]),
-                                       ("top5_err", rates["top5_error"])])
+        rates = evaluation.rates(state.sums.numpy())  # The host's one wait for the device per loop.
+        bar.update(step_in_epoch, [("loss", rates["loss"]), ("top1_err", rates["top1_error"]),
+                                   ("top5_err", rates["top5_error"])])
         if saving:
             state.train_seconds.assign_add(time.monotonic() - tick)
             tick = time.monotonic()
@@ -267,6 +285,18 @@ def run_epoch(loop: TrainLoop, iterator, state: LoopState, config: TrainConfig, 
         if ran < n:  # The stream's epoch has ended.
             break
     state.train_seconds.assign_add(time.monotonic() - tick)
+    sums = state.sums.numpy()
+    rates = evaluation.rates(sums)
+    return {
+        "epoch": int(state.epoch) + 1,
+        "learning_rate": float(state.learning_rate.numpy()),
+        "train_loss": rates["loss"],
+        "train_top1_error": rates["top1_error"],
+        "train_top5_error": rates["top5_error"],
+        "images_per_second": float(sums[3]) / max(float(state.train_seconds.numpy()), 1e-9),
+        "train_images": int(sums[3]),
+        "steps": int(state.step_in_epoch),
+    }
 
 
 class Diverged(RuntimeError):

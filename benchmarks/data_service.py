@@ -9,7 +9,7 @@ batches of --batch), read as fast as this process can take them, no model:
 1. local: `input_pipeline.train_dataset`, the trainer's own stream, on this host;
 2. service, 1 worker and 2 workers: the same per-record work done by
    `python -m alexnet_tf.data_service worker` processes on this host, sent
-   over gRPC on loopback (`service_train_dataset`, over --passes
+   over gRPC on loopback (`input_pipeline.train_dataset` with `service`, over --passes
    passes of the records so that one job is long enough to time).
 
 Each figure is the median of --runs timed windows of --batches batches after
@@ -93,8 +93,8 @@ def bench(data_dir: str, work: str, batch: int, args) -> dict:
                                 batch, args)}
 
     def service_stream(address: str, job: str):
-        return iter(ip.service_train_dataset(Records(data_dir, meta), stats, batch, address, job, seed=1,
-                                             shuffle_buffer=1000, passes=args.passes))
+        return iter(ip.train_dataset(Records(data_dir, meta), stats, batch, seed=1, shuffle_buffer=1000,
+                                     service=address, job_name=job, passes=args.passes))
 
     for n in (1, 2):
         with data_service.LocalService(work, workers=n) as svc:

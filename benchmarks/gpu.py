@@ -83,11 +83,12 @@ def build_net(model: str, num_classes: int, dtype: str | None = None):
 
 def build_model_and_optimizer(model: str, num_classes: int, strategy, compute_dtype: str):
     """`train_loop.build_model_and_optimizer` with the paper's config; --model=tiny swaps only the network."""
-    from alexnet_tf import model as model_lib, train_loop
+    from alexnet_tf import model as model_lib, recipes, train_loop
     from alexnet_tf.config import TrainConfig
 
     build = model_lib.build_alexnet if model == "alexnet" else tiny_net
-    return train_loop.build_model_and_optimizer(TrainConfig(), num_classes, strategy, compute_dtype, build=build)
+    return train_loop.build_model_and_optimizer(TrainConfig(), num_classes, strategy, compute_dtype, recipes.PAPER,
+                                                build=build)
 
 
 def median_rate(run, runs: int) -> float:

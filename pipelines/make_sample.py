@@ -37,6 +37,7 @@ from pipelines import class_labels, sample_folder, sample_images
 from pipelines.imagenet_layout import TRAIN_TAR, VAL_LABELS, VAL_TAR
 from pipelines.raw_layout import val_name, write_archives
 from pipelines.sample_folder import MANIFEST, MARKER
+from tfrecords import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def make_sample(
         val_tar=str(out / VAL_TAR),
         val_labels=str(out / VAL_LABELS),
     )
-    sample_folder.write_json(out / MANIFEST, manifest)
-    sample_folder.write_json(out / MARKER, params)  # Last: marks the sample complete.
+    fileio.write_json_atomically(str(out / MANIFEST), manifest)
+    fileio.write_json_atomically(str(out / MARKER), params)  # Last: marks the sample complete.
 
     logger.info(
         "Wrote %d training images (%d classes, %.1f MiB) to %s and %d validation "
@@ -309,8 +310,8 @@ def make_imagenet_sample(
         train_tar=str(out / TRAIN_TAR),
         val_tar=str(out / VAL_TAR),
     )
-    sample_folder.write_json(out / MANIFEST, manifest)
-    sample_folder.write_json(out / MARKER, params)
+    fileio.write_json_atomically(str(out / MANIFEST), manifest)
+    fileio.write_json_atomically(str(out / MARKER), params)
     say(f"make_sample: wrote {num_train} training images (1000 classes, "
         f"{(out / TRAIN_TAR).stat().st_size / 2**20:.0f} MiB) and {val_images} validation images "
         f"({(out / VAL_TAR).stat().st_size / 2**20:.0f} MiB) to {out} in {time.perf_counter() - start:.0f} s")

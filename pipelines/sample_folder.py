@@ -39,11 +39,6 @@ def claim(out: Path) -> None:
     (out / MARKER).unlink(missing_ok=True)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Writes JSON atomically (a temporary file and a rename)."""
-    fileio.write_json_atomically(str(path), obj)
-
-
 def read_json(path: Path) -> dict | None:
     """Returns the JSON object in `path`, or None if it is missing or unreadable."""
     try:

@@ -123,7 +123,7 @@ def verify(data_dir: str, workers: int | None = None, progress: bool = True) -> 
                 problems.append("metadata.json: color_stats has no mean_image_file")
         else:
             try:
-                mean = Records(data_dir, meta).mean_image()
+                mean = Records(data_dir, meta).mean_image
                 if mean.shape != stats.mean_image_shape:
                     problems.append(f"mean image shape {mean.shape} != {stats.mean_image_shape}")
             except (OSError, ValueError, tf.errors.OpError) as e:

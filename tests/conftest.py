@@ -116,23 +116,31 @@ def model_folder(built, tmp_path_factory):
     # Smaller fc8 weights: softmax outputs that are not all 0 or 1, so comparisons mean something.
     fc8 = model.get_layer("fc8")
     fc8.kernel.assign(fc8.kernel * 0.05)
-    run_dir.write_model_info(str(model_dir), num_classes=meta.num_classes, grouped=True, dropout=0.5,
-                            classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                            square_size=256)
+    run_dir.write_model_info(str(model_dir), model_info(meta, square_size=256), stats.mean)
     tf.train.Checkpoint(model=model).save(str(model_dir / "checkpoints" / "ckpt"))
     return str(model_dir), model, stats
+
+
+def model_info(meta, **changes):
+    """The model_info of a run on the records of `meta` with the default settings (changed by `changes`)."""
+    from alexnet_tf import run_dir
+    from alexnet_tf.model_info import ModelInfo
+
+    fields = dict(num_classes=meta.num_classes, grouped=True, dropout=0.5, classes=meta.classes, mean="image",
+                  mean_file=run_dir.MEAN_IMAGE, square_size=256)
+    return ModelInfo(**{**fields, **changes})
 
 
 def checkpoint_at_step(data_dir: str, model_dir, step: int) -> None:
     """A checkpoint of the trainer's own structure, as a run stopped at `step` leaves it."""
     import tensorflow as tf
 
-    from alexnet_tf import run_state, train_loop
+    from alexnet_tf import recipes, run_state, train_loop
     from alexnet_tf.config import TrainConfig
 
     config = TrainConfig(data_dir=data_dir, batch_size=8, seed=0)
     strategy = tf.distribute.get_strategy()
-    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32")
+    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32", recipes.get(config.recipe))
     state = run_state.LoopState(config.learning_rate)
     state.global_step.assign(step)
     state.step_in_epoch.assign(step)

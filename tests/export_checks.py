@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from alexnet_tf import export
+from alexnet_tf.model_info import ModelInfo
+from tfrecords.classes import ClassInfo
 
 
 def tiny_model(num_classes=3):
@@ -20,15 +22,17 @@ def tiny_model(num_classes=3):
 
 
 def tiny_info(classes=None):
-    """A model_info-like dict of `classes` (three made-up ones by default)."""
+    """The model_info of `classes` (three made-up ones by default), as `ClassInfo`s or their JSON."""
     classes = classes or [{"label": i, "synset": f"n0000000{i}", "name": f"class {i}"} for i in range(3)]
-    return {"num_classes": len(classes), "classes": classes, "square_size": 256}
+    classes = [c if isinstance(c, ClassInfo) else ClassInfo(**c) for c in classes]
+    return ModelInfo(num_classes=len(classes), grouped=False, dropout=0.0, classes=classes, mean="rgb",
+                     mean_file="mean_image.npy", square_size=256)
 
 
 def tiny_export(path, model=None, info=None):
     """Exports a tiny model into `path`; returns what `export.export` returns."""
     info = info or tiny_info()
-    return export.export(model or tiny_model(info["num_classes"]), info, np.full(3, 120.0, np.float32), str(path))
+    return export.export(model or tiny_model(info.num_classes), info, np.full(3, 120.0, np.float32), str(path))
 
 
 def run_main(module, argv, capsys):

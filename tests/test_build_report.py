@@ -72,7 +72,7 @@ def test_color_stats_match_numpy_over_the_stored_pixels(built, sample):
     np.testing.assert_allclose(cov @ got, got * np.array(stats.eigenvalues), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-12)
     assert list(stats.eigenvalues) == sorted(stats.eigenvalues, reverse=True)
-    mean_image = Records(out, meta).mean_image()
+    mean_image = Records(out, meta).mean_image
     assert mean_image.shape == (256, 256, 3) and mean_image.dtype == np.float32
     np.testing.assert_allclose(mean_image, np.mean(pixels_of, axis=0), rtol=1e-6, atol=1e-4)
     # And the images as stored (decoded JPEGs) agree up to JPEG noise.

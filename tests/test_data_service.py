@@ -260,8 +260,8 @@ def test_two_readers_of_one_epoch_job_get_every_record_exactly_once(built, in_pr
 def test_service_batches_are_training_batches(built, in_process_service):
     out, meta = built
     stats = preprocessing.ColorStats.from_records(Records(out, meta))
-    ds = input_pipeline.service_train_dataset(Records(out, meta), stats, 8, in_process_service, "batches", seed=3,
-                                              shuffle_buffer=50)
+    ds = input_pipeline.train_dataset(Records(out, meta), stats, 8, seed=3, shuffle_buffer=50,
+                                      service=in_process_service, job_name="batches")
     batches = list(ds)
     n = meta.split("train").num_examples
     # Each worker drops its own last partial batch: less than a batch per worker is lost.

@@ -18,9 +18,9 @@ def test_open_reads_the_metadata_and_gives_the_shards_and_the_mean_image(built):
     assert data.shard_paths("train") == [os.path.join(out, s.file) for s in meta.splits["train"].shards]
     assert data.has_examples("train") and data.has_examples("validation") and not data.has_examples("test")
     assert data.split("validation").num_examples == meta.splits["validation"].num_examples
-    mean = data.mean_image()
+    mean = data.mean_image
     assert mean.shape == (meta.image.size, meta.image.size, 3) and mean.dtype == np.float32
-    assert data.mean_image() is mean  # Read once.
+    assert data.mean_image is mean  # Read once.
     assert data.metadata_path == os.path.join(out, "metadata.json")
 
 

@@ -84,7 +84,7 @@ def test_color_stats_are_none_without_training_images(raw):
     del raw["color_stats"]
     assert metadata.Metadata.from_json(raw).color_stats is None
     with pytest.raises(metadata.MetadataError, match="names no mean image"):
-        Records("anywhere", meta).mean_image()
+        Records("anywhere", meta).mean_image
 
 
 def test_color_stats_without_a_mean_image(raw):
@@ -93,7 +93,7 @@ def test_color_stats_without_a_mean_image(raw):
     assert meta.color_stats.mean_image_file is None and meta.color_stats.mean_image_shape is None
     assert meta.to_json() == raw  # The keys stay absent.
     with pytest.raises(metadata.MetadataError, match="names no mean image"):
-        Records("anywhere", meta).mean_image()
+        Records("anywhere", meta).mean_image
 
 
 def test_unknown_build_keys_survive_a_round_trip(raw):

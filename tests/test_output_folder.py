@@ -69,7 +69,7 @@ def test_an_overwrite_that_fails_its_checks_leaves_the_old_dataset_whole(sample,
     # And one that passes replaces it whole.
     meta = build(sample["output_dir"], tmp_path, "--overwrite", "--image_size=240")
     assert metadata.load_metadata(str(tmp_path)) == meta and meta.image.size == 240
-    assert Records(str(tmp_path), meta).mean_image().shape == (240, 240, 3)
+    assert Records(str(tmp_path), meta).mean_image.shape == (240, 240, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(output_folder.STAGING_PREFIX)]
 
 
@@ -248,7 +248,7 @@ def test_two_builds_into_one_folder_one_refuses_naming_the_other(sample, tmp_pat
     assert "is being written by another build (host " in text[loser].strip().splitlines()[-1]
     meta = metadata.load_metadata(str(out))
     size = 256 if winner == 0 else 240  # One dataset, the winner's, whole.
-    assert meta.image.size == size and Records(str(out), meta).mean_image().shape == (size, size, 3)
+    assert meta.image.size == size and Records(str(out), meta).mean_image.shape == (size, size, 3)
     assert not (out / output_folder.LOCK_FILE).exists()
     check = subprocess.run([sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(out)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)

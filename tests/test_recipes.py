@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_tf import config as config_lib, model as model_lib, recipes, trainer
+from alexnet_tf import config as config_lib, model as model_lib, recipes
 from alexnet_tf.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_dexp_is_cuda_convnet2s_discretised_exponential():
 
 def test_schedules_and_bias_learning_rates_per_recipe():
     config = config_lib.make_config(recipe="cuda_convnet2")
-    lrs = [trainer.learning_rate_after_epoch(config, e, 0.0, None, np.inf, 0, 0)[0] for e in range(-1, 90)]
+    lrs = [recipes.learning_rate_after_epoch(config, e, 0.0, None, np.inf, 0, 0)[0] for e in range(-1, 90)]
     # Each epoch at the rate its start gives (epoch e starts at e / 90 of the run).
     assert lrs[0] == 0.01 and lrs[23] == pytest.approx(0.01 / 250 ** (1 / 3)) and lrs[22] == 0.01
     assert lrs[-1] == pytest.approx(0.01 / 250) and len(set(np.round(lrs, 12))) == 4
@@ -59,7 +60,7 @@ def test_schedules_and_bias_learning_rates_per_recipe():
     assert recipes.CUDA_CONVNET2.bias_lr_multiplier(0.9) == pytest.approx(0.002 / (0.01 / 250))
     assert recipes.CAFFE.bias_lr_multiplier(0.7) == 2.0 and recipes.PAPER.bias_lr_multiplier(0.7) == 1.0
     caffe = config_lib.make_config(recipe="caffe")
-    assert [trainer.learning_rate_after_epoch(caffe, e, 0.0, None, np.inf, 0, 0)[0] for e in (18, 19, 39)] == \
+    assert [recipes.learning_rate_after_epoch(caffe, e, 0.0, None, np.inf, 0, 0)[0] for e in (18, 19, 39)] == \
         pytest.approx([0.01, 0.001, 0.0001])
 
 
@@ -106,3 +107,22 @@ def test_stop_if_stalled_ends_the_run_with_status_3(built, tmp_path):
     assert r.returncode == 3, r.stderr[-3000:]
     assert "Stopped (--stop_if_stalled)" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "history.json").exists()  # Stopped in the first epoch, at step 2.
+
+
+def test_plateau_divides_by_ten_after_patience_at_most_three_times():
+    c = TrainConfig(lr_patience=2)
+    lr, best, bad, decays = 0.01, math.inf, 0, 0
+    errors = [0.9, 0.8, 0.85, 0.81, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
+    lrs = []
+    for epoch, err in enumerate(errors):
+        lr, best, bad, decays = recipes.learning_rate_after_epoch(c, epoch, lr, err, best, bad, decays)
+        lrs.append(lr)
+    # Two epochs without a new best (0.85, 0.81) -> /10; later plateaus -> /10 twice more, then no more.
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5])
+    assert decays == 3 and best == 0.7
+
+
+def test_step_schedule():
+    c = TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
+    lrs = [recipes.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
+    assert lrs == pytest.approx([0.01, 0.001, 0.001, 1e-4, 1e-4])

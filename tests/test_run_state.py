@@ -5,6 +5,7 @@ workers and settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import numpy as np
@@ -14,7 +15,7 @@ import tensorflow as tf
 from alexnet_tf import distribute, preprocessing, run_dir, run_state, trainer
 from alexnet_tf.config import TrainConfig
 from alexnet_tf.run_state import LoopState
-from conftest import checkpoint_at_step
+from conftest import checkpoint_at_step, model_info
 from tfrecords.folder import Records
 
 
@@ -126,27 +127,12 @@ def test_a_checkpoint_without_the_run_id_still_restores(tmp_path):
 # -- before a run resumes ---------------------------------------------------------------
 
 
-def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
-    strategy = tf.distribute.get_strategy()
-    state = LoopState(0.01)
-    config = TrainConfig(batch_size=8, seed=None)
-    seed = run_state.settle_stream(config, state, strategy, resumed=False)
-    assert 0 <= seed == int(state.stream_seed) and int(state.global_batch) == 8 and int(state.input_pipelines) == 1
-    # Resumed without --seed: the recorded one.
-    assert run_state.settle_stream(config, state, strategy, resumed=True) == seed
-    with pytest.raises(distribute.RunConflict, match="the checkpoint's run has --batch_size 8, this one 16"):
-        run_state.settle_stream(TrainConfig(batch_size=16), state, strategy, resumed=True)
-    with pytest.raises(distribute.RunConflict, match=f"has --seed {seed}, this one {seed + 1}"):
-        run_state.settle_stream(TrainConfig(batch_size=8, seed=seed + 1), state, strategy, resumed=True)
-
-
 def test_a_resumed_run_keeps_its_settings_and_writes_nothing_before_it_knows(built, tmp_path):
     out, meta = built
     checkpoint_at_step(out, tmp_path, 5)
     stats = preprocessing.ColorStats.from_records(Records(out, meta))
-    run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.5,
-                             classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                             square_size=stats.square_size, recipe="paper")
+    run_dir.write_model_info(str(tmp_path), model_info(meta, square_size=stats.square_size, recipe="paper"),
+                             stats.mean)
     before = {name: (tmp_path / name).read_bytes() for name in (run_dir.MODEL_INFO, run_dir.MEAN_IMAGE)}
     strategy = tf.distribute.get_strategy()
     for change, message in (({"recipe": "caffe"}, "has --recipe=paper, this one --recipe=caffe"),
@@ -165,7 +151,7 @@ def test_a_resumed_run_keeps_its_settings_and_writes_nothing_before_it_knows(bui
     with pytest.raises(distribute.RunConflict, match="subtracts another mean"):
         run_state.check_same_run(info, mean + 1, config, data, str(tmp_path))
     # A folder written before the recipe was recorded: any recipe, but still the same layout.
-    del info["recipe"]
+    info = dataclasses.replace(info, recipe=None)
     run_state.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe"), data, str(tmp_path))
     with pytest.raises(distribute.RunConflict, match="--grouped"):
         run_state.check_same_run(info, mean, TrainConfig(data_dir=out, recipe="caffe", grouped=False), data,

@@ -13,6 +13,7 @@ if str(REPO) not in sys.path:  # Lets plain `pytest` import the package too.
     sys.path.insert(0, str(REPO))
 
 from pipelines import imagenet_layout, sample_folder  # noqa: E402
+from tfrecords import fileio  # noqa: E402
 
 
 def test_claim_marks_the_folder_ours_and_the_sample_incomplete(tmp_path):
@@ -34,7 +35,7 @@ def test_claim_refuses_imagenet_files_it_did_not_write(tmp_path):
 
 def test_json_round_trip_and_unreadable_is_none(tmp_path):
     path = tmp_path / sample_folder.MANIFEST
-    sample_folder.write_json(path, {"b": 1, "a": [2]})
+    fileio.write_json_atomically(str(path), {"b": 1, "a": [2]})  # How make_sample writes it.
     assert path.read_text() == '{\n "b": 1,\n "a": [\n  2\n ]\n}\n'  # The contract's JSON writer: keys kept in order.
     assert sample_folder.read_json(path) == {"a": [2], "b": 1}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # No temporary file left.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,28 +25,6 @@ TINY = ["--batch_size=8", "--eval_batch_size=16", "--log_images=0", "--nohistogr
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "alexnet_tf.train", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, **kw)
-
-
-# -- the learning-rate schedule ----------------------------------------------
-
-
-def test_plateau_divides_by_ten_after_patience_at_most_three_times():
-    c = TrainConfig(lr_patience=2)
-    lr, best, bad, decays = 0.01, math.inf, 0, 0
-    errors = [0.9, 0.8, 0.85, 0.81, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
-    lrs = []
-    for epoch, err in enumerate(errors):
-        lr, best, bad, decays = trainer.learning_rate_after_epoch(c, epoch, lr, err, best, bad, decays)
-        lrs.append(lr)
-    # Two epochs without a new best (0.85, 0.81) -> /10; later plateaus -> /10 twice more, then no more.
-    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5])
-    assert decays == 3 and best == 0.7
-
-
-def test_step_schedule():
-    c = TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
-    lrs = [trainer.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
-    assert lrs == pytest.approx([0.01, 0.001, 0.001, 1e-4, 1e-4])
 
 
 def test_presets_keep_the_papers_defaults():

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from alexnet_tf import distribute, export, preprocessing, run_dir, train_loop
+from conftest import model_info
+from alexnet_tf import distribute, export, preprocessing, recipes, run_dir, train_loop
 from alexnet_tf.config import TrainConfig
 from alexnet_tf.run_state import LoopState
 from tfrecords.folder import Records
@@ -54,7 +55,7 @@ def test_loops_are_cut_at_epoch_ends_checkpoints_and_profiler_steps():
 def _alexnet_loop(state):
     strategy = tf.distribute.get_strategy()
     config = TrainConfig(dropout=0.0, seed=5, mixed_precision="off")
-    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32")
+    model, optimizer = train_loop.build_model_and_optimizer(config, 10, strategy, "float32", recipes.get(config.recipe))
     return model, train_loop.TrainLoop(model, optimizer, strategy, 4, config.weight_decay, state=state)
 
 
@@ -145,6 +146,9 @@ def test_compute_dtype_of_each_setting():
     assert distribute.compute_dtype("float16", cpu) == "float16"
     assert distribute.compute_dtype("bfloat16", cpu) == "bfloat16"
     assert distribute.compute_dtype("auto", cpu) == ("bfloat16" if distribute.cpu_has_bfloat16() else "float32")
+    # The default strategy (no strategy given) has no devices of its own: this machine's CPU decides.
+    default = tf.distribute.get_strategy()
+    assert distribute.compute_dtype("auto", default) == distribute.compute_dtype("auto", cpu)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         TrainConfig(mixed_precision="fp8")
 
@@ -170,12 +174,12 @@ def test_export_is_float32_whatever_precision_trained(precision, built, tmp_path
     out, meta = built
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     config = TrainConfig(data_dir=out, mixed_precision=precision, dropout=0.0, seed=1)
-    model, _ = train_loop.build_model_and_optimizer(config, meta.num_classes, strategy, precision)
+    model, _ = train_loop.build_model_and_optimizer(config, meta.num_classes, strategy, precision,
+                                                  recipes.get(config.recipe))
     assert model.get_layer("conv1").compute_dtype == precision
     stats = preprocessing.ColorStats.from_records(Records(out, meta))
-    run_dir.write_model_info(str(tmp_path), num_classes=meta.num_classes, grouped=True, dropout=0.0,
-                             classes=[c.to_json() for c in meta.classes], mean=stats.mean, mean_kind="image",
-                             square_size=stats.square_size)
+    run_dir.write_model_info(str(tmp_path), model_info(meta, dropout=0.0, square_size=stats.square_size),
+                             stats.mean)
     path = export.export_trained(model, str(tmp_path))
     half = {tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum}
     assert not half & _dtypes_in_graph(path), "the SavedModel computes in 16 bits"

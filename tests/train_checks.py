@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import distribute, train_loop
+from alexnet_tf import distribute, recipes, train_loop
 from alexnet_tf.config import TrainConfig
 
 GLOBAL_BATCH = 8
@@ -57,7 +57,7 @@ def _synthetic(strategy):
 
 def _train(strategy, jit: bool):
     config = TrainConfig(dropout=0.0, seed=0, mixed_precision="off")
-    model, optimizer = train_loop.build_model_and_optimizer(config, CLASSES, strategy, "float32")
+    model, optimizer = train_loop.build_model_and_optimizer(config, CLASSES, strategy, "float32", recipes.get(config.recipe))
     before = model.get_weights()
     loop = train_loop.TrainLoop(model, optimizer, strategy, GLOBAL_BATCH, config.weight_decay, jit_compile=jit)
     sums = loop.run(_synthetic(strategy), STEPS)[0].numpy()

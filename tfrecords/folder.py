@@ -8,6 +8,7 @@ opens the folder again or takes its path and metadata side by side.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -27,7 +28,6 @@ class Records:
 
     def __init__(self, data_dir: str, meta: Metadata):
         self.data_dir, self.meta = data_dir, meta
-        self._mean_image = None
 
     @classmethod
     def open(cls, data_dir: str, splits=None) -> Records:
@@ -75,16 +75,15 @@ class Records:
             raise MetadataError(f"split {split!r} not in {self.metadata_path}; it has {sorted(self.meta.splits)}")
         return [os.path.join(self.data_dir, s.file) for s in self.meta.splits[split].shards]
 
+    @functools.cached_property
     def mean_image(self) -> np.ndarray:
-        """The training-set mean image (H, W, 3) float32 in 0..255 pixel units, read once.
+        """The training-set mean image (H, W, 3) float32 in 0..255 pixel units, read on first use, once.
 
         Raises:
           MetadataError: the metadata names no mean image (no training split was
             built), or the file is missing or not the array metadata.json describes.
         """
-        if self._mean_image is None:
-            self._mean_image = self._read_mean_image()
-        return self._mean_image
+        return self._read_mean_image()
 
     def _read_mean_image(self) -> np.ndarray:
         import tensorflow as tf
