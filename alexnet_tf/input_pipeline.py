@@ -167,18 +167,19 @@ def train_dataset(
             raise ValueError("skip is for the stream read here: a resumed job of the tf.data service reads on "
                              "from where it is")
         ds = epoch_records(records, seed, shuffle_buffer).repeat(passes)
-        ds = ds.map(lambda serialized: (record_fingerprint(serialized), serialized))
         delivery, deterministic = _distribution(service, job_name), False
     else:
         ds = train_records(records, seed, context, shuffle_buffer, deterministic).enumerate().skip(skip)
         delivery = None
 
-    def crop_record(key, serialized):
-        own_seed = record_seed(seed, key)
+    def crop_record(serialized, key):
         image, label = preprocessing.parse_record(serialized)
-        return preprocessing.crop_for_train(image, stats, crop, own_seed), label
+        return preprocessing.crop_for_train(image, stats, crop, record_seed(seed, key)), label
 
-    ds = ds.map(crop_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # A record's key: its number here, its own bytes' fingerprint on the service's workers (in the one map).
+    keyed = ((lambda serialized: crop_record(serialized, record_fingerprint(serialized))) if service
+             else (lambda number, serialized: crop_record(serialized, number)))
+    ds = ds.map(keyed, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch, drop_remainder=True)
     if delivery is not None:
         ds = ds.apply(delivery)

@@ -1,8 +1,5 @@
 """A run's state and what keeps it: the loop state, checkpoints, resume checks and the facts workers agree on.
 
-The loop state, the checkpoints, the checks before a run resumes, and the
-facts every worker of a run must agree on.
-
 `start` opens a run: its checkpoints restored, what an export needs written
 beside them, and every worker checked to see the same run.
 
@@ -259,7 +256,6 @@ def start(config: TrainConfig, data: Data, model_dir: str, strategy, chief: bool
     checkpoints = open_checkpoints(model_dir, strategy, chief, model, optimizer, state)
     resumed = checkpoints.restore() is not None
     facts = run_facts(config, data, state, checkpoints.latest)
-    info = model_info(config, data)
     # Without --seed the first start draws a seed, and every start a run identity
     # (independent of --seed: two runs with one seed are still two runs); every
     # worker takes the chief's, in the collective that compares the facts.
@@ -270,7 +266,7 @@ def start(config: TrainConfig, data: Data, model_dir: str, strategy, chief: bool
         optimizer.learning_rate.assign(float(state.learning_rate.numpy()))
         history = [h for h in run_dir.read_history(model_dir) if h["epoch"] <= int(state.epoch)]
     if chief:
-        run_dir.write_model_info(model_dir, info, data.stats.mean)
+        run_dir.write_model_info(model_dir, model_info(config, data), data.stats.mean)
     drawn = distribute.check_workers_agree(strategy, facts, fresh)
     if resumed:
         distribute.say(chief, f"resumed from {checkpoints.latest}: epoch {int(state.epoch) + 1}, step "
