@@ -45,7 +45,6 @@ trainer and service hosts in, e.g. with 10.0.0.0/24 as those hosts:
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import socket
@@ -53,7 +52,10 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
 from alexnet_tf.service_client import ServiceError, address, check_reachable, target
+from toolcli.command import Command
 
 DEFAULT_DISPATCHER_PORT = 5050
 DEFAULT_WORKER_PORT = 5051
@@ -232,46 +234,58 @@ class LocalService:
             p.wait()
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's error line: one line on stderr and exit status 1 (argparse's
-    own prints the usage too and exits 2); -h/--help still prints the help and exits 0."""
+BIND_HELP = (f"The address to listen on. TensorFlow's tf.data service can only listen on {EVERY_INTERFACE}, every "
+             "interface (IPv4 and IPv6), where anyone who can reach the port can run any TensorFlow graph as this "
+             "user: give --bind=0.0.0.0 once the port is on a private network or firewalled to the trainer and "
+             "service hosts (this help's text above shows how). Default " + DEFAULT_BIND + ", which it cannot "
+             "honour: the server does not start.")
+# Each role's own flags; --port and --bind are both roles'.
+ROLE_FLAGS = {"dispatcher": ("work_dir", "job_gc_timeout", "worker_timeout"), "worker": ("dispatcher", "host")}
 
-    def error(self, message: str):
-        print(f"data_service: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(1)
+
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("port", None, f"Port to listen on (default: {DEFAULT_DISPATCHER_PORT} for the dispatcher, "
+                         f"{DEFAULT_WORKER_PORT} for a worker; give a worker a fixed one, so that a restarted worker "
+                         "is found at the same address).", flag_values=fv)
+    flags.DEFINE_string("bind", DEFAULT_BIND, BIND_HELP, flag_values=fv)
+    flags.DEFINE_string("work_dir", None, "dispatcher: journal folder: a restarted dispatcher continues its jobs "
+                        "(fault tolerant).", flag_values=fv)
+    flags.DEFINE_float("job_gc_timeout", DEFAULT_JOB_GC_TIMEOUT_S, "dispatcher: forget a job nobody has read for "
+                       "this many seconds (a trainer restarted sooner continues its epoch's job).", flag_values=fv)
+    flags.DEFINE_float("worker_timeout", DEFAULT_WORKER_TIMEOUT_S, "dispatcher: count a worker lost after this many "
+                       "seconds without a heartbeat.", flag_values=fv)
+    flags.DEFINE_string("dispatcher", None, "worker (required): the dispatcher's address, HOST:PORT.", flag_values=fv)
+    flags.DEFINE_string("host", None, "worker: the name trainers reach this worker by (default: this host's name, "
+                        f"{socket.gethostname()}).", flag_values=fv)
+    return fv
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m alexnet_tf.data_service", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    roles = p.add_subparsers(dest="role", required=True, metavar="{dispatcher,worker}")
-    bind_help = (f"the address to listen on. TensorFlow's tf.data service can only listen on {EVERY_INTERFACE}, every "
-                 "interface (IPv4 and IPv6), where anyone who can reach the port can run any TensorFlow graph as "
-                 "this user: give --bind=0.0.0.0 once the port is on a private network or firewalled to the trainer "
-                 f"and service hosts (`python -m alexnet_tf.data_service --help` shows how). Default {DEFAULT_BIND}, which it cannot honour: "
-                 "the server does not start")
-    d = roles.add_parser("dispatcher", help="the one dispatcher of a service")
-    d.add_argument("--port", type=int, default=DEFAULT_DISPATCHER_PORT, help="port to listen on")
-    d.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDRESS", help=bind_help)
-    d.add_argument("--work_dir", default=None,
-                   help="journal folder: a restarted dispatcher continues its jobs (fault tolerant)")
-    d.add_argument("--job_gc_timeout", type=float, default=DEFAULT_JOB_GC_TIMEOUT_S, metavar="SECONDS",
-                   help="forget a job nobody has read for this long (a trainer restarted sooner continues "
-                        "its epoch's job)")
-    d.add_argument("--worker_timeout", type=float, default=DEFAULT_WORKER_TIMEOUT_S, metavar="SECONDS",
-                   help="count a worker lost after this long without a heartbeat")
-    w = roles.add_parser("worker", help="one worker (run one per input host)")
-    w.add_argument("--dispatcher", required=True, metavar="HOST:PORT", help="the dispatcher's address")
-    w.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT,
-                   help="port to listen on (fixed, so that a restarted worker is found at the same address)")
-    w.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDRESS", help=bind_help)
-    w.add_argument("--host", default=None,
-                   help=f"the name trainers reach this worker by (default: this host's name, {socket.gethostname()})")
-    return p
+COMMAND = Command("data_service", "python -m alexnet_tf.data_service {dispatcher,worker} [flags]", __doc__,
+                  usage_status=1)
+
+
+def _parse(argv):
+    """The role and its flags' values; a command line that does not fit them ends with one line, exit status 1."""
+    fv = _flags()
+    args, roles = COMMAND.parse(fv, argv, arguments=True)
+    if len(roles) != 1 or roles[0] not in ROLE_FLAGS:
+        given = f", got {' '.join(roles)}" if roles else ""
+        COMMAND.fail(f"give one role, dispatcher or worker{given} (see --help)", 1)
+    args.role = roles[0]
+    other = next(r for r in ROLE_FLAGS if r != args.role)
+    wrong = [f"--{name}" for name in ROLE_FLAGS[other] if fv[name].present]
+    if wrong:
+        COMMAND.fail(f"a {args.role} does not take {', '.join(wrong)} (a {other}'s flags; see --help)", 1)
+    if args.role == "worker" and not args.dispatcher:
+        COMMAND.fail("a worker needs --dispatcher=HOST:PORT (see --help)", 1)
+    if args.port is None:
+        args.port = DEFAULT_DISPATCHER_PORT if args.role == "dispatcher" else DEFAULT_WORKER_PORT
+    return args
 
 
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.role == "dispatcher":
             if args.job_gc_timeout <= 0 or args.worker_timeout <= 0:

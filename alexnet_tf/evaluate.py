@@ -13,13 +13,15 @@ confused classes and, for a model folder, its learning curves.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 
+from absl import flags
+
 from tfrecords import schema
+from toolcli.command import Command
 
 # Krizhevsky et al. (2012), Table 2, "1 CNN", validation set (10-patch averaging, §4.1).
 PAPER_ONE_CNN_VAL = {"top1_error": 0.407, "top5_error": 0.182}
@@ -124,30 +126,38 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m alexnet_tf.evaluate", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--saved_model", help="A SavedModel exported by alexnet_tf.export (or training).")
-    src.add_argument("--model_dir", help="A model folder written by alexnet_tf.train (latest checkpoint).")
-    p.add_argument("--data_dir", default="data", help="Records folder with metadata.json.")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--output_json", default=None, help="Also write the results here.")
-    p.add_argument("--noten_crops", dest="ten_crops", action="store_false",
-                   help="The central patch only (the ten patches cost ten times as much).")
-    p.add_argument("--report", default=None, metavar="DIR",
-                   help="Also write DIR/report.html: the table, the paper's Figures 3 and 4 from this model, "
-                        "per-class errors, the most confused classes and (--model_dir) the learning curves.")
-    p.add_argument("--figure_pool", type=int, default=500,
-                   help="--report: the first N images of the split the fc7 neighbours are searched in.")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("saved_model", None, "A SavedModel exported by alexnet_tf.export (or training); this or "
+                        "--model_dir.", flag_values=fv)
+    flags.DEFINE_string("model_dir", None, "A model folder written by alexnet_tf.train (latest checkpoint); this or "
+                        "--saved_model.", flag_values=fv)
+    flags.DEFINE_string("data_dir", "data", "Records folder with metadata.json.", flag_values=fv)
+    flags.DEFINE_string("split", "validation", "The split evaluated.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 100, "Images per batch.", flag_values=fv)
+    flags.DEFINE_string("output_json", None, "Also write the results here.", flag_values=fv)
+    flags.DEFINE_bool("ten_crops", True, "The paper's ten patches besides the central one (--noten_crops: the "
+                      "central patch only; the ten patches cost ten times as much).", flag_values=fv)
+    flags.DEFINE_string("report", None, "Also write DIR/report.html: the table, the paper's Figures 3 and 4 from "
+                        "this model, per-class errors, the most confused classes and (--model_dir) the learning "
+                        "curves.", flag_values=fv)
+    flags.DEFINE_integer("figure_pool", 500, "--report: the first N images of the split the fc7 neighbours are "
+                         "searched in.", flag_values=fv)
+    flags.mark_flags_as_mutual_exclusive(["saved_model", "model_dir"], required=True, flag_values=fv)
+    return fv
 
+
+COMMAND = Command("evaluate", "python -m alexnet_tf.evaluate (--saved_model=DIR | --model_dir=DIR) [flags]", __doc__)
+
+
+def main(argv=None) -> None:
+    args, _ = COMMAND.parse(_flags(), argv)
     if args.batch_size < 1:
-        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+        COMMAND.fail(f"--batch_size must be at least 1, got {args.batch_size}", 2)
     if args.figure_pool < 1:
-        p.error(f"--figure_pool must be at least 1, got {args.figure_pool}")
+        COMMAND.fail(f"--figure_pool must be at least 1, got {args.figure_pool}", 2)
     if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
-        p.error(f"--report {args.report} is a file; it takes a folder (report.html is written into it)")
+        COMMAND.fail(f"--report {args.report} is a file; it takes a folder (report.html is written into it)", 2)
     import tensorflow as tf
 
     from tfrecords import fileio, integrity, metadata

@@ -52,10 +52,12 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
 from alexnet_tf import model as model_lib, preprocessing, run_dir
 from alexnet_tf.model_info import ModelInfo
 from tfrecords import fileio
+from toolcli.command import Command
 from alexnet_tf.export_folder import (CLASSES_ASSET, ExportError, OLD_TAG, SAVED_MODEL_PB, TMP_TAG, check_export_dir,
                                       check_finite, export_leftover, is_export, recover, resolve, siblings, swap_in,
                                       write_out)
@@ -290,16 +292,23 @@ def export_trained(model, model_dir: str, export_dir: str | None = None) -> str:
     return export(plain, info, mean, export_dir or run_dir.path(model_dir, run_dir.SAVED_MODEL))
 
 
-def main(argv=None) -> None:
-    import argparse
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", None, "Model folder written by alexnet_tf.train (required).", flag_values=fv)
+    flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (default <model_dir>/saved_model): a new or "
+                        "empty folder, or an earlier export, which is replaced whole; any other folder is refused and "
+                        "left as it is.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "A checkpoint path (default: the latest).", flag_values=fv)
+    flags.mark_flag_as_required("model_dir", flag_values=fv)
+    return fv
 
-    p = argparse.ArgumentParser(prog="python -m alexnet_tf.export", description=__doc__.splitlines()[0])
-    p.add_argument("--model_dir", required=True, help="Model folder written by alexnet_tf.train.")
-    p.add_argument("--export_dir", default=None,
-                   help="Where the SavedModel goes (default <model_dir>/saved_model): a new or empty folder, or an "
-                        "earlier export, which is replaced whole; any other folder is refused and left as it is.")
-    p.add_argument("--checkpoint", default=None, help="A checkpoint path (default: the latest).")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+COMMAND = Command("export", "python -m alexnet_tf.export --model_dir=DIR [--export_dir=DIR] [--checkpoint=PATH]",
+                  __doc__)
+
+
+def main(argv=None) -> None:
+    args, _ = COMMAND.parse(_flags(), argv)
     export_dir = args.export_dir or run_dir.path(args.model_dir, run_dir.SAVED_MODEL)
     try:
         check_export_dir(export_dir)  # Before the checkpoint is read: a refused folder costs nothing.

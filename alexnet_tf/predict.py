@@ -12,13 +12,16 @@ file failed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
 import re
 import sys
 import tempfile
+
+from absl import flags
+
+from toolcli.command import Command
 
 # The serving signature's refusal of an image above the pixel limit (`alexnet_tf.export`).
 _TOO_LARGE = re.compile(r"of the batch is\] \[(\d+)\] \[x\] \[(\d+)\] \[pixels \(height x width\), above the limit "
@@ -119,16 +122,26 @@ def native_stderr_held():
                 own.close()
 
 
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("saved_model", None, "A SavedModel exported by alexnet_tf.export (required).", flag_values=fv)
+    flags.mark_flag_as_required("saved_model", flag_values=fv)
+    return fv
+
+
+COMMAND = Command(
+    "predict", "python -m alexnet_tf.predict --saved_model=DIR IMAGE [IMAGE ...]",
+    __doc__.split("\n\n", 1)[0] + "\n\nIMAGE: image files (JPEG, PNG, GIF, BMP).",
+    epilog="Each image is one request to the model's serving_default signature, which decodes and runs any batch 64 "
+           "images at a time (alexnet_tf.export.SERVING_CHUNK): memory stays bounded, about 200 MB over the loaded "
+           "model. Images above 134,217,728 pixels (schema.MAX_PIXELS) are refused from their header.")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m alexnet_tf.predict", description=__doc__.splitlines()[0],
-        epilog="Each image is one request to the model's serving_default signature, which decodes and runs "
-               "any batch 64 images at a time (alexnet_tf.export.SERVING_CHUNK): memory stays bounded, about "
-               "200 MB over the loaded model. Images above 134,217,728 pixels (schema.MAX_PIXELS) are refused "
-               "from their header.")
-    p.add_argument("--saved_model", required=True, help="A SavedModel exported by alexnet_tf.export.")
-    p.add_argument("images", nargs="+", help="Image files (JPEG, PNG, GIF, BMP).")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args, images = COMMAND.parse(_flags(), argv, arguments=True)
+    args.images = images
+    if not images:
+        COMMAND.fail("no image files given (see --help)", 2)
     with native_stderr_held() as stderr:
         failed = _run(args, stderr)
     sys.exit(1 if failed else 0)

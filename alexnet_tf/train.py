@@ -20,77 +20,88 @@ import sys
 import typing
 from typing import NoReturn
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from alexnet_tf import config as config_lib
-
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string("model_dir", "runs/alexnet", "Checkpoints, TensorBoard logs and the SavedModel.")
-flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "one_device", "multi_worker"], "Distribution strategy.")
-flags.DEFINE_integer("cpu_devices", 2, "Without GPUs, --strategy=mirrored mirrors over this many logical CPUs.")
-flags.DEFINE_integer("gpu_split", 1, "Split every physical GPU into this many logical GPUs (replicas), so the "
-                     "mirrored path, all-reduce included, runs on one card.")
-flags.DEFINE_integer("gpu_split_memory_mb", 0, "Memory of each logical GPU of --gpu_split (0: 90% of the "
-                     "card's, divided equally).")
-flags.DEFINE_enum("preset", "paper", sorted(config_lib.PRESETS), "Hyperparameter preset; explicit flags override it.")
+from toolcli import quiet
+from toolcli.command import Command
 
 
-def _define_hyperparameter_flags() -> None:
-    """One flag per TrainConfig field, with the field's default and help."""
+def _flags() -> flags.FlagValues:
+    """The trainer's flags: how it runs, then one flag per TrainConfig field, with the field's default and help."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", "runs/alexnet", "Checkpoints, TensorBoard logs and the SavedModel.", flag_values=fv)
+    flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "one_device", "multi_worker"], "Distribution strategy.",
+                      flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", 2, "Without GPUs, --strategy=mirrored mirrors over this many logical CPUs.",
+                         flag_values=fv)
+    flags.DEFINE_integer("gpu_split", 1, "Split every physical GPU into this many logical GPUs (replicas), so the "
+                         "mirrored path, all-reduce included, runs on one card.", flag_values=fv)
+    flags.DEFINE_integer("gpu_split_memory_mb", 0, "Memory of each logical GPU of --gpu_split (0: 90% of the "
+                         "card's, divided equally).", flag_values=fv)
+    flags.DEFINE_enum("preset", "paper", sorted(config_lib.PRESETS), "Hyperparameter preset; explicit flags override "
+                      "it.", flag_values=fv)
+    flags.DEFINE_bool("verbose_startup", False, "Let TensorFlow's start-up notes (its C++ INFO lines, absl's notice) "
+                      "and Python INFO logs through to the console (toolcli.quiet names what is kept off it "
+                      "without); --verbose is the progress bar.", flag_values=fv)
     hints = typing.get_type_hints(config_lib.TrainConfig)
     for field in dataclasses.fields(config_lib.TrainConfig):
         name, default, help = field.name, field.default, field.metadata["help"]
         kind = hints[name]
         if field.metadata.get("choices"):
-            flags.DEFINE_enum(name, default, list(field.metadata["choices"]), help)
+            flags.DEFINE_enum(name, default, list(field.metadata["choices"]), help, flag_values=fv)
         elif kind is bool:
-            flags.DEFINE_bool(name, default, help)
+            flags.DEFINE_bool(name, default, help, flag_values=fv)
         elif kind is int or kind == (int | None):
-            flags.DEFINE_integer(name, default, help)
+            flags.DEFINE_integer(name, default, help, flag_values=fv)
         elif kind is float:
-            flags.DEFINE_float(name, default, help)
+            flags.DEFINE_float(name, default, help, flag_values=fv)
         elif kind is str:
-            flags.DEFINE_string(name, default, help)
+            flags.DEFINE_string(name, default, help, flag_values=fv)
         else:  # tuple[int, ...]
-            flags.DEFINE_list(name, [str(v) for v in default], help)
+            flags.DEFINE_list(name, [str(v) for v in default], help, flag_values=fv)
+    return fv
 
 
-_define_hyperparameter_flags()
+COMMAND = Command("train", "python -m alexnet_tf.train [flags]", __doc__, usage_status=1)
 
 
-def config_from_flags() -> config_lib.TrainConfig:
+def config_from_flags(fv: flags.FlagValues) -> config_lib.TrainConfig:
     """TrainConfig from the recipe, overridden by the preset, overridden by every flag given explicitly."""
-    explicit = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.TrainConfig)
-                if FLAGS[f.name].present}
+    explicit = {f.name: fv[f.name].value for f in dataclasses.fields(config_lib.TrainConfig) if fv[f.name].present}
     try:
         for name in ("lr_decay_epochs", "profile_steps"):
             if name in explicit:
                 explicit[name] = tuple(int(v) for v in explicit[name])
         recipe = explicit.pop("recipe", None)
-        return config_lib.make_config(FLAGS.preset, recipe, **explicit)  # Unset fields: the flags' defaults.
+        return config_lib.make_config(fv.preset, recipe, **explicit)  # Unset fields: the flags' defaults.
     except ValueError as e:
-        fail(f"--{e}" if str(e).split(" ")[0] in FLAGS else str(e))
+        fail(f"--{e}" if str(e).split(" ")[0] in fv else str(e))
 
 
 def fail(message: str) -> NoReturn:
     """The run cannot start or go on: one line on stderr, exit status 1."""
-    print(f"train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    COMMAND.fail(message, 1)
 
 
-def main(argv):
+def main(argv=None) -> None:
+    """The command: `argv` (default: the process's arguments) parsed, then the run, with start-up noise kept off."""
+    fv = _flags()
+    COMMAND.parse(fv, argv)
+    with quiet.quiet_start(fv.verbose_startup):
+        _train(fv)
+
+
+def _train(fv: flags.FlagValues) -> None:
     # TensorFlow's and Keras' INFO lines (one per reduction, per save) drown the
-    # progress; -v/--verbosity still brings them back.
-    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
-    if not FLAGS["verbosity"].present:
+    # progress; --verbose_startup brings them back.
+    if not fv.verbose_startup:
+        std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
         logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])} (every setting is a --flag; see --help)")
-    if FLAGS.cpu_devices < 1 or FLAGS.gpu_split < 1 or FLAGS.gpu_split_memory_mb < 0:
+    if fv.cpu_devices < 1 or fv.gpu_split < 1 or fv.gpu_split_memory_mb < 0:
         fail(f"--cpu_devices and --gpu_split must be at least 1 and --gpu_split_memory_mb 0 or more, got "
-             f"{FLAGS.cpu_devices}, {FLAGS.gpu_split} and {FLAGS.gpu_split_memory_mb}")
-    config = config_from_flags()
+             f"{fv.cpu_devices}, {fv.gpu_split} and {fv.gpu_split_memory_mb}")
+    config = config_from_flags(fv)
     # The strategy first: logical devices can only be made before TensorFlow initialises.
     import tensorflow as tf
 
@@ -99,27 +110,27 @@ def main(argv):
     from tfrecords import metadata
     from tfrecords.folder import Records
 
-    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices, FLAGS.gpu_split, FLAGS.gpu_split_memory_mb)
+    strategy = distribute.make_strategy(fv.strategy, fv.cpu_devices, fv.gpu_split, fv.gpu_split_memory_mb)
     try:
         records = Records.open(config.data_dir)  # Opened and checked once, for the whole run.
         if config.data_service:
             service_client.check_reachable(config.data_service)
         if config.export:  # The folder the run ends by exporting into: refused now, not after the training.
-            export_folder.check_export_dir(run_dir.path(FLAGS.model_dir, run_dir.SAVED_MODEL))
+            export_folder.check_export_dir(run_dir.path(fv.model_dir, run_dir.SAVED_MODEL))
     except (metadata.MetadataError, service_client.ServiceError, ValueError, export_folder.ExportError) as e:
         fail(str(e))
     dtype = distribute.compute_dtype(config.mixed_precision, strategy)
-    distribute.say(True, f"strategy {FLAGS.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
+    distribute.say(True, f"strategy {fv.strategy} with {strategy.num_replicas_in_sync} replicas, compute dtype "
                       f"{dtype}{', XLA' if config.jit_compile else ''}; {config}")
     try:
-        history = trainer.train_and_evaluate(config, FLAGS.model_dir, strategy, records).history
+        history = trainer.train_and_evaluate(config, fv.model_dir, strategy, records).history
     except (distribute.RunConflict, metadata.MetadataError, config_lib.ConfigError,
             ModelInfoError) as e:  # Before anything is written.
         fail(str(e))
     except (run_dir.RunDirError, train_loop.Diverged) as e:  # The checkpoints written so far stay.
         fail(str(e))
     except export_folder.ExportError as e:  # At the end: the checkpoints are written, only the SavedModel is not.
-        fail(f"{e} (the run's checkpoints in {FLAGS.model_dir} are kept)")
+        fail(f"{e} (the run's checkpoints in {fv.model_dir} are kept)")
     except stall_watch.Stalled:  # Already said, on the console and in TensorBoard.
         sys.exit(3)
     except tf.errors.NotFoundError as e:  # A dispatcher restarted without its journal; checkpoints stay.
@@ -136,19 +147,5 @@ def main(argv):
               f"(top-1 accuracy {1 - last['val_top1_error']:.2%}) after {last['epoch']} epochs")
 
 
-HELP_FLAGS = ("-h", "-?", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
-
-
-def run() -> None:
-    """The command: absl's flags and `main`, where asking for help exits 0 (absl's own exits 1)."""
-    asked = any(a.split("=")[0] in HELP_FLAGS for a in sys.argv[1:])
-    try:
-        app.run(main)
-    except SystemExit as e:
-        if asked and e.code == 1:
-            sys.exit(0)
-        raise
-
-
 if __name__ == "__main__":
-    run()
+    main()

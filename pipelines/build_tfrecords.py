@@ -24,17 +24,21 @@ failed, killed or out-of-space build leaves the folder's dataset as it was.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import sys
-import threading
 import time
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from absl import flags
+
+from toolcli import quiet
+from toolcli.command import Command
+
+with quiet.held_imports():  # Beam's import-time warnings wait for --verbose_startup.
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipelines import (build_report, build_summary, class_labels, imagenet_layout, members, output_folder, runners,
                        shard_writing, transforms)
@@ -55,42 +59,50 @@ BuildConfig = transforms.BuildConfig  # Re-exported: what every worker needs to 
 # Driver.
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.build_tfrecords",
-        description="Raw ILSVRC2012 (archives or extracted folders) -> sharded TFRecords + metadata.json. "
-        "Unknown arguments go to Apache Beam's PipelineOptions (e.g. --runner=DataflowRunner, or "
-        "--runner=DaskRunner --dask_client_address=tcp://HOST:8786 on a dask.distributed cluster).",
-    )
-    p.add_argument("--imagenet_dir", default=None,
-                   help="Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or extracted "
-                   "train/<synset>/ and val/ (flat or per synset). Only regular files (or links to them) of at most "
-                   f"{members.MAX_MEMBER_BYTES // 2**20} MiB are read as images; others are rejected. Default: the "
-                   "embedded sample, built into a cache folder on first use.")
-    p.add_argument("--val_labels", default=None,
-                   help="Validation labels, one synset per line in file-number order. Default: "
-                   "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 "
-                   "list shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with "
-                   f"its mark, at most {class_labels.MAX_LABEL_FILE_BYTES // 2**20} MiB.")
-    p.add_argument("--output_dir", default="data",
-                   help="Where shards and metadata.json go; outside --imagenet_dir.")
-    p.add_argument("--train_shards", type=int, default=1024)
-    p.add_argument("--validation_shards", type=int, default=128)
-    p.add_argument("--image_size", type=int, default=256,
-                   help="§2 of the paper: shorter side scaled to this, then the central square is stored; "
-                   f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (the network's {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} patches "
-                   "are cut from it).")
-    p.add_argument("--noresize", dest="resize", action="store_false",
-                   help="Keep the original JPEG bytes of valid RGB JPEGs (others are re-encoded at their size).")
-    p.add_argument("--jpeg_quality", type=int, default=90, help="Quality of re-encoded JPEGs.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the shuffled training order.")
-    p.add_argument("--max_reject_fraction", type=float, default=0.01,
-                   help="Fail if more than this fraction of the inputs is rejected.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Replace a dataset already in --output_dir (whole); without it the run refuses.")
-    p.add_argument("--sample_dir", default=None,
-                   help="Cache folder of the embedded sample (used without --imagenet_dir).")
-    return p
+def _flags() -> flags.FlagValues:
+    """The build's own flags (every other argument goes to Beam's PipelineOptions)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("imagenet_dir", None, "Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or "
+                        "extracted train/<synset>/ and val/ (flat or per synset). Only regular files (or links to "
+                        f"them) of at most {members.MAX_MEMBER_BYTES // 2**20} MiB are read as images; others are "
+                        "rejected. Default: the embedded sample, built into a cache folder on first use.",
+                        flag_values=fv)
+    flags.DEFINE_string("val_labels", None, "Validation labels, one synset per line in file-number order. Default: "
+                        "<imagenet_dir>/validation_labels.txt if present, else the 50,000-line ILSVRC2012 list "
+                        "shipped with tensorflow-datasets. UTF-8 (a byte-order mark is allowed) or UTF-16 with its "
+                        f"mark, at most {class_labels.MAX_LABEL_FILE_BYTES // 2**20} MiB.", flag_values=fv)
+    flags.DEFINE_string("output_dir", "data", "Where shards and metadata.json go; outside --imagenet_dir.",
+                        flag_values=fv)
+    flags.DEFINE_integer("train_shards", 1024, "Training shards.", flag_values=fv)
+    flags.DEFINE_integer("validation_shards", 128, "Validation shards.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 256, "§2 of the paper: shorter side scaled to this, then the central square "
+                         f"is stored; {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (the network's {MIN_IMAGE_SIZE}x"
+                         f"{MIN_IMAGE_SIZE} patches are cut from it).", flag_values=fv)
+    flags.DEFINE_bool("resize", True, "--noresize: keep the original JPEG bytes of valid RGB JPEGs (others are "
+                      "re-encoded at their size).", flag_values=fv)
+    flags.DEFINE_integer("jpeg_quality", 90, "Quality of re-encoded JPEGs.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the shuffled training order.", flag_values=fv)
+    flags.DEFINE_float("max_reject_fraction", 0.01, "Fail if more than this fraction of the inputs is rejected.",
+                       flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace a dataset already in --output_dir (whole); without it the run "
+                      "refuses.", flag_values=fv)
+    flags.DEFINE_string("sample_dir", None, "Cache folder of the embedded sample (used without --imagenet_dir).",
+                        flag_values=fv)
+    flags.DEFINE_bool("verbose_startup", False, "Let Beam's and TensorFlow's start-up notes and warnings through "
+                      "to the console (toolcli.quiet names what is kept off it without).", flag_values=fv)
+    return fv
+
+
+COMMAND = Command(
+    "build_tfrecords", "python -m pipelines.build_tfrecords [flags] [Beam's PipelineOptions]",
+    "Raw ILSVRC2012 (archives or extracted folders) -> sharded TFRecords + metadata.json. Unknown arguments go to "
+    "Apache Beam's PipelineOptions (e.g. --runner=DataflowRunner, or --runner=DaskRunner "
+    "--dask_client_address=tcp://HOST:8786 on a dask.distributed cluster).")
+
+
+def parse(argv: list[str] | None = None):
+    """(the build's flag values, the arguments for Beam) of a command line."""
+    return COMMAND.parse(_flags(), argv, known_only=True)
 
 
 def _check_flags(args) -> None:
@@ -105,8 +117,16 @@ def _check_flags(args) -> None:
         raise BuildError(f"--max_reject_fraction must be in [0, 1], got {args.max_reject_fraction}")
 
 
+def _ours() -> list[str]:
+    return [f"--{name}" for name in _flags()]
+
+
 def _beam_options(beam_args: list[str]):
-    return runners.beam_options(beam_args, [a.option_strings[-1] for a in _parser()._actions if a.option_strings])
+    return runners.beam_options(beam_args, _ours())
+
+
+def _check_beam_flags(beam_args: list[str]) -> None:
+    runners.check_beam_flags(beam_args, _ours())
 
 
 def run(argv: list[str] | None = None) -> metadata.Metadata:
@@ -115,8 +135,12 @@ def run(argv: list[str] | None = None) -> metadata.Metadata:
     Raises:
       BuildError, imagenet_layout.LayoutError: with a one-line reason.
     """
-    args, beam_args = _parser().parse_known_args(argv)
+    return _run(*parse(argv))
+
+
+def _run(args, beam_args: list[str]) -> metadata.Metadata:
     _check_flags(args)
+    _check_beam_flags(beam_args)  # A mistyped flag stops the build before the sample is made or the input read.
     started = time.time()
     if args.imagenet_dir is None:
         from pipelines import make_sample
@@ -217,36 +241,9 @@ class TracebackFilter:
         return True
 
 
-@contextlib.contextmanager
-def _tracebacks_dropped(join_s: float = 10.0):
-    """Routes this process's stderr (fd 2), which the local workers inherit, through a `TracebackFilter`."""
-    sys.stderr.flush()
-    read_end, write_end = os.pipe()
-    console = os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def relay():
-        keep, pending = TracebackFilter(), b""
-        while chunk := os.read(read_end, 1 << 16):  # Until every writer (the workers too) has closed.
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                if keep.keep(line.decode(errors="replace")):
-                    os.write(console, line + b"\n")
-        if pending and keep.keep(pending.decode(errors="replace")):
-            os.write(console, pending)
-        os.close(read_end)
-
-    thread = threading.Thread(target=relay, name="stderr-relay", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(console, 2)  # Back to the console; the workers' copies close as they exit.
-        thread.join(join_s)
-        if not thread.is_alive():  # Otherwise still relaying a worker that is finishing.
-            os.close(console)
+def _tracebacks_dropped():
+    """This process's stderr (fd 2), which the local workers inherit, through a `TracebackFilter`."""
+    return quiet.relay_stderr(TracebackFilter().keep)
 
 
 def _check_class_text(synsets) -> None:
@@ -322,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("distributed").setLevel(logging.ERROR)  # A Dask client's and local cluster's chatter.
     for name in BUNDLE_ERROR_LOGGERS:  # In-process workers: the failure is reported once, below.
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    args, beam_args = parse(argv)
     try:
-        run(sys.argv[1:] if argv is None else argv)
+        with quiet.quiet_start(args.verbose_startup):
+            _run(args, beam_args)
     except (BuildError, imagenet_layout.LayoutError) as e:
         print(f"build_tfrecords: error: {e}", file=sys.stderr)
         sys.exit(1)

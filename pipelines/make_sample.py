@@ -23,7 +23,6 @@ Same ``--seed`` and counts give byte-identical tar files.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -32,12 +31,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from absl import flags
 
 from pipelines import class_labels, sample_folder, sample_images
 from pipelines.imagenet_layout import TRAIN_TAR, VAL_LABELS, VAL_TAR
 from pipelines.raw_layout import val_name, write_archives
 from pipelines.sample_folder import MANIFEST, MARKER
 from tfrecords import fileio
+from toolcli.command import Command
 
 logger = logging.getLogger(__name__)
 
@@ -379,65 +380,46 @@ def ensure_sample(
     return manifest
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as a single line (no usage dump), exit status 2."""
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("output_dir", None, "Directory to write into (required).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    flags.DEFINE_integer("train_per_class", None, f"Training images per class (default 40, >= {MIN_TRAIN_PER_CLASS}; "
+                         "--shape=imagenet: 8, >= 1).", flag_values=fv)
+    flags.DEFINE_integer("val_per_class", 10, f"Validation images per class (>= {MIN_VAL_PER_CLASS}).", flag_values=fv)
+    flags.DEFINE_enum("shape", "small", ["small", "imagenet"], "small: 10 classes (the embedded sample's shape); "
+                      "imagenet: all 1000 ILSVRC2012 synsets, ImageNet's image sizes, real validation file numbers, "
+                      "no label file.", flag_values=fv)
+    flags.DEFINE_integer("val_images", 1000, "--shape=imagenet: validation images (1..50000).", flag_values=fv)
+    flags.mark_flag_as_required("output_dir", flag_values=fv)
+    return fv
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+
+COMMAND = Command("make_sample", "python -m pipelines.make_sample --output_dir=DIR [flags]",
+                  __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = _OneLineParser(
-        prog="make_sample",
-        description="Write a small synthetic ILSVRC2012-layout dataset.",
-    )
-    parser.add_argument("--output_dir", required=True, help="Directory to write into.")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed.")
-    parser.add_argument(
-        "--train_per_class",
-        type=int,
-        default=None,
-        help=f"Training images per class (default 40, >= {MIN_TRAIN_PER_CLASS}; --shape=imagenet: 8, >= 1).",
-    )
-    parser.add_argument(
-        "--val_per_class",
-        type=int,
-        default=10,
-        help=f"Validation images per class (>= {MIN_VAL_PER_CLASS}).",
-    )
-    parser.add_argument(
-        "--shape",
-        choices=("small", "imagenet"),
-        default="small",
-        help="small: 10 classes (the embedded sample's shape); imagenet: all 1000 ILSVRC2012 "
-        "synsets, ImageNet's image sizes, real validation file numbers, no label file.",
-    )
-    parser.add_argument(
-        "--val_images",
-        type=int,
-        default=1000,
-        help="--shape=imagenet: validation images (1..50000).",
-    )
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(_flags(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.shape == "imagenet":
         try:
             make_imagenet_sample(args.output_dir, args.seed, args.train_per_class or 8, args.val_images)
         except ValueError as e:
-            parser.error(f"--{e}")
+            COMMAND.fail(f"--{e}", 2)
         except FileExistsError as e:
-            parser.exit(1, f"{parser.prog}: error: {e}\n")
+            COMMAND.fail(str(e), 1)
         return 0
     train_per_class = 40 if args.train_per_class is None else args.train_per_class
     try:
         _check_args(args.seed, train_per_class, args.val_per_class)
     except ValueError as e:
-        parser.error(f"--{e}")
+        COMMAND.fail(f"--{e}", 2)
     try:
         make_sample(args.output_dir, args.seed, train_per_class, args.val_per_class)
     except FileExistsError as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        COMMAND.fail(str(e), 1)
     return 0
 
 

@@ -14,7 +14,6 @@ problems found.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import itertools
 import json
@@ -22,7 +21,10 @@ import os
 import sys
 import time
 
+from absl import flags
+
 from tfrecords import fileio, framing, integrity, metadata, schema
+from toolcli.command import Command
 
 from tfrecords.folder import Records
 
@@ -264,15 +266,21 @@ def _report(problems: list[str]) -> None:
         print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
 
 
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("data_dir", "data", "Folder with the shards and metadata.json.", flag_values=fv)
+    flags.DEFINE_integer("workers", None, "Shards checked (or compared) in parallel (default: cores).", flag_values=fv)
+    flags.DEFINE_string("same_as", None, "Another build's folder: compare the two (bytes of every shard and the mean "
+                        "image, metadata.json but its `created` and `build.seconds`) instead of verifying.",
+                        flag_values=fv)
+    return fv
+
+
+COMMAND = Command("verify_tfrecords", "python -m pipelines.verify_tfrecords --data_dir=DIR [--same_as=DIR]", __doc__)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.verify_tfrecords", description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", default="data", help="Folder with the shards and metadata.json.")
-    p.add_argument("--workers", type=int, default=None,
-                   help="Shards checked (or compared) in parallel (default: cores).")
-    p.add_argument("--same_as", default=None,
-                   help="Another build's folder: compare the two (bytes of every shard and the mean image, "
-                        "metadata.json but its `created` and `build.seconds`) instead of verifying.")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args, _ = COMMAND.parse(_flags(), argv)
     if args.same_as is not None:
         differences, count = compare(args.data_dir, args.same_as, args.workers)
         if differences:

@@ -300,10 +300,10 @@ def test_image_size_bounds_are_the_networks_patch_and_1024(tmp_path):
     from alexnet_tf import preprocessing
 
     assert build_tfrecords.MIN_IMAGE_SIZE == preprocessing.CROP  # Smaller records cannot be trained on.
-    assert "227..1024" in " ".join(build_tfrecords._parser().format_help().split())
+    assert "227..1024" in " ".join(build_tfrecords.COMMAND.help(build_tfrecords._flags()).split())
     for size, ok in [("227", True), ("256", True), ("1024", True), ("226", False), ("1025", False), ("8000", False),
                      ("0", False)]:
-        args, _ = build_tfrecords._parser().parse_known_args(["--image_size", size])
+        args, _ = build_tfrecords.parse(["--image_size", size])
         if ok:
             build_tfrecords._check_flags(args)
         else:

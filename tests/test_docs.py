@@ -51,7 +51,7 @@ def test_every_command_the_data_page_names_exists():
     assert not missing, f"docs/data.md names commands that do not exist: {missing}"
 
 
-PACKAGES = ("tfrecords", "pipelines", "alexnet_tf")
+PACKAGES = ("tfrecords", "pipelines", "alexnet_tf", "toolcli")
 MAX_MODULE_LINES = 450  # A module a reader can keep in mind.
 
 
@@ -107,6 +107,9 @@ def test_the_build_and_the_contract_import_nothing_of_the_trainers_package():
     contract = {m: sorted(i for i in _imports(m) if i.split(".")[0] == "pipelines")
                 for m in _modules() if m.startswith("tfrecords/")}
     assert not any(contract.values()), f"the data contract must not import the build: {contract}"
+    shared = {m: sorted(i for i in _imports(m) if i.split(".")[0] in ("tfrecords", "pipelines", "alexnet_tf"))
+              for m in _modules() if m.startswith("toolcli/")}
+    assert not any(shared.values()), f"the commands' shared plumbing must import none of the packages: {shared}"
 
 
 def _top_level_imports(path: str) -> set[str]:
