@@ -243,7 +243,8 @@ BIND_HELP = (f"The address to listen on. TensorFlow's tf.data service can only l
 ROLE_FLAGS = {"dispatcher": ("work_dir", "job_gc_timeout", "worker_timeout"), "worker": ("dispatcher", "host")}
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """Both roles' flags, on a FlagValues of their own (`ROLE_FLAGS` says whose each is)."""
     fv = flags.FlagValues()
     flags.DEFINE_integer("port", None, f"Port to listen on (default: {DEFAULT_DISPATCHER_PORT} for the dispatcher, "
                          f"{DEFAULT_WORKER_PORT} for a worker; give a worker a fixed one, so that a restarted worker "
@@ -267,7 +268,7 @@ COMMAND = Command("data_service", "python -m alexnet_tf.data_service {dispatcher
 
 def _parse(argv):
     """The role and its flags' values; a command line that does not fit them ends with one line, exit status 1."""
-    fv = _flags()
+    fv = define_flags()
     args, roles = COMMAND.parse(fv, argv, arguments=True)
     if len(roles) != 1 or roles[0] not in ROLE_FLAGS:
         given = f", got {' '.join(roles)}" if roles else ""

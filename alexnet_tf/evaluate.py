@@ -126,7 +126,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """The evaluator's flags, on a FlagValues of their own."""
     fv = flags.FlagValues()
     flags.DEFINE_string("saved_model", None, "A SavedModel exported by alexnet_tf.export (or training); this or "
                         "--model_dir.", flag_values=fv)
@@ -151,7 +152,7 @@ COMMAND = Command("evaluate", "python -m alexnet_tf.evaluate (--saved_model=DIR 
 
 
 def main(argv=None) -> None:
-    args, _ = COMMAND.parse(_flags(), argv)
+    args, _ = COMMAND.parse(define_flags(), argv)
     if args.batch_size < 1:
         COMMAND.fail(f"--batch_size must be at least 1, got {args.batch_size}", 2)
     if args.figure_pool < 1:

@@ -292,7 +292,8 @@ def export_trained(model, model_dir: str, export_dir: str | None = None) -> str:
     return export(plain, info, mean, export_dir or run_dir.path(model_dir, run_dir.SAVED_MODEL))
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """The exporter's flags, on a FlagValues of their own."""
     fv = flags.FlagValues()
     flags.DEFINE_string("model_dir", None, "Model folder written by alexnet_tf.train (required).", flag_values=fv)
     flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (default <model_dir>/saved_model): a new or "
@@ -308,7 +309,7 @@ COMMAND = Command("export", "python -m alexnet_tf.export --model_dir=DIR [--expo
 
 
 def main(argv=None) -> None:
-    args, _ = COMMAND.parse(_flags(), argv)
+    args, _ = COMMAND.parse(define_flags(), argv)
     export_dir = args.export_dir or run_dir.path(args.model_dir, run_dir.SAVED_MODEL)
     try:
         check_export_dir(export_dir)  # Before the checkpoint is read: a refused folder costs nothing.

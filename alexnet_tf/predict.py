@@ -122,7 +122,8 @@ def native_stderr_held():
                 own.close()
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """The predictor's flags, on a FlagValues of their own."""
     fv = flags.FlagValues()
     flags.DEFINE_string("saved_model", None, "A SavedModel exported by alexnet_tf.export (required).", flag_values=fv)
     flags.mark_flag_as_required("saved_model", flag_values=fv)
@@ -138,7 +139,7 @@ COMMAND = Command(
 
 
 def main(argv=None) -> None:
-    args, images = COMMAND.parse(_flags(), argv, arguments=True)
+    args, images = COMMAND.parse(define_flags(), argv, arguments=True)
     args.images = images
     if not images:
         COMMAND.fail("no image files given (see --help)", 2)

@@ -23,11 +23,12 @@ from typing import NoReturn
 from absl import flags, logging
 
 from alexnet_tf import config as config_lib
+from alexnet_tf import recipes
 from toolcli import quiet
-from toolcli.command import Command
+from toolcli.command import Command, FlagGroup
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
     """The trainer's flags: how it runs, then one flag per TrainConfig field, with the field's default and help."""
     fv = flags.FlagValues()
     flags.DEFINE_string("model_dir", "runs/alexnet", "Checkpoints, TensorBoard logs and the SavedModel.", flag_values=fv)
@@ -63,7 +64,20 @@ def _flags() -> flags.FlagValues:
     return fv
 
 
-COMMAND = Command("train", "python -m alexnet_tf.train [flags]", __doc__, usage_status=1)
+
+
+def _hyperparameters() -> FlagGroup:
+    """The TrainConfig flags, with what besides the command line sets their defaults (the reference page's note)."""
+    names = tuple(f.name for f in dataclasses.fields(config_lib.TrainConfig))
+    recipe_sets = sorted({name for r in recipes.RECIPES.values() for name in r.config})
+    note = ("One flag per field of `alexnet_tf.config.TrainConfig`. The defaults shown are the flags' own, the "
+            "paper's (§5): a run takes the `--recipe`'s values (" + ", ".join(f"`--{n}`" for n in recipe_sets)
+            + "), then the preset's (`--preset=sample`: "
+            + ", ".join(f"`--{n}`" for n in config_lib.PRESETS["sample"]) + "), then every flag given explicitly.")
+    return FlagGroup("Hyperparameters (TrainConfig; --preset and --recipe set their defaults)", names, note)
+
+
+COMMAND = Command("train", "python -m alexnet_tf.train [flags]", __doc__, usage_status=1, groups=(_hyperparameters(),))
 
 
 def config_from_flags(fv: flags.FlagValues) -> config_lib.TrainConfig:
@@ -86,7 +100,7 @@ def fail(message: str) -> NoReturn:
 
 def main(argv=None) -> None:
     """The command: `argv` (default: the process's arguments) parsed, then the run, with start-up noise kept off."""
-    fv = _flags()
+    fv = define_flags()
     COMMAND.parse(fv, argv)
     with quiet.quiet_start(fv.verbose_startup):
         _train(fv)

@@ -59,7 +59,7 @@ BuildConfig = transforms.BuildConfig  # Re-exported: what every worker needs to 
 # Driver.
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
     """The build's own flags (every other argument goes to Beam's PipelineOptions)."""
     fv = flags.FlagValues()
     flags.DEFINE_string("imagenet_dir", None, "Folder with ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar, or "
@@ -102,7 +102,7 @@ COMMAND = Command(
 
 def parse(argv: list[str] | None = None):
     """(the build's flag values, the arguments for Beam) of a command line."""
-    return COMMAND.parse(_flags(), argv, known_only=True)
+    return COMMAND.parse(define_flags(), argv, known_only=True)
 
 
 def _check_flags(args) -> None:
@@ -118,7 +118,7 @@ def _check_flags(args) -> None:
 
 
 def _ours() -> list[str]:
-    return [f"--{name}" for name in _flags()]
+    return [f"--{name}" for name in define_flags()]
 
 
 def _beam_options(beam_args: list[str]):

@@ -380,7 +380,8 @@ def ensure_sample(
     return manifest
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """The sample maker's flags, on a FlagValues of their own."""
     fv = flags.FlagValues()
     flags.DEFINE_string("output_dir", None, "Directory to write into (required).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
@@ -401,7 +402,7 @@ COMMAND = Command("make_sample", "python -m pipelines.make_sample --output_dir=D
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args, _ = COMMAND.parse(_flags(), argv)
+    args, _ = COMMAND.parse(define_flags(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.shape == "imagenet":
         try:

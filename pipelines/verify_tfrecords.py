@@ -266,7 +266,8 @@ def _report(problems: list[str]) -> None:
         print(f"verify_tfrecords: ... and {len(problems) - 50} more problems", file=sys.stderr)
 
 
-def _flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
+    """The verifier's flags, on a FlagValues of their own."""
     fv = flags.FlagValues()
     flags.DEFINE_string("data_dir", "data", "Folder with the shards and metadata.json.", flag_values=fv)
     flags.DEFINE_integer("workers", None, "Shards checked (or compared) in parallel (default: cores).", flag_values=fv)
@@ -280,7 +281,7 @@ COMMAND = Command("verify_tfrecords", "python -m pipelines.verify_tfrecords --da
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = COMMAND.parse(_flags(), argv)
+    args, _ = COMMAND.parse(define_flags(), argv)
     if args.same_as is not None:
         differences, count = compare(args.data_dir, args.same_as, args.workers)
         if differences:

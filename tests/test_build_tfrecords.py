@@ -300,7 +300,7 @@ def test_image_size_bounds_are_the_networks_patch_and_1024(tmp_path):
     from alexnet_tf import preprocessing
 
     assert build_tfrecords.MIN_IMAGE_SIZE == preprocessing.CROP  # Smaller records cannot be trained on.
-    assert "227..1024" in " ".join(build_tfrecords.COMMAND.help(build_tfrecords._flags()).split())
+    assert "227..1024" in " ".join(build_tfrecords.COMMAND.help(build_tfrecords.define_flags()).split())
     for size, ok in [("227", True), ("256", True), ("1024", True), ("226", False), ("1025", False), ("8000", False),
                      ("0", False)]:
         args, _ = build_tfrecords.parse(["--image_size", size])

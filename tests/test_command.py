@@ -59,7 +59,7 @@ def test_every_tool_has_one_console_script_named_after_it_that_runs_what_python_
 
 
 def _own_flags(module: str) -> set[str]:
-    return set(importlib.import_module(module)._flags())
+    return set(importlib.import_module(module).define_flags())
 
 
 def test_the_tools_import_together_and_define_nothing_on_absls_global_flags():
@@ -88,7 +88,7 @@ def test_an_unknown_flag_or_a_bad_number_is_one_line_naming_it_and_a_non_zero_ex
         tool.main(["--no_such_flag=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code not in (0, None) and len(err) == 1 and "no_such_flag" in err[0], err
-    fv = tool._flags()
+    fv = tool.define_flags()
     numbers = [name for name in fv if fv[name].flag_type() == "int"]
     if not numbers:
         return

@@ -5,7 +5,7 @@ global `flags.FLAGS` is shared by every module of a process, so two tools
 defining `--data_dir` on it could not be imported together) and parses its
 arguments with `Command.parse`:
 
-    def _flags() -> flags.FlagValues:
+    def define_flags() -> flags.FlagValues:
         fv = flags.FlagValues()
         flags.DEFINE_string("model_dir", None, "Model folder written by alexnet_tf.train.", flag_values=fv)
         return fv
@@ -13,7 +13,7 @@ arguments with `Command.parse`:
     COMMAND = Command("export", "python -m alexnet_tf.export --model_dir=DIR [flags]", __doc__)
 
     def main(argv=None):
-        args, _ = COMMAND.parse(_flags(), argv)  # args.model_dir
+        args, _ = COMMAND.parse(define_flags(), argv)  # args.model_dir
 
 This package imports nothing of the project: the build (`pipelines`) and the
 trainer's package (`alexnet_tf`) both use it without importing each other.
@@ -44,6 +44,21 @@ def asks_for_help(argv: list[str]) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlagGroup:
+    """Flags the flag reference (`toolcli.reference`) lists in a table of their own.
+
+    Attributes:
+      title: the table's heading.
+      names: the flags' names, in the order they are defined.
+      note: text under the heading: where the flags come from, what else sets their defaults.
+    """
+
+    title: str
+    names: tuple[str, ...]
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Command:
     """One tool's command line.
 
@@ -54,6 +69,7 @@ class Command:
       usage_status: the exit status of a command line that cannot be parsed (the tools that used
         argparse have exited 2, the trainer and the data service 1).
       epilog: text after the flags in the help.
+      groups: flags the reference page shows apart from the rest (the help lists every flag in one list).
     """
 
     name: str
@@ -61,6 +77,7 @@ class Command:
     about: str
     usage_status: int = 2
     epilog: str = ""
+    groups: tuple[FlagGroup, ...] = ()
 
     def help(self, fv: flags.FlagValues) -> str:
         """The help: usage, what the tool does, then each of its flags with its default."""
