@@ -26,7 +26,7 @@ demo: $(STAMP)
 		--data_dir=$(DATA) --model_dir=$(RUN)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 # Side-by-side measurements (not tests); torch is the peer. The pinned CPU wheel
 # avoids pulling a multi-GB CUDA build; override TORCH to taste.
@@ -92,7 +92,7 @@ rehearsal: $(STAMP)
 	$(PY) -m benchmarks.rehearsal $(REHEARSAL)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

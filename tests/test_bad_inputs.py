@@ -106,7 +106,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Cases that start TensorFlow on the records take seconds each: one of them (a damaged folder) runs in the
+# default suite, the others in `make test-all`; the flag checks all run before TensorFlow starts.
+DEFAULT_DATA_CASE = "two training shards swapped (train)"
+
+
+def _case(name):
+    fast = CASES[name][1] is _untouched and "replicas" not in name and "100000" not in name
+    return name if fast or name == DEFAULT_DATA_CASE else pytest.param(name, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("case", [_case(name) for name in sorted(CASES)])
 def test_bad_input(built, exported_model_dir, tmp_path, case):
     module, damage, flags, code, says = CASES[case]
     out, meta = built

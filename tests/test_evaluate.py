@@ -14,6 +14,7 @@ from conftest import cli as _cli, read_split
 from export_checks import run_main as _main, tiny_export as _tiny_export, tiny_info as _tiny_info
 
 
+@pytest.mark.slow
 def test_evaluate_reports_central_and_ten_crop_errors(exported, tmp_path):
     path, model, stats, out, meta = exported
     proc = _cli("alexnet_tf.evaluate", "--saved_model", path, "--data_dir", out,
@@ -37,6 +38,7 @@ def test_evaluate_reports_central_and_ten_crop_errors(exported, tmp_path):
             np.mean([l not in o[:5] for l, o in zip(labels, order)]), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_evaluate_bad_inputs(exported, tmp_path):
     path, _, _, out, _ = exported
     missing = _cli("alexnet_tf.evaluate", "--saved_model", str(tmp_path / "none"), "--data_dir", out)
@@ -62,6 +64,7 @@ def _records_of_other_classes(out, meta, dest):
     return str(dest), c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["--saved_model", "--model_dir"])
 def test_evaluate_refuses_records_of_other_classes(exported, tmp_path, source):
     path, _, _, out, meta = exported
@@ -73,6 +76,7 @@ def test_evaluate_refuses_records_of_other_classes(exported, tmp_path, source):
             f"in the model, {classes[0].synset} in {other} (and 1 more labels differ)") in r.stderr
 
 
+@pytest.mark.slow
 def test_training_refuses_to_continue_a_run_on_other_classes(exported, tmp_path):
     path, _, _, out, meta = exported
     other, classes = _records_of_other_classes(out, meta, tmp_path / "other")

@@ -62,6 +62,7 @@ EVALUATE = textwrap.dedent("""
     ("one_device", "float32"),
     pytest.param("mirrored", "float32", marks=pytest.mark.slow),
     pytest.param("one_device", "mixed_bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_every_batch_size_gives_the_same_errors(built, strategy, dtype):
     """The sample's 40 validation images at batch sizes 100 and 64 (cut to the split), 16
     and 7 (partial last batches; under mirrored, replicas left empty) and 40 (no padding)."""

@@ -121,6 +121,7 @@ def _same_outputs(a, b, key):
         np.testing.assert_array_equal(a, b, err_msg=key)
 
 
+@pytest.mark.slow
 def test_serving_in_chunks_gives_the_whole_batchs_outputs(exported, tmp_path, monkeypatch):
     path, model, stats, out, meta = exported
     model_dir = os.path.dirname(path)
@@ -236,6 +237,7 @@ THIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_long_thin_images_take_bounded_memory_in_serving(exported):
     path = exported[0]
     r = subprocess.run([sys.executable, "-c", THIN, path], capture_output=True, text=True, timeout=300)
@@ -247,6 +249,7 @@ def test_long_thin_images_take_bounded_memory_in_serving(exported):
     assert after_mib - before_mib < 100, (before_mib, after_mib)
 
 
+@pytest.mark.slow
 def test_fresh_process_with_only_tensorflow(exported, tmp_path):
     path, _, _, out, meta = exported
     image = tmp_path / "x.jpg"
@@ -264,6 +267,7 @@ def test_fresh_process_with_only_tensorflow(exported, tmp_path):
     assert proc.stdout.strip() in {c.name for c in meta.classes}
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_and_runs_it(exported, tmp_path):
     path, _, _, out, meta = exported
     show = subprocess.run([os.path.join(BIN, "saved_model_cli"), "show", "--dir", path, "--all"],

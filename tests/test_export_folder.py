@@ -229,6 +229,7 @@ def test_weights_that_are_not_finite_are_not_exported(tmp_path, capsys, tiny_run
         export_folder.check_finite(_tiny_model(), np.array([1.0, np.nan, 2.0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_an_export_killed_at_any_step_leaves_an_export_in_place(tmp_path, monkeypatch, exchange):
     """The whole export() over an earlier export, killed after 0, 1, 2, ... of its renames and deletions."""
@@ -262,6 +263,7 @@ def test_an_export_killed_at_any_step_leaves_an_export_in_place(tmp_path, monkey
     assert loaded.preprocessed(tf.zeros([1, 227, 227, 3]))["logits"].shape == (1, 3)
 
 
+@pytest.mark.slow
 def test_training_refuses_at_start_a_saved_model_folder_holding_other_files(built, tmp_path):
     out, _ = built
     folder = tmp_path / "run" / "saved_model"

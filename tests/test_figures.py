@@ -190,6 +190,7 @@ def run_folder(model_folder, built, tmp_path_factory):
     return str(dest)
 
 
+@pytest.mark.slow
 def test_report_of_a_model_folder_is_one_self_contained_page(run_folder, built, tmp_path):
     out, meta = built
     r = _evaluate("--model_dir", run_folder, "--data_dir", out, "--noten_crops", "--report", str(tmp_path / "rep"),
@@ -291,6 +292,7 @@ def tensorboard(trained_run):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_scalars_and_the_papers_figures(tensorboard, trained_run, built):
     scalars = json.loads(_get(f"{tensorboard}/data/plugin/scalars/tags"))
     assert {"loss", "top1_error", "top5_error", "learning_rate", "images_per_second"} <= set(scalars["train"])

@@ -298,6 +298,7 @@ def test_the_test_set_is_reported_as_skipped_with_its_size(sample, tmp_path, for
     assert line in layout.describe()
 
 
+@pytest.mark.slow
 def test_the_build_summary_names_the_skipped_test_set(sample, tmp_path, capfd):
     src = _linked_sample(sample, tmp_path / "in")
     (src / imagenet_layout.TEST_TARS[0]).write_bytes(_tar({"ILSVRC2012_test_00000001.JPEG": b"jpeg"}))

@@ -59,6 +59,7 @@ def test_a_crashed_overwrite_leaves_the_old_dataset_whole(sample, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # No staging left.
 
 
+@pytest.mark.slow
 def test_an_overwrite_that_fails_its_checks_leaves_the_old_dataset_whole(sample, tmp_path):
     build(sample["output_dir"], tmp_path)
     before = _dataset_files(tmp_path)
@@ -213,6 +214,7 @@ def small_disk(tmp_path):
 
 @pytest.mark.parametrize("workers", [LOCAL_BEAM, ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]],
                          ids=["in-process", "worker-processes"])
+@pytest.mark.slow
 def test_a_really_full_disk_is_one_line_and_exit_1(sample, small_disk, workers):
     out = small_disk / "out"
     proc = subprocess.run(
@@ -235,6 +237,7 @@ def _build_cli(src, out, *flags, stderr_to=None):
                             stderr=stderr_to, text=True)
 
 
+@pytest.mark.slow
 def test_two_builds_into_one_folder_one_refuses_naming_the_other(sample, tmp_path):
     out = tmp_path / "out"
     logs = [open(tmp_path / f"build{i}.log", "w+") for i in range(2)]

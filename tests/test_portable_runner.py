@@ -71,6 +71,7 @@ def local_build(sample, tmp_path_factory):
     return _dataset(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("environment", ["LOOPBACK", "EXTERNAL"])
 def test_portable_runner_writes_the_local_runners_records(environment, sample, local_build, tmp_path):
     job_port, pool_port = free_ports(2)

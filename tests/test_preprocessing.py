@@ -296,7 +296,12 @@ def _transparent_inputs():
 TRANSPARENT = _transparent_inputs()
 
 
-@pytest.mark.parametrize("name", sorted(TRANSPARENT))
+# Three inputs, one of each kind of transparency, in the default suite; every other in `make test-all`.
+DECODE_DEFAULT = ("rgba_png", "palette_png_trns_index", "gif_transparent_index")
+
+
+@pytest.mark.parametrize("name", [n if n in DECODE_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(TRANSPARENT)])
 def test_decode_rgb_is_the_builds_decode_bit_for_bit(name):
     data = TRANSPARENT[name]
     expected = _build_rgb(data)

@@ -85,6 +85,7 @@ def _noise_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if quiet.is_noise(line)]
 
 
+@pytest.mark.slow
 def test_the_builds_console_has_no_start_up_noise_and_verbose_startup_brings_it_back(sample, tmp_path):
     # The default local runner: worker processes, which print Beam's start-up notes themselves.
     quiet_run = cli("pipelines.build_tfrecords", f"--imagenet_dir={sample['output_dir']}", f"--output_dir={tmp_path / 'a'}",

@@ -19,7 +19,9 @@ from alexnet_tf.config import TrainConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", list(recipes.RECIPES))
+# The paper's in the default suite, the others in `make test-all`.
+@pytest.mark.parametrize("name", [n if n == "paper" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in recipes.RECIPES])
 def test_every_recipe_builds_the_same_network_initialised_as_its_source_says(name):
     recipe = recipes.get(name)
     paper = model_lib.build_alexnet(1000, seed=0)
@@ -85,6 +87,7 @@ def _train(*args):
                            "--seed=0", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_forced_stall_warns_in_the_console_and_tensorboard(built, tmp_path):
     r = _train(f"--data_dir={built[0]}", f"--model_dir={tmp_path}", "--learning_rate=0", "--stall_steps=2",
                "--steps_per_epoch=2", "--epochs=2")

@@ -66,8 +66,8 @@ def _outcome(model_dir):
     return history, state
 
 
-# Mirrored is marked slow (make test-all) to keep the default suite near 10 minutes on 2 cores.
-@pytest.mark.parametrize("strategy", ["one_device", pytest.param("mirrored", marks=pytest.mark.slow)])
+@pytest.mark.slow  # Four short runs of AlexNet: about a minute on 2 cores.
+@pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(built, tmp_path, strategy):
     out, _ = built
     rng = random.Random()

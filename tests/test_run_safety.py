@@ -73,6 +73,7 @@ def test_train_config_refuses_values_no_run_can_use(field, value, says):
 # -- one run per folder -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_held_folder_stops_before_it_writes(built, tmp_path):
     out, _ = built
     model_dir = tmp_path / "run"
@@ -112,6 +113,7 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
 # -- divergence ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_keeps_finite_checkpoints_and_exports_nothing(built, tmp_path):
     out, _ = built
     proc = _train([f"--data_dir={out}", f"--model_dir={tmp_path}", "--learning_rate=1e12", "--steps_per_epoch=4",
@@ -130,6 +132,7 @@ def test_a_diverged_run_stops_keeps_finite_checkpoints_and_exports_nothing(built
                 assert np.isfinite(value).all(), (prefix, name)
 
 
+@pytest.mark.slow
 def test_a_shard_damaged_past_its_checked_head_is_named_when_training_meets_it(built, tmp_path):
     import shutil
 

@@ -99,6 +99,7 @@ def local_cluster():
         yield cluster
 
 
+@pytest.mark.slow
 def test_the_dask_runner_writes_the_local_runners_bytes_on_both_workers(sample, built, local_cluster, tmp_path,
                                                                          capfd):
     from distributed import Client

@@ -27,6 +27,7 @@ def test_bad_addresses_are_named(bad, says):
 
 
 
+@pytest.mark.slow
 def test_the_watch_ends_a_wait_for_a_lost_dispatcher_only(capfd):
     """A dispatcher back within the wait lets the run carry on; one gone for longer ends
     it, but never while a checkpoint is written, nor while the loop is not reading."""

@@ -37,6 +37,7 @@ def test_presets_keep_the_papers_defaults():
 # -- a short run, in process --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches(built):
     from alexnet_tf import model as model_lib, preprocessing
     from conftest import read_split
@@ -71,6 +72,7 @@ def _event_tags(folder):
     return tags
 
 
+@pytest.mark.slow
 def test_short_run_logs_checkpoints_exports_and_resumes(built, tmp_path):
     out, meta = built
     config = TrainConfig(data_dir=out, batch_size=8, eval_batch_size=16, epochs=2, steps_per_epoch=2,
@@ -127,6 +129,7 @@ def test_bad_data_dir_is_a_clear_error(tmp_path):
 # -- mirrored over two logical CPU devices ------------------------------------
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_devices(built, tmp_path):
     out, _ = built
     flags = [f for f in TINY if f != "--nofigures"] + ["--figure_pool=20"]  # The figures drawn from a mirrored model.
@@ -158,6 +161,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_workers_train_to_identical_weights(built, tmp_path):
     out, _ = built
     outputs = cluster.run_workers(lambda i: ["-c", WORKER, out, str(tmp_path / "model"), str(tmp_path / f"w{i}.npz")])

@@ -59,6 +59,7 @@ def _alexnet_loop(state):
     return model, train_loop.TrainLoop(model, optimizer, strategy, 4, config.weight_decay, state=state)
 
 
+@pytest.mark.slow
 def test_one_loop_of_four_steps_trains_as_four_loops_of_one():
     rng = np.random.default_rng(0)
     images = rng.normal(0, 40, (16, 227, 227, 3)).astype(np.float32)
@@ -112,8 +113,8 @@ def _assert_xla_matches(result, replicas):
     np.testing.assert_allclose(result["sums_xla"], result["sums_plain"], rtol=1e-4)
 
 
-# One device under XLA is the simpler case of two (the default suite's).
-@pytest.mark.parametrize("strategy,replicas", [pytest.param("one_device", 1, marks=pytest.mark.slow), ("mirrored", 2)])
+@pytest.mark.slow  # AlexNet compiled by XLA: about a minute on 2 cores.
+@pytest.mark.parametrize("strategy,replicas", [("one_device", 1), ("mirrored", 2)])
 def test_jit_compile_gives_the_same_training(strategy, replicas, tmp_path):
     _assert_xla_matches(_check("jit", strategy, str(tmp_path / "out.json")), replicas)
 
@@ -130,6 +131,7 @@ def test_jit_compile_gives_the_same_training_on_two_workers(tmp_path):
 # -- mixed precision --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_float16_overflow_on_one_replica_skips_the_step_on_all(tmp_path):
     r = _check("overflow", str(tmp_path / "out.json"))
     step = r["overflow_step"]
@@ -169,6 +171,7 @@ def _dtypes_in_graph(saved_model_dir: str) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_export_is_float32_whatever_precision_trained(precision, built, tmp_path):
     out, meta = built
@@ -267,6 +270,7 @@ EMPTY_BATCH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_an_empty_batch_from_the_service_trains_as_nothing_with_onednn_on():
     """The tf.data service may give a replica no batch at a step; oneDNN's convolution returns its
     input for an empty batch (conv2 then split 3 channels in two): the step must train on nothing."""

@@ -133,6 +133,7 @@ def test_missing_mean_image_entry(copy):
     ]
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(copy):
     dst, meta = copy
     cmd = [sys.executable, "-m", "pipelines.verify_tfrecords", "--data_dir", str(dst)]
@@ -316,6 +317,7 @@ def test_a_shard_outside_the_folder_is_refused_by_verify_and_the_readers(copy, t
         metadata.load_metadata(str(dst))
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_whose_shard_points_outside_it_stops_in_one_line(copy, tmp_path):
     dst, _ = copy
     raw = _raw(dst)

@@ -72,6 +72,7 @@ def test_each_worker_evaluates_only_its_share(built):
     assert counts == [20, 20] and sum(counts) == meta.splits["validation"].num_examples
 
 
+@pytest.mark.slow
 def test_workers_that_see_different_runs_stop_naming_the_difference(built, tmp_path):
     out, _ = built
     chief_dir, other_dir = tmp_path / "shared", tmp_path / "elsewhere"
