@@ -18,12 +18,19 @@ install: $(STAMP)
 
 # Builds the embedded sample's records, verifies them, and trains AlexNet on them
 # from scratch under --strategy=mirrored (two logical CPU devices without GPUs).
+# Ends with the time it took (the install before it not counted) and where to look next.
 demo: $(STAMP)
-	$(PY) -m pipelines.build_tfrecords --output_dir=$(DATA) --overwrite
-	$(PY) -m pipelines.verify_tfrecords --data_dir=$(DATA)
-	rm -rf $(RUN)
+	@start=$$(date +%s) && set -x && \
+	$(PY) -m pipelines.build_tfrecords --output_dir=$(DATA) --overwrite && \
+	$(PY) -m pipelines.verify_tfrecords --data_dir=$(DATA) && \
+	rm -rf $(RUN) && \
 	$(PY) -m alexnet_tf.train --preset=sample --strategy=mirrored --cpu_devices=2 \
-		--data_dir=$(DATA) --model_dir=$(RUN)
+		--data_dir=$(DATA) --model_dir=$(RUN) && \
+	{ set +x; } 2>/dev/null && \
+	echo "demo: build, verify and training took $$(( $$(date +%s) - start )) s. Next:" && \
+	echo "  $(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard      # curves, Figures 3 and 4" && \
+	echo "  $(PY) -m alexnet_tf.evaluate --model_dir=$(RUN) --data_dir=$(DATA) --report=reports/demo" && \
+	echo "  $(PY) -m alexnet_tf.predict --saved_model=$(RUN)/saved_model IMAGE.jpg"
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10

@@ -158,7 +158,16 @@ def _train(fv: flags.FlagValues) -> None:
     if history and "val_top1_error" in history[-1]:
         last = history[-1]
         print(f"validation top-1 error {last['val_top1_error']:.2%}, top-5 error {last['val_top5_error']:.2%} "
-              f"(top-1 accuracy {1 - last['val_top1_error']:.2%}) after {last['epoch']} epochs")
+              f"(top-1 accuracy {1 - last['val_top1_error']:.2%}) after {last['epoch']} epochs; "
+              f"trained at {training_rate(history):.1f} images/s")
+
+
+def training_rate(history: list[dict]) -> float:
+    """Training images/s over the run's epochs: their training images over the time their training steps took."""
+    images = sum(epoch.get("train_images", 0) for epoch in history)  # Absent in histories of older runs.
+    seconds = sum(epoch.get("train_images", 0) / epoch["images_per_second"] for epoch in history
+                  if epoch["images_per_second"] > 0)
+    return images / seconds if seconds else 0.0
 
 
 if __name__ == "__main__":

@@ -180,3 +180,14 @@ def test_two_workers_train_to_identical_weights(built, tmp_path):
     # Only the chief wrote checkpoints and summaries; the other worker cleaned up.
     assert tf.train.latest_checkpoint(str(tmp_path / "model" / "checkpoints"))
     assert not [n for n in os.listdir(tmp_path / "model") if n.startswith(".checkpoints-")]
+
+
+def test_the_runs_training_rate_weighs_each_epoch_by_its_time():
+    from alexnet_tf.train import training_rate
+
+    # 100 images in 10 s, then 300 in 10 s: 20 images/s over the run (the mean of the two rates would be 20 too,
+    # so a third epoch of 100 images in 1 s tells them apart: 500 / 21).
+    history = [{"train_images": 100, "images_per_second": 10.0}, {"train_images": 300, "images_per_second": 30.0},
+               {"train_images": 100, "images_per_second": 100.0}]
+    assert training_rate(history) == pytest.approx(500 / 21)
+    assert training_rate([{"images_per_second": 5.0}]) == 0.0  # A history written before epochs counted images.
