@@ -83,6 +83,23 @@ def add_mfu(result: dict) -> None:
             row["mfu"] = rate * result["flops_per_train_image"] / (peak * 1e12) if rate and peak else None
 
 
+def failed_rows(result: dict) -> list[str]:
+    """The rows whose measurement raised an error other than running out of memory or time, by path."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict) and "images_per_second" in node:
+            if str(node.get("error", "")).startswith("failed"):
+                found.append("/".join(path))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, path + [key])
+
+    walk({k: result.get(k, {}) for k in ("train_synthetic", "train_split", "train_records", "input_stream",
+                                          "serving")}, [])
+    return found
+
+
 def split_rows(args, data_dir: str, precisions: list[str], work: str, deadline: float | None) -> dict:
     """The training rows on --split logical GPUs per card, measured by a child process of this command."""
     out = os.path.join(work, "split.json")
@@ -97,12 +114,15 @@ def split_rows(args, data_dir: str, precisions: list[str], work: str, deadline: 
                f"--budget_s={left}"] + (["--allow_cpu"] if args.allow_cpu else [])
     say(f"the rows on {args.split} logical GPUs per card, in a child process")
     code = subprocess.run(command, cwd=REPO, stdout=sys.stderr).returncode
-    if code or not os.path.exists(out):
-        error = {"global_batch": None, "images_per_second": None, "error": f"failed: the child process exited {code}"}
-        return {"gpu_split": args.split, "rows": {k: {str(b): dict(error) for b in args.batches} for k in precisions}}
-    with open(out) as f:
+    error = {"global_batch": None, "images_per_second": None, "error": f"failed: the child process exited {code}"}
+    rows = {k: {str(b): dict(error) for b in args.batches} for k in precisions}
+    if not os.path.exists(out):
+        return {"gpu_split": args.split, "rows": rows}
+    with open(out) as f:  # Rewritten after every row: what a child that died had measured.
         child = json.load(f)
-    return {"gpu_split": args.split, "replicas": child["replicas"], "rows": child["train_synthetic"]}
+    for key, measured in child["train_synthetic"].items():
+        rows[key].update(measured)
+    return {"gpu_split": args.split, "replicas": child["replicas"], "rows": rows}
 
 
 def render(path: str, copy_to: str | None) -> int:
@@ -272,7 +292,10 @@ def main(argv=None) -> int:
     save()
     say(f"wrote {output}")
     print(gpu_report.table(result))
-    return 0
+    failed = failed_rows(result)
+    if failed:
+        say(f"{len(failed)} row(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

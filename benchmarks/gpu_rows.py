@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 from tfrecords.folder import Records
@@ -100,8 +101,9 @@ def measure(name: str, fn, deadline: float | None = None, unit: str = "images/s"
       **fields: Recorded in the row beside the figure (e.g. global_batch).
 
     Returns:
-      {**fields, "images_per_second": fn()}; out of memory or past the
-      deadline, images_per_second is None and "error" says why.
+      {**fields, "images_per_second": fn(), "seconds": the row's time}; out
+      of memory, past the deadline or failed, images_per_second is None and
+      "error" says why ("out of memory: ...", "skipped: ...", "failed: ...").
     """
     import keras
     import tensorflow as tf
@@ -117,6 +119,11 @@ def measure(name: str, fn, deadline: float | None = None, unit: str = "images/s"
     except tf.errors.ResourceExhaustedError as e:
         row = {**fields, "images_per_second": None, "error": f"out of memory: {e.message.splitlines()[0][:300]}"}
         say(f"{name}: {row['error']}")
+    except Exception as e:  # noqa: BLE001 - one row's failure (a kernel, a compiler) must not lose the others.
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        row = {**fields, "images_per_second": None, "error": f"failed: {type(e).__name__}: {first}"}
+        say(f"{name}: {row['error']}")
+        traceback.print_exc()
     row["seconds"] = round(time.perf_counter() - start, 2)  # With compilation: what the row cost of the budget.
     keras.backend.clear_session()
     gc.collect()

@@ -21,7 +21,7 @@
 #              benchmarks/results gives it (OUT_DIR/gpu-<n>x-<gpu>.json), from OUT_DIR/gpu.json
 #
 # Budget on the GPU machine, seconds (a command may run 600 there; device.sh's start takes some):
-#   gpucheck 75 + gpu_tests 100 + records 70 + bench 300 + report 20 = 565
+#   gpucheck 75 + gpu_tests 90 + records 80 + bench 300 + report 20 = 565
 # Each step runs under `timeout` at its budget (exit 124: it ran out; the process group is killed
 # 15 s later). benchmarks.gpu starts no row after --budget_s = bench's budget - 50 (a row
 # compiles AlexNet, up to ~30 s, and serving exports a SavedModel), so it still writes its JSON.
@@ -58,7 +58,7 @@ if [ "$CPU" = 1 ]; then
               --serving_batches=1,2 --images=40)
 else
   GPUCHECK_ARGS=()
-  SAMPLE_ARGS=(--train_per_class=4 --val_images=500)
+  SAMPLE_ARGS=(--train_per_class=3 --val_images=300)
   BENCH_ARGS=(--steps=10 --runs=3 --warmup_steps=3)
 fi
 BENCH_BUDGET=300
@@ -100,15 +100,15 @@ else
 fi
 
 # 2. The suite's GPU tests (skipped where TensorFlow sees no GPU).
-wants gpu_tests && step gpu_tests 100 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+wants gpu_tests && step gpu_tests 90 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 
 # 3. Records from the ImageNet-shaped sample, built on this machine.
 if ! wants records; then :
 elif [ -n "${DATA_DIR:-}" ]; then
   echo "records: using DATA_DIR=$DATA_DIR; nothing built" > "$OUT/records.log"
-  record records 0 0 70 "DATA_DIR given"
+  record records 0 0 80 "DATA_DIR given"
 else
-  step records 70 bash -c '"$0" -m pipelines.make_sample --shape=imagenet --output_dir="$1/raw" "${@:3}" &&
+  step records 80 bash -c '"$0" -m pipelines.make_sample --shape=imagenet --output_dir="$1/raw" "${@:3}" &&
     "$0" -m pipelines.build_tfrecords --imagenet_dir="$1/raw" --output_dir="$1/records" \
       --train_shards=64 --validation_shards=8 && echo "records: built with $2 cores"' \
     "$PYTHON" "$WORK" "$(nproc)" "${SAMPLE_ARGS[@]}"

@@ -108,6 +108,16 @@ def test_an_out_of_memory_row_is_null_with_its_reason_and_the_run_goes_on():
     row = gpu.measure("a row", oom, global_batch=256)
     assert row["images_per_second"] is None and row["global_batch"] == 256
     assert row["error"].startswith("out of memory: OOM when allocating")
+
+    def broken():
+        raise tf.errors.InternalError(None, None, "ptxas exited with a fault\nmore lines")
+
+    failed = gpu.measure("another row", broken, global_batch=128)
+    assert failed["images_per_second"] is None and failed["error"] == "failed: InternalError: ptxas exited with a fault"
+    late = gpu.measure("a late row", broken, deadline=0.0, global_batch=128)  # time.monotonic() is past 0.
+    assert late["error"].startswith("skipped:") and "seconds" not in late
+    rows = {"train_synthetic": {"float32": {"128": failed, "256": row}}, "serving": {"1": late}}
+    assert gpu.failed_rows(rows) == ["train_synthetic/float32/128"]  # Out of memory or time is no failure.
     ok = {"global_batch": 128, "images_per_second": 1000.0}
     result = {"train_synthetic": {"float16_xla": {"128": ok, "256": dict(ok, images_per_second=2000.0)}},
               "train_records": {"float16_xla": {"128": dict(ok, images_per_second=900.0), "256": row}},

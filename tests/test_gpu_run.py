@@ -137,3 +137,15 @@ def test_bad_use_is_one_clear_line_and_exit_2(tmp_path, args, env, message):
                           env={**os.environ, "PYTHON": sys.executable, **env})
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # The ImageNet-shaped sample (1,000 classes, 1,050 images) generated and built: ~25 s on 2 cores.
+def test_the_records_step_builds_the_imagenet_shaped_sample_on_every_core(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(out, "--cpu", STEPS="records")
+    assert proc.returncode == 0, (out / "records.log").read_text()[-3000:]
+    _, steps = _steps(out)
+    assert list(steps) == ["records"] and steps["records"]["status"] == 0
+    log = (out / "records.log").read_text()
+    assert f"records: built with {os.cpu_count()} cores" in log
+    assert "train: 1000 read = 1000 written" in log and "validation: 50 read = 50 written" in log, log[-2000:]
