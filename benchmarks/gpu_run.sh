@@ -25,7 +25,7 @@
 # Each step runs under `timeout` at its budget (exit 124: it ran out; the process group is killed
 # 15 s later). benchmarks.gpu starts no row after --budget_s = bench's budget - 50 (a row
 # compiles AlexNet, up to ~30 s, and serving exports a SavedModel), so it still writes its JSON.
-# In CPU mode the budgets are the same; the steps take seconds (records: ~1 min on 2 cores).
+# In CPU mode the budgets are the same; the steps take seconds (records ~25 s on 2 cores).
 #
 # Environment: PYTHON (default python3; device.sh puts the kit's Python first on PATH),
 # GPUCHECK (default .gpukit/gpucheck.py), DATA_DIR (records to use: no records step build),
@@ -40,11 +40,16 @@ if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: bash benchmarks/gpu_run.sh [--cpu] OUT_DIR" >&2
   exit 2
 fi
+STEPS=" ${STEPS:-gpucheck gpu_tests records bench report} "
+for s in $STEPS; do
+  case $s in gpucheck|gpu_tests|records|bench|report) ;; *) echo "gpu_run: unknown step $s in STEPS" >&2; exit 2;; esac
+done
+wants() { [[ $STEPS == *" $1 "* ]]; }
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" >/dev/null 2>&1 || { echo "gpu_run: no Python at PYTHON=$PYTHON" >&2; exit 2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1" || { echo "gpu_run: cannot make the output folder $1" >&2; exit 2; }
 OUT=$(cd "$1" && pwd)
-PYTHON=${PYTHON:-python3}
-command -v "$PYTHON" >/dev/null 2>&1 || { echo "gpu_run: no Python at PYTHON=$PYTHON" >&2; exit 2; }
 GPUCHECK=${GPUCHECK:-$REPO/.gpukit/gpucheck.py}
 cd "$REPO" || exit 2
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-run.XXXXXX")
@@ -59,14 +64,9 @@ if [ "$CPU" = 1 ]; then
 else
   GPUCHECK_ARGS=()
   SAMPLE_ARGS=(--train_per_class=3 --val_images=300)
-  BENCH_ARGS=(--steps=10 --runs=3 --warmup_steps=3)
+  BENCH_ARGS=(--steps=10 --runs=3 --warmup_steps=3 --images=2000)  # --images: only without records
 fi
 BENCH_BUDGET=300
-STEPS=" ${STEPS:-gpucheck gpu_tests records bench report} "
-for s in $STEPS; do
-  case $s in gpucheck|gpu_tests|records|bench|report) ;; *) echo "gpu_run: unknown step $s in STEPS" >&2; exit 2;; esac
-done
-wants() { [[ $STEPS == *" $1 "* ]]; }
 
 : > "$OUT/steps.tsv"
 : > "$OUT/summary.txt"

@@ -137,6 +137,7 @@ def test_bad_use_is_one_clear_line_and_exit_2(tmp_path, args, env, message):
                           env={**os.environ, "PYTHON": sys.executable, **env})
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # Refused before anything is written.
 
 
 @pytest.mark.slow  # The ImageNet-shaped sample (1,000 classes, 1,050 images) generated and built: ~25 s on 2 cores.
