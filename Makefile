@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DATA ?= data
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu cluster-build rehearsal clean
+.PHONY: install demo test test-all bench bench-build bench-service bench-figures bench-histograms bench-recipes bench-loop bench-gpu gpu-run cluster-build rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,14 @@ bench-loop: $(STAMP)
 # Markdown table. Without a GPU it says so and stops.
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu
+
+# Everything measured on a GPU machine in one command (benchmarks/gpu_run.sh: the kit's check, the
+# gpu tests, records built there, bench-gpu, its table), each step's log and exit status in
+# $(OUT); about 9.5 minutes at most. On the GPU machine, through the GPU kit (docs/performance.md):
+#   bash .gpukit/device.sh run -- make gpu-run OUT=$OUT
+OUT ?= gpu-run
+gpu-run: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_run.sh $(OUT)
 
 # The build on a local dask.distributed cluster (a scheduler and 2 workers on 127.0.0.1, Beam's
 # DaskRunner) against the local runner: the two datasets must be byte-identical (exit 1 otherwise);

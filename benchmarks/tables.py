@@ -294,8 +294,9 @@ def gpu(results: dict) -> str:
     found = sorted(name for name in results if name.startswith("gpu-"))
     if not found:
         return "No `benchmarks/results/gpu-*.json` has been recorded: nothing here is measured on a GPU yet."
-    from benchmarks import gpu as gpu_bench  # Only when there is a GPU result: it is a large module.
-    return "\n\n".join(f"{provenance(results[n], n)}\n\n{gpu_bench.table(results[n])}" for n in found)
+    from benchmarks import gpu_report
+
+    return "\n\n".join(f"{provenance(results[n], n)}\n\n{gpu_report.table(results[n])}" for n in found)
 
 
 TABLES = {
