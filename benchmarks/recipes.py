@@ -7,14 +7,14 @@ Two generated problems, each recipe trained on each with `python -m
 alexnet_tf.train` (one process per run, --seed=0, one device, no figures):
 
 - sample: the embedded 10-class sample (400 training, 100 validation
-  images) with the sample preset's batch (32), learning rate (0.001) and no
+  images) with the sample preset's batch (16), learning rate (0.001) and no
   dropout, for --epochs epochs, divided by 10 at epoch --epochs - 2: the same
   schedule for all three, so what differs is each recipe's initialisation and
   per-parameter learning rates. --stall_steps is set so that the watch
   checks before the end.
-- demo: the sample preset as `make demo` trains it (24 epochs, the paper's
-  recipe, the preset's own stall check at step 200): does a healthy run
-  stay silent?
+- demo: the sample preset as `make demo` trains it (10 epochs, its own
+  recipe, cuda_convnet2, and its own stall check at step 120): does a
+  healthy run stay silent?
 - imagenet1000: the ImageNet-shaped sample (all 1000 synsets, ImageNet's
   image sizes, --imagenet_per_class training images a class) at each
   recipe's own learning rate (0.01), batch 32, in "epochs" of
@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 
+from alexnet_tf import config as config_lib
 from benchmarks.measure import REPO
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -100,7 +101,7 @@ def run(argv=None) -> dict:
             raw = make_sample.make_sample(os.path.join(work, "sample-raw"))["output_dir"]
             data = os.path.join(work, "sample")
             _build(raw, data)
-            steps = 12 * args.epochs  # 400 images // 32 a step.
+            steps = 399 // config_lib.PRESETS["sample"]["batch_size"] * args.epochs  # 399 images are written.
             for recipe in recipes:
                 flags = ["--preset=sample", f"--recipe={recipe}", f"--epochs={args.epochs}",
                          f"--lr_decay_epochs={max(args.epochs - 2, 1)}", f"--stall_steps={max(steps - 24, 1)}"]
@@ -114,9 +115,10 @@ def run(argv=None) -> dict:
                 data = os.path.join(work, "sample")
                 _build(raw, data)
             r = _train(data, os.path.join(work, "demo"), ["--preset=sample"])
-            result["runs"]["demo/paper"] = r
+            name = f"demo/{config_lib.PRESETS['sample']['recipe']}"
+            result["runs"][name] = r
             _save(result, args.output)
-            print(f"demo/paper: {summary(r)}", flush=True)
+            print(f"{name}: {summary(r)}", flush=True)
         if "imagenet1000" in problems:
             raw = os.path.join(work, "imagenet-raw")
             make_sample.make_imagenet_sample(raw, train_per_class=args.imagenet_per_class, val_images=200)

@@ -4,6 +4,7 @@ said to be slow exactly when only `make test-all` runs it."""
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import os
 import re
@@ -66,6 +67,7 @@ def _is_slow_mark(node: ast.expr) -> bool:
     return ast.unparse(node) in ("pytest.mark.slow", "slow")
 
 
+@functools.lru_cache(maxsize=None)
 def slow_tests(path: str) -> dict[str, bool]:
     """Each test function of the test file `path` -> whether only `-m slow` runs it (marked slow as a whole)."""
     with open(path) as f:
@@ -91,7 +93,8 @@ def misnamed_tests(path: str) -> list[str]:
 
 
 def test_every_test_a_page_names_exists_and_is_slow_as_it_says():
-    assert {os.path.relpath(p, REPO): misnamed_tests(p) for p in _pages() if misnamed_tests(p)} == {}
+    wrong = {os.path.relpath(page, REPO): misnamed_tests(page) for page in _pages()}
+    assert {page: tests for page, tests in wrong.items() if tests} == {}
 
 
 def test_a_wrongly_said_slow_test_is_found(tmp_path):

@@ -72,7 +72,8 @@ def test_recipe_then_preset_then_flags():
                                                                                            (20, 40, 60, 80), 90)
     assert config_lib.make_config() == TrainConfig()  # The paper's recipe is the defaults.
     sample = config_lib.make_config("sample", "caffe")
-    assert (sample.recipe, sample.batch_size, sample.learning_rate) == ("caffe", 32, 0.001)
+    assert (sample.recipe, sample.batch_size, sample.learning_rate) == ("caffe", 16, 0.001)
+    assert config_lib.make_config("sample").recipe == "cuda_convnet2"  # The preset's own recipe, unless one is given.
     assert config_lib.make_config("sample", "caffe", batch_size=64).batch_size == 64
     with pytest.raises(ValueError, match="unknown recipe"):
         TrainConfig(recipe="alex")
