@@ -90,7 +90,7 @@ gpu-run: $(STAMP)
 
 # The build on a local dask.distributed cluster (a scheduler and 2 workers on 127.0.0.1, Beam's
 # DaskRunner) against the local runner: the two datasets must be byte-identical (exit 1 otherwise);
-# both times side by side; benchmarks/results/cluster-build.json. A few minutes on 2 cores;
+# both times side by side; benchmarks/results/cluster-build.json. About a minute and a half on 2 cores;
 # CLUSTER_BUILD='--images 8000' for more.
 CLUSTER_BUILD ?=
 cluster-build: $(STAMP)
@@ -99,7 +99,7 @@ cluster-build: $(STAMP)
 
 # The whole chain at ImageNet's shape (1000 synsets, ImageNet's image sizes, the
 # default shard counts): sample -> build -> verify -> train -> evaluate -> export
-# -> serve, one table row per stage; benchmarks/results/rehearsal.json. About 10
+# -> serve, one table row per stage; benchmarks/results/rehearsal.json. About 11
 # minutes on 2 cores; REHEARSAL='--train_per_class=40 --steps=500' scales it up.
 REHEARSAL ?=
 rehearsal: $(STAMP)
