@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from toolcli import quiet
+
 # How long a trainer waits for a dispatcher that stopped answering before it
 # ends the run (--data_service_timeout): time for a supervisor to restart it.
 DEFAULT_DISPATCHER_WAIT_S = 300.0
@@ -119,6 +121,7 @@ class DispatcherWatch:
         print(f"{self.prog}: {message}", file=sys.stderr, flush=True)
 
     def _exit(self, message: str) -> None:
+        quiet.drain()  # The console gets what the start-up filter still holds, and then this line, last.
         self._say(f"error: {message}")
         os._exit(1)
 

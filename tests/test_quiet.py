@@ -81,6 +81,65 @@ def test_the_relay_drops_what_it_is_told_and_keeps_progress_live(capfd):
     assert err == "keep this\n10%\r20%\rlast"
 
 
+_LATE_LINE = """
+import os, sys, threading, time
+from toolcli import quiet
+
+def late():  # A thread of TensorFlow's, logging while the process winds down.
+    time.sleep(0.3)
+    os.write(2, b"W0000 00:00:1.0 1 data_service_client.cc:479] Failed to heartbeat to dispatcher\\n")
+
+with quiet.quiet_start(False):
+    threading.Thread(target=late).start()  # Not a daemon: the process waits for it.
+    print("tool: error: it stops here", file=sys.stderr)
+    sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("status", [1, 0])
+def test_a_tools_one_line_error_is_the_last_line_on_the_console(status):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LATE_LINE, str(status)], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == status
+    lines = r.stderr.splitlines()
+    assert lines[0] == "tool: error: it stops here"
+    assert lines[1:] == ([] if status else ["W0000 00:00:1.0 1 data_service_client.cc:479] Failed to heartbeat to "
+                                           "dispatcher"])  # A run that ends well keeps what comes after.
+
+
+_EXIT_FROM_A_THREAD = """
+import os, sys, threading
+from toolcli import quiet
+
+def watch():  # As a watchdog thread ends a run: no finally of the main thread runs.
+    if sys.argv[1] == "drain":
+        quiet.drain()
+    print("tool: error: the dispatcher is gone", file=sys.stderr, flush=True)
+    os._exit(1)
+
+with quiet.quiet_start(False):
+    print("tool: a line before", file=sys.stderr, flush=True)
+    threading.Thread(target=watch).start()
+    threading.Event().wait(30)
+"""
+
+
+def test_a_thread_that_ends_the_process_drains_the_relay_first():
+    import os
+    import subprocess
+    import sys
+
+    # Without `drain` both lines are lost: os._exit ends the process before the relay writes them out.
+    r = subprocess.run([sys.executable, "-c", _EXIT_FROM_A_THREAD, "drain"], capture_output=True, text=True,
+                       timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == ["tool: a line before", "tool: error: the dispatcher is gone"]
+
+
 def _noise_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if quiet.is_noise(line)]
 

@@ -118,9 +118,11 @@ def relay_stderr(keep: Callable[[str], bool], join_s: float = 10.0) -> Iterator[
 
     thread = threading.Thread(target=relay, name="stderr-relay", daemon=True)
     thread.start()
+    _RELAYS.append((console, thread))
     try:
         yield
     finally:
+        _RELAYS.remove((console, thread))
         sys.stderr.flush()
         os.dup2(console, 2)  # Back to the console; children's copies of the pipe close as they exit.
         thread.join(join_s)
@@ -128,9 +130,24 @@ def relay_stderr(keep: Callable[[str], bool], join_s: float = 10.0) -> Iterator[
             os.close(console)
 
 
+_RELAYS: list[tuple[int, threading.Thread]] = []  # (the console's descriptor, the relay) of each open relay_stderr.
+
+
+def drain(join_s: float = 5.0) -> None:
+    """File descriptor 2 back on the console, and what the relays hold written out: for a thread about to
+    end the process with `os._exit`, which would lose both (no `finally` runs)."""
+    sys.stderr.flush()
+    for console, thread in reversed(list(_RELAYS)):
+        os.dup2(console, 2)
+        thread.join(join_s)
+
+
 @contextlib.contextmanager
 def quiet_start(verbose: bool) -> Iterator[None]:
     """The block's noise dropped (`NOISE`), or with `verbose` every line kept and the held records logged.
+
+    A block that ends the process with a non-zero status (the tool's one-line
+    error, already written) leaves nothing after that line on the console.
 
     Also TensorFlow's C++ INFO level off before TensorFlow is imported (unless
     the user set TF_CPP_MIN_LOG_LEVEL): its lines after start-up are not
@@ -145,6 +162,20 @@ def quiet_start(verbose: bool) -> Iterator[None]:
     try:
         with relay_stderr(lambda line: not is_noise(line)):
             yield
+    except SystemExit as e:
+        if e.code not in (0, None):
+            _last_word()
+        raise
     finally:
         if before is None:
             os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+
+
+def _last_word() -> None:
+    """Points file descriptor 2 at the null device: the tool has said in one line why it stops, and what
+    TensorFlow's threads log while the process winds down (a lost tf.data service dispatcher's failed
+    heartbeats, say) would stand after that line."""
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
