@@ -64,8 +64,6 @@ def define_flags() -> flags.FlagValues:
     return fv
 
 
-
-
 def _hyperparameters() -> FlagGroup:
     """The TrainConfig flags, with what besides the command line sets their defaults (the reference page's note)."""
     names = tuple(f.name for f in dataclasses.fields(config_lib.TrainConfig))

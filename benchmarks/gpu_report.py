@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import time
 
+from benchmarks import measure
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Rows of train_synthetic: key -> (compute dtype, XLA). float16 wraps the optimizer in dynamic loss scaling.
 PRECISIONS = {
@@ -48,11 +50,6 @@ def _run(*command: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
-
-
-def commit() -> str | None:
-    """$COMMIT where set (a checkout copied without .git), else git's HEAD, else None."""
-    return os.environ.get("COMMIT") or _run("git", "rev-parse", "--short=12", "HEAD")
 
 
 def nvidia_smi() -> dict:
@@ -95,7 +92,7 @@ def environment(gpus, tf) -> dict:
     cc = details.get("compute_capability")
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": commit(),
+        "commit": measure.commit(12),
         "machine": {"cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "python": platform.python_version()},
         "device": {"kind": "GPU" if gpus else "CPU", "name": details.get("device_name") or smi.get("name") or

@@ -81,10 +81,17 @@ def machine() -> dict:
 
     import psutil
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
     return {"cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-            "platform": platform.platform(), "cpu": cpu_flags(), "commit": commit}
+            "platform": platform.platform(), "cpu": cpu_flags(), "commit": commit()}
+
+
+def commit(length: int = 7) -> str | None:
+    """$COMMIT where set (a checkout copied without .git), else git's HEAD abbreviated to `length`, else None."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", f"--short={length}", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None

@@ -125,10 +125,6 @@ def _beam_options(beam_args: list[str]):
     return runners.beam_options(beam_args, _ours())
 
 
-def _check_beam_flags(beam_args: list[str]) -> None:
-    runners.check_beam_flags(beam_args, _ours())
-
-
 def run(argv: list[str] | None = None) -> metadata.Metadata:
     """Runs the whole build; returns the metadata written.
 
@@ -140,7 +136,7 @@ def run(argv: list[str] | None = None) -> metadata.Metadata:
 
 def _run(args, beam_args: list[str]) -> metadata.Metadata:
     _check_flags(args)
-    _check_beam_flags(beam_args)  # A mistyped flag stops the build before the sample is made or the input read.
+    options = _beam_options(beam_args)  # A mistyped flag stops the build before the sample is made or the input read.
     started = time.time()
     if args.imagenet_dir is None:
         from pipelines import make_sample
@@ -153,7 +149,6 @@ def _run(args, beam_args: list[str]) -> metadata.Metadata:
     imagenet_layout.check_output_outside(args.imagenet_dir, args.output_dir)
     print(f"build_tfrecords: {layout.describe()}", file=sys.stderr)
     _check_class_text(layout.classes)
-    options = _beam_options(beam_args)
     runner = options.view_as(StandardOptions).runner
     if runners.is_dask(runner):
         print(f"build_tfrecords: runner DaskRunner on {runners.DaskCluster(options).check()}", file=sys.stderr)

@@ -109,12 +109,6 @@ def _check_beam_flags(options: PipelineOptions, beam_args: list[str], ours: list
                          "(see --help, and Beam's PipelineOptions)")
 
 
-def check_beam_flags(beam_args: list[str], ours: list[str] = ()) -> None:
-    """Stops on a flag that is neither the build's nor Beam's, before anything is read or made."""
-    beam_args = _dask_args(beam_args)
-    _check_beam_flags(PipelineOptions(beam_args), beam_args, list(ours))
-
-
 def beam_options(beam_args: list[str], ours: list[str] = ()) -> PipelineOptions:
     """Beam's options from the build's unknown arguments, with the build's defaults for its runner."""
     beam_args = _dask_args(beam_args)
