@@ -179,9 +179,30 @@ class Evaluator:
 
         self._local = tf.function(replica_eval)
         self._distributed = distributed_step
+        # Each split's input and step, made at its first evaluation: a run evaluates every epoch.
+        self._inputs: dict = {}
 
     def evaluate(self, split: str = "validation", ten_crop: bool = False, progress: bool = False) -> dict:
         """Loss, top-1 and top-5 error over every example of `split` (and "per_class", see `split_sums`)."""
+        if (split, ten_crop) not in self._inputs:
+            self._inputs[split, ten_crop] = self._input(split, ten_crop)
+        ds, step = self._inputs[split, ten_crop]
+        sums = np.zeros(sums_size(self.classes, self.confusion), np.int64)
+        expected = self.records.split(split).num_examples
+        bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
+        for b in ds:
+            sums += step(b).numpy()
+            bar.update(int(sums[3]))
+        sums = distribute.all_workers(self.strategy, sums).sum(axis=0)
+        if int(sums[3]) != expected:
+            raise RuntimeError(f"evaluated {int(sums[3])} {split} examples, metadata.json lists {expected}")
+        result, per_class = split_sums(sums, self.classes)
+        if per_class is not None:
+            result["per_class"] = per_class
+        return result
+
+    def _input(self, split: str, ten_crop: bool):
+        """(dataset, step) of `split`: the batches, and the function that sums one."""
         batch = self.batch_size
         if ten_crop:
             batch = max(1, batch // 10)
@@ -202,16 +223,4 @@ class Evaluator:
                                                         ten_crop, ctx))
             per_replica = batch // self.strategy.num_replicas_in_sync
             step = lambda b: self._distributed(b, per_replica)  # noqa: E731
-        sums = np.zeros(sums_size(self.classes, self.confusion), np.int64)
-        expected = self.records.split(split).num_examples
-        bar = keras.utils.Progbar(expected, verbose=1 if progress else 0, unit_name="image")
-        for b in ds:
-            sums += step(b).numpy()
-            bar.update(int(sums[3]))
-        sums = distribute.all_workers(self.strategy, sums).sum(axis=0)
-        if int(sums[3]) != expected:
-            raise RuntimeError(f"evaluated {int(sums[3])} {split} examples, metadata.json lists {expected}")
-        result, per_class = split_sums(sums, self.classes)
-        if per_class is not None:
-            result["per_class"] = per_class
-        return result
+        return ds, step

@@ -275,6 +275,7 @@ class FixedImages:
         self.labels = np.array([int(p[1]) for p in pairs], np.int64)
         self.shown = _distinct_first(self.labels, PREDICTION_IMAGES)
         self.queries = _distinct_first(self.labels, QUERIES)
+        self._inputs: dict = {}
 
     def display(self, indices) -> np.ndarray:
         """The central crop the model sees, as uint8 (len, crop, crop, 3)."""
@@ -283,10 +284,14 @@ class FixedImages:
         return np.stack([s[off:off + preprocessing.CROP, off:off + preprocessing.CROP].numpy() for s in squares])
 
     def inputs(self, batch_size: int = 50) -> tf.data.Dataset:
-        stats = self.stats
-        return (tf.data.Dataset.from_tensor_slices(self.jpegs)
+        """The pool preprocessed as evaluation does, in batches (made once: figures are drawn every epoch)."""
+        if batch_size not in self._inputs:
+            stats = self.stats
+            self._inputs[batch_size] = (
+                tf.data.Dataset.from_tensor_slices(self.jpegs)
                 .map(lambda b: preprocessing.preprocess_for_eval(b, stats), num_parallel_calls=tf.data.AUTOTUNE)
                 .batch(batch_size))
+        return self._inputs[batch_size]
 
     def draw(self, forward, names, kernels=None, groups: int = 2) -> Figures:
         """The figures of a model.

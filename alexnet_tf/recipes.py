@@ -159,11 +159,26 @@ def learning_rate_after_epoch(config: TrainConfig, epoch: int, lr: float, val_er
     return lr, best, bad_epochs, decays
 
 
-def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict) -> None:
-    """Applies the schedule after an epoch (`result`) and resets the epoch's counters in `state`."""
+def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict, recipe: Recipe | None = None,
+               variables=()) -> None:
+    """Applies the schedule after an epoch (`result`) and resets the epoch's counters in `state`.
+
+    With `config.momentum_correction`, also scales the momentum of `variables`
+    (the optimizer's, in its order) by each parameter's new rate over its old
+    (`correct_momentum`): the weights' rate from the schedule, the biases' with
+    `recipe`'s bias multiplier for the next epoch over this one's.
+    """
+    finished = int(state.epoch)
     lr, best, bad, decays = learning_rate_after_epoch(
-        config, int(state.epoch), result["learning_rate"], result.get("val_top1_error"),
+        config, finished, result["learning_rate"], result.get("val_top1_error"),
         float(state.best_val_error.numpy()), int(state.bad_epochs), int(state.lr_decays))
+    if config.momentum_correction and result["learning_rate"] > 0:
+        weights = lr / result["learning_rate"]
+        biases = weights
+        if recipe is not None:
+            biases *= (recipe.bias_lr_multiplier((finished + 1) / config.epochs)
+                       / recipe.bias_lr_multiplier(finished / config.epochs))
+        correct_momentum(optimizer, variables, weights, biases)
     state.learning_rate.assign(lr)
     optimizer.learning_rate.assign(lr)
     state.best_val_error.assign(best)
@@ -173,3 +188,26 @@ def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict) -
     state.step_in_epoch.assign(0)
     state.sums.assign([0.0, 0.0, 0.0, 0.0])
     state.train_seconds.assign(0.0)
+
+
+def correct_momentum(optimizer, variables, weights: float, biases: float) -> None:
+    """Scales SGD's velocity of each of `variables` by its rate's change: `biases` for biases, `weights` for the rest.
+
+    §5's update, v <- 0.9 v - eps (g + 0.0005 w), w <- w + v (Keras's SGD too),
+    keeps in v the steps of the old rate eps. After a drop to eps/10 the old
+    velocity carries the weights on at the old step size while the gradient
+    pulls back ten times more weakly: along steep directions the weights swing
+    further out, and the loss rises for an epoch. Scaling v by eps_new/eps_old
+    at the change ("momentum correction", Goyal et al., 2017, §2.2) makes the
+    update what it would have been had the new rate always held.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # Under loss scaling.
+    velocities = list(inner.momentums)
+    if not velocities:  # Momentum 0: SGD keeps no velocity.
+        return
+    if len(velocities) != len(variables):
+        raise ValueError(f"the optimizer has {len(velocities)} momentum slots for {len(variables)} variables")
+    for variable, velocity in zip(variables, velocities):
+        ratio = biases if variable.path.endswith("bias") else weights
+        if ratio != 1.0:
+            velocity.assign(velocity * ratio)

@@ -12,9 +12,9 @@ alexnet_tf.train` (one process per run, --seed=0, one device, no figures):
   schedule for all three, so what differs is each recipe's initialisation and
   per-parameter learning rates. --stall_steps is set so that the watch
   checks before the end.
-- demo: the sample preset as `make demo` trains it (10 epochs, its own
-  recipe, cuda_convnet2, and its own stall check at step 120): does a
-  healthy run stay silent?
+- demo: the sample preset as `make demo` trains it (its own epochs,
+  recipe, cuda_convnet2, momentum correction and stall check at step 120):
+  does a healthy run stay silent?
 - imagenet1000: the ImageNet-shaped sample (all 1000 synsets, ImageNet's
   image sizes, --imagenet_per_class training images a class) at each
   recipe's own learning rate (0.01), batch 32, in "epochs" of

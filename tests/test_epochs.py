@@ -1,6 +1,9 @@
-"""The epochs' stream seed, each epoch's job name, result and console line (`alexnet_tf.epochs`)."""
+"""The epochs' stream seed, each epoch's job name, result and console line, and the release of
+finished input iterators (`alexnet_tf.epochs`)."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -26,3 +29,17 @@ def test_a_resumed_run_keeps_its_seed_batch_size_and_workers():
     # A checkpoint written before runs had an identity takes the one drawn now.
     state.run_id.assign(-1)
     assert epochs.settle_stream(config, state, True, 1, (5678, 7)) == seed and int(state.run_id) == 7
+
+
+def test_a_finished_iterator_is_let_go_on_its_own_thread_and_waited_for_at_the_end():
+    gate, seen = threading.Event(), []
+
+    class SlowToEnd:  # Stands for an input iterator whose teardown waits.
+        def __del__(self):
+            # Waits for the caller to go on: had `drop` torn it down in place, the caller could not.
+            seen.append((threading.current_thread().name, gate.wait(30)))
+
+    with epochs.Releases() as releases:
+        releases.drop([SlowToEnd()])
+        gate.set()
+    assert seen == [("release-input-iterator", True)]  # Done by the end of the block.

@@ -130,3 +130,90 @@ def test_step_schedule():
     c = TrainConfig(lr_schedule="step", lr_decay_epochs=(2, 4))
     lrs = [recipes.learning_rate_after_epoch(c, e, 0.01, 0.5, 1.0, 0, 0)[0] for e in range(5)]
     assert lrs == pytest.approx([0.01, 0.001, 0.001, 1e-4, 1e-4])
+
+
+def _sgd_on(variables, momentum=0.9, learning_rate=0.01, loss_scaled=False):
+    import keras
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    if loss_scaled:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    return optimizer
+
+
+@pytest.mark.parametrize("loss_scaled", [False, True])
+def test_momentum_correction_scales_each_velocity_by_its_rates_change(loss_scaled):
+    import keras
+    from alexnet_tf.run_state import LoopState
+    variables = [keras.Variable(np.zeros(3, np.float32), name="kernel"),
+                 keras.Variable(np.zeros(3, np.float32), name="bias")]
+    # cuda_convnet2's bias multiplier over 8 epochs: 2x in the first quarter, 12.6x in the second.
+    config = TrainConfig(recipe="cuda_convnet2", epochs=8, learning_rate=0.01, lr_schedule="step",
+                         lr_decay_epochs=(3,), momentum_correction=True)
+    recipe = recipes.get("cuda_convnet2")
+    optimizer = _sgd_on(variables, loss_scaled=loss_scaled)
+    velocities = getattr(optimizer, "inner_optimizer", optimizer).momentums
+    for v in velocities:
+        v.assign(np.array([1.0, -2.0, 4.0], np.float32))
+    state = LoopState(0.01)
+    state.epoch.assign(1)  # Epoch 2 ends: same rate, same multiplier (both in the first quarter).
+    recipes.next_epoch(config, state, optimizer, {"learning_rate": 0.01}, recipe, variables)
+    np.testing.assert_array_equal(velocities[0].numpy(), [1.0, -2.0, 4.0])
+    np.testing.assert_array_equal(velocities[1].numpy(), [1.0, -2.0, 4.0])
+    # Epoch 3 ends: the step schedule divides by 10, and the biases' multiplier goes 2x -> 12.6x.
+    recipes.next_epoch(config, state, optimizer, {"learning_rate": 0.01}, recipe, variables)
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.001)
+    multiplier = recipe.bias_lr_multiplier(3 / 8) / recipe.bias_lr_multiplier(2 / 8)
+    assert multiplier == pytest.approx(250 ** (1 / 3))
+    np.testing.assert_allclose(velocities[0].numpy(), np.array([1.0, -2.0, 4.0]) * 0.1, rtol=1e-6)
+    np.testing.assert_allclose(velocities[1].numpy(), np.array([1.0, -2.0, 4.0]) * 0.1 * multiplier, rtol=1e-6)
+
+
+def test_without_momentum_correction_the_velocity_is_kept():
+    import keras
+    from alexnet_tf.run_state import LoopState
+    variables = [keras.Variable(np.ones(2, np.float32), name="kernel")]
+    optimizer = _sgd_on(variables)
+    optimizer.momentums[0].assign([3.0, 5.0])
+    config = TrainConfig(lr_schedule="step", lr_decay_epochs=(1,))
+    assert config.momentum_correction is False  # The paper's rule by default.
+    state = LoopState(0.01)
+    recipes.next_epoch(config, state, optimizer, {"learning_rate": 0.01}, recipes.get("paper"), variables)
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.001)
+    np.testing.assert_array_equal(optimizer.momentums[0].numpy(), [3.0, 5.0])
+
+
+def test_momentum_correction_refuses_slots_that_do_not_match_the_variables():
+    import keras
+    variables = [keras.Variable(np.ones(2, np.float32), name="kernel")]
+    optimizer = _sgd_on(variables)
+    with pytest.raises(ValueError, match="1 momentum slots for 2 variables"):
+        recipes.correct_momentum(optimizer, [*variables, variables[0]], 0.1, 0.1)
+    recipes.correct_momentum(_sgd_on(variables, momentum=0.0), variables, 0.1, 0.1)  # No velocity: nothing to do.
+
+
+@pytest.mark.parametrize("correct", [False, True])
+def test_a_learning_rate_drop_swings_the_weights_out_unless_the_momentum_is_corrected(correct):
+    # SGD with §5's momentum on a steep quadratic, 0.5 x^2, at a rate where it
+    # oscillates; then the rate drops tenfold. The old velocity, pulled back ten
+    # times more weakly, swings x further out: the loss of the next steps rises.
+    import keras
+    x = keras.Variable(np.array([1.0], np.float32), name="kernel")
+    optimizer = _sgd_on([x], learning_rate=1.0)
+
+    def steps(n):
+        losses = []
+        for _ in range(n):
+            optimizer.apply_gradients([(tf.convert_to_tensor(x.value), x)])  # d(0.5 x^2)/dx = x.
+            losses.append(0.5 * float(x.numpy()[0]) ** 2)
+        return np.mean(losses[-10:])
+
+    before = steps(40)
+    if correct:
+        recipes.correct_momentum(optimizer, [x], 0.1, 0.1)
+    optimizer.learning_rate.assign(0.1)
+    after = steps(10)
+    if correct:
+        assert after < before / 2
+    else:
+        assert after > 2 * before
