@@ -237,7 +237,7 @@ class LocalService:
 BIND_HELP = (f"The address to listen on. TensorFlow's tf.data service can only listen on {EVERY_INTERFACE}, every "
              "interface (IPv4 and IPv6), where anyone who can reach the port can run any TensorFlow graph as this "
              "user: give --bind=0.0.0.0 once the port is on a private network or firewalled to the trainer and "
-             "service hosts (this help's text above shows how). Default " + DEFAULT_BIND + ", which it cannot "
+             "service hosts (`python -m alexnet_tf.data_service --help` shows the iptables rules). Default " + DEFAULT_BIND + ", which it cannot "
              "honour: the server does not start.")
 # Each role's own flags; --port and --bind are both roles'.
 ROLE_FLAGS = {"dispatcher": ("work_dir", "job_gc_timeout", "worker_timeout"), "worker": ("dispatcher", "host")}
