@@ -65,18 +65,18 @@ def train_epochs(config: TrainConfig, data: Data, run: Run, recipe: recipes.Reci
         while int(state.epoch) < config.epochs:
             with service.watching():
                 iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-            bias_lr.assign(recipe.bias_lr_multiplier(int(state.epoch) / config.epochs))
+            bias_lr.assign(recipe.bias_lr_in_epoch(int(state.epoch), config.epochs))
             with service.watching():
                 result = train_loop.run_epoch(loop, iterator, state, config, steps, service.unwatched(run.save),
                                               profile_dir, watch, verbose=chief and config.verbose)
-            if not config.data_service:  # A service job's iterator talks to the dispatcher as it ends: here.
-                releases.drop([iterator])
-                del iterator
-            if config.data_service:
+            if config.data_service:  # A service job's iterator talks to the dispatcher as it ends: kept here.
                 distribute.say(chief, f"epoch {result['epoch']}: the service's epoch gave {result['steps']} steps, "
                                       f"{result['train_images']} of {data.records.meta.split('train').num_examples} "
                                       "training images (each service worker's last partial batch is dropped, a "
                                       "lost worker's shards skipped)")
+            else:
+                releases.drop([iterator])
+                del iterator
             per_class = None
             if data.has_validation:
                 val = evaluator.evaluate("validation")

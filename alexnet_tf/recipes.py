@@ -62,6 +62,15 @@ class Recipe:
         """The biases' learning rate over the weights' at `progress` (0..1) of the run."""
         return 1.0 if self.bias_lr is None else self.bias_lr(progress)
 
+    def bias_lr_in_epoch(self, epoch: int, epochs: int) -> float:
+        """The multiplier through 0-based `epoch` of `epochs`: its start's progress (schedules move per epoch)."""
+        return self.bias_lr_multiplier(epoch / epochs)
+
+
+def is_bias(variable) -> bool:
+    """Whether a trainable variable is a layer's bias (the recipes' per-parameter rules tell them apart)."""
+    return variable.path.endswith("bias")
+
 
 def _convnet2_bias_lr(progress: float) -> float:
     # layer-params-223-ce2-1gpu.cfg: epsW=dexp[base=0.01;tgtFactor=250;numSteps=4],
@@ -176,8 +185,8 @@ def next_epoch(config: TrainConfig, state: LoopState, optimizer, result: dict, r
         weights = lr / result["learning_rate"]
         biases = weights
         if recipe is not None:
-            biases *= (recipe.bias_lr_multiplier((finished + 1) / config.epochs)
-                       / recipe.bias_lr_multiplier(finished / config.epochs))
+            biases *= (recipe.bias_lr_in_epoch(finished + 1, config.epochs)
+                       / recipe.bias_lr_in_epoch(finished, config.epochs))
         correct_momentum(optimizer, variables, weights, biases)
     state.learning_rate.assign(lr)
     optimizer.learning_rate.assign(lr)
@@ -208,6 +217,6 @@ def correct_momentum(optimizer, variables, weights: float, biases: float) -> Non
     if len(velocities) != len(variables):
         raise ValueError(f"the optimizer has {len(velocities)} momentum slots for {len(variables)} variables")
     for variable, velocity in zip(variables, velocities):
-        ratio = biases if variable.path.endswith("bias") else weights
+        ratio = biases if is_bias(variable) else weights
         if ratio != 1.0:
             velocity.assign(velocity * ratio)

@@ -83,7 +83,7 @@ class TrainLoop:
         self.model, self.optimizer, self.strategy, self.state = model, optimizer, strategy, state
         self.finite = finite
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        is_bias = [v.path.endswith("bias") for v in model.trainable_variables]
+        is_bias = [recipes.is_bias(v) for v in model.trainable_variables]
         kernels = [v for v, b in zip(model.trainable_variables, is_bias) if decay_biases or not b]
         finish = finish or (lambda inputs, labels: (inputs, labels))
 

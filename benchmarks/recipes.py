@@ -40,6 +40,7 @@ import time
 
 from alexnet_tf import config as config_lib
 from benchmarks.measure import REPO
+from tfrecords.folder import Records
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 RECIPES = ("paper", "caffe", "cuda_convnet2")
@@ -101,7 +102,8 @@ def run(argv=None) -> dict:
             raw = make_sample.make_sample(os.path.join(work, "sample-raw"))["output_dir"]
             data = os.path.join(work, "sample")
             _build(raw, data)
-            steps = 399 // config_lib.PRESETS["sample"]["batch_size"] * args.epochs  # 399 images are written.
+            num_train = Records.open(data).meta.split("train").num_examples
+            steps = num_train // config_lib.PRESETS["sample"]["batch_size"] * args.epochs
             for recipe in recipes:
                 flags = ["--preset=sample", f"--recipe={recipe}", f"--epochs={args.epochs}",
                          f"--lr_decay_epochs={max(args.epochs - 2, 1)}", f"--stall_steps={max(steps - 24, 1)}"]
